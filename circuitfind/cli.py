@@ -1,0 +1,82 @@
+"""`circuitfind <command> [overrides]`: dispatches to one Hydra app per command.
+
+Errors a user can fix (config typos, impossible values, missing files) are shown as one
+line naming the problem and the fix; anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Dict
+
+COMMANDS: Dict[str, str] = {
+    "train": "find a circuit: train a sparse mask from desiderata (Hydra app, configs/train.yaml)",
+}
+
+USAGE = (
+    "usage: circuitfind <command> [hydra overrides]\n\n"
+    "commands:\n"
+    + "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items())
+    + "\n\nexamples:\n"
+    "  circuitfind train +desiderata=vd_oi\n"
+    "  circuitfind train +desiderata=vd_oi -m optimizer.lam=0.02,0.05,0.1\n"
+    "  circuitfind train --help        (config groups and options)\n"
+)
+
+
+def _app(command: str) -> Callable[[], None]:
+    if command == "train":
+        from circuitfind.train import main
+
+        return main
+    raise KeyError(command)
+
+
+def one_line(exc: BaseException) -> str:
+    """Condense a config or input error to one line: the problem, then how to fix it."""
+    from hydra.errors import MissingConfigException
+
+    text = str(exc).strip()
+    if isinstance(exc, MissingConfigException) and getattr(exc, "options", None):
+        missing = text.splitlines()[0].replace("In 'train': ", "")
+        return f"{missing}; available options: {', '.join(exc.options)}"
+    cause = exc.__cause__ or exc.__context__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if cause is not None and str(cause).strip():
+        # Hydra wraps OmegaConf's precise message ("Key 'lamm' not in 'OptimizerConfig'").
+        first = str(cause).strip().splitlines()[0]
+        hint = next((line for line in lines if line.startswith("To append")), None)
+        return f"{lines[0]} {first}" + (f" ({hint})" if hint else "; see `circuitfind train --cfg job` for valid keys")
+    return " ".join(lines[:2]) if lines else type(exc).__name__
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        sys.exit(0 if args else 2)
+    command = args[0]
+    if command not in COMMANDS:
+        print(f"circuitfind: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from circuitfind.errors import CircuitfindError
+
+    # Hydra re-raises instead of printing its multi-line report, so the error is shown once.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    sys.argv = [f"circuitfind {command}", *args[1:]]
+    try:
+        _app(command)()
+    except CircuitfindError as e:
+        print(f"circuitfind: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"circuitfind: config error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Arithmetic variable-binding prompts and the (base, alternate) pairs of each desideratum."""
+
+from __future__ import annotations
+
+import operator
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Sequence
+
+from circuitfind.errors import CircuitfindError
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A binary operation as it appears in a prompt."""
+
+    name: str
+    symbol: str
+    apply: Callable[[int, int], int]
+
+
+OPERATIONS: Dict[str, Operation] = {
+    op.name: op
+    for op in (
+        Operation("add", "+", operator.add),
+        Operation("sub", "-", operator.sub),
+        Operation("mul", "*", operator.mul),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt: `x = {x}`, `y = {y}`, and the query `x {op} y = `."""
+
+    x: int
+    y: int
+    op: str  # a key of OPERATIONS
+
+    @property
+    def answer(self) -> int:
+        return OPERATIONS[self.op].apply(self.x, self.y)
+
+    def render(self, template: str) -> str:
+        return template.format(x=self.x, y=self.y, op=OPERATIONS[self.op].symbol)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A base prompt and the alternate its components are patched from."""
+
+    base: Problem
+    alt: Problem
+
+
+@dataclass(frozen=True)
+class TaskSpace:
+    """The operations and operand ranges prompts are drawn from."""
+
+    ranges: Mapping[str, tuple[range, range]]  # op -> (x values, y values)
+    alt_ops: Sequence[str]  # operations an alternate may switch to (OI)
+
+    def bases(self, ops: Sequence[str]) -> List[Problem]:
+        """Every problem with a non-negative answer, in a fixed order."""
+        return [
+            Problem(x, y, op)
+            for op in ops
+            for x in self.ranges[op][0]
+            for y in self.ranges[op][1]
+            if Problem(x, y, op).answer >= 0
+        ]
+
+
+def first_digit(n: int) -> int:
+    return int(str(n)[0])
+
+
+def check_template(template: str) -> None:
+    """Fail early on a template that cannot express the task."""
+    for slot in ("{x}", "{y}", "{op}"):
+        if slot not in template:
+            raise CircuitfindError(
+                f"dataset.template {template!r} has no {slot}; "
+                "it needs {x}, {y} and {op}, e.g. 'x = {x}\\ny = {y}\\nx {op} y = '"
+            )
+
+
+def task_space(ranges_cfg: Mapping, ops: Sequence[str], alt_ops: Sequence[str]) -> TaskSpace:
+    """Build the task space from `dataset.ranges`, checking every operation is known."""
+    ranges = {}
+    for op in list(ops) + list(alt_ops):
+        if op not in OPERATIONS:
+            raise CircuitfindError(
+                f"unknown operation {op!r}; choose from {sorted(OPERATIONS)} "
+                "in dataset.train_ops / dataset.transfer_ops"
+            )
+        if op not in ranges_cfg:
+            raise CircuitfindError(f"dataset.ranges has no entry for operation {op!r}; add dataset.ranges.{op}")
+        r = ranges_cfg[op]
+        (x_lo, x_hi), (y_lo, y_hi) = r["x"], r["y"]
+        if x_lo > x_hi or y_lo > y_hi or x_lo < 0 or y_lo < 0:
+            raise CircuitfindError(
+                f"dataset.ranges.{op} = x {[x_lo, x_hi]}, y {[y_lo, y_hi]} is empty or negative; "
+                "give [low, high] with 0 <= low <= high"
+            )
+        ranges[op] = (range(x_lo, x_hi + 1), range(y_lo, y_hi + 1))
+    return TaskSpace(ranges=ranges, alt_ops=list(alt_ops))
+
+
+def balanced_counts(n: int, digits: Sequence[int] = range(1, 10)) -> Dict[int, int]:
+    """n split as evenly as possible over the answer's first digit 1..9."""
+    digits = list(digits)
+    return {d: n // len(digits) + (1 if i < n % len(digits) else 0) for i, d in enumerate(digits)}
+
+
+def make_pairs(
+    alternates: Callable[[Problem, TaskSpace], List[Problem]],
+    space: TaskSpace,
+    ops: Sequence[str],
+    sizes: Sequence[int],
+    rng: random.Random,
+    label: str,
+) -> List[List[Pair]]:
+    """Draw disjoint splits of pairs, each balanced over the base answer's first digit.
+
+    `alternates(base, space)` lists the candidate alternates of a base; a pair is kept only
+    when the alternate's answer is non-negative and starts with another digit (otherwise the
+    logit difference of the pair is identically zero and it carries no signal).
+    """
+    by_digit: Dict[int, List[Problem]] = defaultdict(list)
+    for base in space.bases(ops):
+        if base.answer > 0:
+            by_digit[first_digit(base.answer)].append(base)
+    needed = defaultdict(int)
+    for n in sizes:
+        for d, c in balanced_counts(n).items():
+            needed[d] += c
+    drawn: Dict[int, List[Pair]] = {}
+    for d in range(1, 10):
+        bases = by_digit[d][:]
+        rng.shuffle(bases)
+        pairs = []
+        for base in bases:
+            if len(pairs) == needed[d]:
+                break
+            valid = [
+                a for a in alternates(base, space) if a.answer >= 0 and first_digit(a.answer) != d
+            ]
+            if valid:
+                pairs.append(Pair(base, rng.choice(valid)))
+        if len(pairs) < needed[d]:
+            raise CircuitfindError(
+                f"{label}: only {len(pairs)} pairs whose answer starts with {d} can be made from "
+                f"operations {list(ops)} in their dataset.ranges, but {needed[d]} are needed; "
+                "widen dataset.ranges or lower dataset.n_train / n_test / n_transfer"
+            )
+        drawn[d] = pairs
+    splits = []
+    offset = defaultdict(int)
+    for n in sizes:
+        split = []
+        for d, c in balanced_counts(n).items():
+            split += drawn[d][offset[d] : offset[d] + c]
+            offset[d] += c
+        rng.shuffle(split)
+        splits.append(split)
+    return splits

@@ -1,0 +1,23 @@
+"""Operation Invariance: patching the circuit from a prompt with another operation changes nothing."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from circuitfind.data import Problem, TaskSpace
+from circuitfind.desiderata.base import Desideratum, register
+
+
+@register
+class OperationInvariance(Desideratum):
+    name = "oi"
+    wants_alternate_answer = False
+
+    def alternates(self, base: Problem, space: TaskSpace) -> List[Problem]:
+        return [Problem(base.x, base.y, op) for op in space.alt_ops if op != base.op]
+
+    def loss(self, delta: torch.Tensor) -> torch.Tensor:
+        # Keep the logit difference where the unpatched model had it.
+        return (delta**2).mean(dim=-1)

@@ -1,0 +1,24 @@
+"""Value Dependence: patching the circuit from a prompt with another x moves the answer."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from circuitfind.data import Problem, TaskSpace
+from circuitfind.desiderata.base import Desideratum, register
+
+
+@register
+class ValueDependence(Desideratum):
+    name = "vd"
+    wants_alternate_answer = True
+
+    def alternates(self, base: Problem, space: TaskSpace) -> List[Problem]:
+        xs = space.ranges[base.op][0]
+        return [Problem(x, base.y, base.op) for x in xs if x != base.x]
+
+    def loss(self, delta: torch.Tensor) -> torch.Tensor:
+        # Push the logit difference towards the alternate's answer.
+        return -delta.mean(dim=-1)

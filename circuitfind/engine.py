@@ -1,0 +1,139 @@
+"""Engines: the patched model's final-position hidden state, as cheaply as possible.
+
+Only the final position is patched, so nothing before it changes between optimisation
+steps. `CachedEngine` (the default) runs each batch's prefix once, keeps its KV cache, and
+then runs only the final token per step. `FullEngine` runs the whole prompt every step; it
+is the plain reference the cached engine is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from transformers import DynamicCache
+
+from circuitfind.components import Sites
+from circuitfind.errors import CircuitfindError
+from circuitfind.patching import FinalValues, patch_final_position, record_final_values
+from circuitfind.tokens import EncodedPairs, position_ids
+
+
+@dataclass
+class Prepared:
+    """What the engine keeps of one batch for all optimisation steps."""
+
+    pairs: EncodedPairs
+    alt_values: FinalValues  # the alternate prompts' clean final-position values
+    prefix_kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per layer (B, kvH, T-1, D)
+
+
+class Readout:
+    """Logits from final hidden states, for all of the vocabulary or only the rows needed."""
+
+    def __init__(self, model: torch.nn.Module):
+        head = model.get_output_embeddings()
+        self.weight = head.weight  # (V, hidden)
+        self.bias = getattr(head, "bias", None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits in float32. (..., hidden) -> (..., V)"""
+        out = hidden.float() @ self.weight.float().T
+        return out if self.bias is None else out + self.bias.float()
+
+    def logit_diff(self, hidden: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """logit[up] - logit[down] per example, reading only those rows of the unembedding.
+
+        hidden (K, B, hidden), up/down (B,) token ids -> (K, B)
+        """
+        rows = (self.weight[up].float() - self.weight[down].float()).to(hidden.device)  # (B, hidden)
+        diff = torch.einsum("kbh,bh->kb", hidden.float(), rows)
+        if self.bias is not None:
+            diff = diff + (self.bias[up] - self.bias[down]).float()
+        return diff
+
+
+class FullEngine:
+    """Runs the whole prompt through the model at every step (the reference engine)."""
+
+    name = "full"
+
+    def __init__(self, model: torch.nn.Module, sites: Sites):
+        self.model = model
+        self.sites = sites
+        self.body = model.base_model  # decoder stack ending in the final norm
+        self.device = next(model.parameters()).device
+
+    def _run(self, ids, attn, **kw):
+        return self.body(
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            position_ids=position_ids(attn).to(self.device),
+            **kw,
+        )
+
+    @torch.no_grad()
+    def clean_hidden(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Unpatched final-position hidden state. (B, T) -> (B, hidden)"""
+        return self._run(ids, attn, use_cache=False).last_hidden_state[:, -1]
+
+    @torch.no_grad()
+    def prepare(self, pairs: EncodedPairs) -> Prepared:
+        with record_final_values(self.sites) as alt_values:
+            self._run(pairs.alt_ids, pairs.alt_attn, use_cache=False)
+        return Prepared(pairs=pairs, alt_values=alt_values)
+
+    def final_hidden(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
+        """Final-position hidden state of the base prompts patched under each of K masks.
+
+        mask (K, L, H+1) -> (K, B, hidden)
+        """
+        k, b = mask.shape[0], len(prep.pairs)
+        ids, attn = prep.pairs.base_ids.repeat(k, 1), prep.pairs.base_attn.repeat(k, 1)
+        with patch_final_position(self.sites, mask, prep.alt_values):
+            out = self._run(ids, attn, use_cache=False)
+        return out.last_hidden_state[:, -1].view(k, b, -1)
+
+
+class CachedEngine(FullEngine):
+    """Runs each prefix once and, per step, only the final token on its cached keys/values."""
+
+    name = "cached"
+
+    @torch.no_grad()
+    def prepare(self, pairs: EncodedPairs) -> Prepared:
+        if pairs.base_ids.shape[1] < 2:
+            raise CircuitfindError("engine=cached needs prompts of at least two tokens; use engine=full")
+        prep = super().prepare(pairs)
+        out = self._run(pairs.base_ids[:, :-1], pairs.base_attn[:, :-1], use_cache=True)
+        # Plain tensors, never the cache object: each step builds a fresh cache around them,
+        # so the step's own key/value is appended to a copy and the prefix is never mutated.
+        prep.prefix_kv = [(layer[0], layer[1]) for layer in out.past_key_values]
+        return prep
+
+    def final_hidden(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
+        k, b = mask.shape[0], len(prep.pairs)
+        attn = prep.pairs.base_attn.repeat(k, 1)
+        kv = prep.prefix_kv
+        if k > 1:
+            kv = [(key.repeat(k, 1, 1, 1), val.repeat(k, 1, 1, 1)) for key, val in kv]
+        cache = DynamicCache(ddp_cache_data=kv)
+        with patch_final_position(self.sites, mask, prep.alt_values):
+            out = self.body(
+                input_ids=prep.pairs.base_ids[:, -1:].repeat(k, 1).to(self.device),
+                attention_mask=attn.to(self.device),
+                position_ids=position_ids(attn)[:, -1:].to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return out.last_hidden_state[:, -1].view(k, b, -1)
+
+
+ENGINES = {"full": FullEngine, "cached": CachedEngine}
+
+
+def make_engine(name: str, model: torch.nn.Module, sites: Sites) -> FullEngine:
+    if name not in ENGINES:
+        raise CircuitfindError(f"engine={name!r} is unknown; choose from {sorted(ENGINES)}")
+    return ENGINES[name](model, sites)

@@ -1,0 +1,103 @@
+"""Hooks that read or mix component values at the final position, always removed on exit.
+
+The mask has shape (K, n_layers, n_heads + 1): K masks (one per lambda) trained side by
+side, per layer the heads then the MLP. The model's batch is K copies of the B base prompts,
+k-major (row k * B + b). One hook per module mixes all heads of a layer in one operation:
+
+    value <- w * value(base) + (1 - w) * value(alternate)
+
+written so that w = 1 returns the base value bit for bit and w = 0 the alternate's.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, List
+
+import torch
+
+from circuitfind.components import Sites
+
+
+@dataclass
+class FinalValues:
+    """Every component's value at the final position of one batch of prompts."""
+
+    heads: List[torch.Tensor] = field(default_factory=list)  # per layer (B, n_heads * head_dim)
+    mlps: List[torch.Tensor] = field(default_factory=list)  # per layer (B, hidden)
+
+
+@contextmanager
+def hooks(handles: List[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def record_final_values(sites: Sites) -> Iterator[FinalValues]:
+    """Capture the heads' and MLPs' final-position values during the forward run inside."""
+    n = sites.layout.n_layers
+    values = FinalValues(heads=[None] * n, mlps=[None] * n)
+
+    def head_hook(layer: int):
+        def hook(module, args):
+            values.heads[layer] = args[0][:, -1].detach()
+
+        return hook
+
+    def mlp_hook(layer: int):
+        def hook(module, args, output):
+            values.mlps[layer] = output[:, -1].detach()
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(head_hook(i)) for i, m in enumerate(sites.head_projs)]
+    handles += [m.register_forward_hook(mlp_hook(i)) for i, m in enumerate(sites.mlps)]
+    with hooks(handles):
+        yield values
+
+
+def _mix_last(x: torch.Tensor, alt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Mix the final position of x (K*B, T, C) with alt (B, C) under w (K, C) or (K, 1).
+
+    The mix is computed in float32 and cast back, so low-precision models still give the
+    mask an accurate gradient.
+    """
+    k = w.shape[0]
+    b, c = alt.shape
+    base = x[:, -1].float().view(k, b, c)  # (K, B, C)
+    w = w.to(device=x.device, dtype=torch.float32).unsqueeze(1)  # (K, 1, C) or (K, 1, 1)
+    mixed = w * base + (1 - w) * alt.float().unsqueeze(0)  # (K, B, C)
+    mixed = mixed.to(x.dtype).view(k * b, 1, c)
+    if x.shape[1] == 1:
+        return mixed
+    return torch.cat([x[:, :-1], mixed], dim=1)
+
+
+@contextmanager
+def patch_final_position(sites: Sites, mask: torch.Tensor, alt: FinalValues) -> Iterator[None]:
+    """Patch every component at the final position from `alt`, weighted by `mask` (K, L, H+1)."""
+    layout = sites.layout
+    n_heads, head_dim = layout.n_heads, layout.head_dim
+
+    def head_hook(layer: int):
+        def hook(module, args):
+            w = mask[:, layer, :n_heads].repeat_interleave(head_dim, dim=1)  # (K, H*D)
+            return (_mix_last(args[0], alt.heads[layer], w),) + tuple(args[1:])
+
+        return hook
+
+    def mlp_hook(layer: int):
+        def hook(module, args, output):
+            return _mix_last(output, alt.mlps[layer], mask[:, layer, n_heads:])  # w: (K, 1)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(head_hook(i)) for i, m in enumerate(sites.head_projs)]
+    handles += [m.register_forward_hook(mlp_hook(i)) for i, m in enumerate(sites.mlps)]
+    with hooks(handles):
+        yield

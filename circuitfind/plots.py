@@ -1,0 +1,69 @@
+"""Figures: the mask heatmap, training curves, and the sweep's accuracy-vs-size plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from circuitfind.outputs import save_figure  # noqa: E402
+
+
+def mask_heatmap(mask: np.ndarray, path: Path, title: str) -> None:
+    """Layers x heads, plus an MLP column; dark = patched (w near 0)."""
+    n_layers, n_cols = mask.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * n_cols, 1.0 + 0.3 * n_layers))
+    im = ax.imshow(mask, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(n_cols), [str(h) for h in range(n_cols - 1)] + ["MLP"], fontsize=7)
+    ax.set_yticks(range(n_layers), [str(layer) for layer in range(n_layers)], fontsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="w (0 = patched)")
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def training_curves(history: List[Dict[str, float]], path: Path) -> None:
+    """Losses, sparsity, components patched and held-out accuracy against step."""
+    panels = [
+        ("loss", [k for k in history[0] if k.endswith("_loss")]),
+        ("sparsity term", ["sparsity"]),
+        ("components with w < 0.5", ["n_patched"]),
+        ("held-out accuracy (rounded mask)", sorted({k for row in history for k in row if k.endswith("_acc") and "/" in k})),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(row["step"], row[key]) for row in history if isinstance(row.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=key)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        if keys:
+            ax.legend(fontsize=7)
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def sweep_figure(rows: List[Dict[str, float]], path: Path) -> None:
+    """The paper's figure: VD and OI accuracy against the number of components patched."""
+    rows = sorted(rows, key=lambda r: r["n_patched"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, label in (("vd_test/acc", "Value Dependence"), ("oi_test/acc", "Operation Invariance"), ("vd_transfer/acc", "VD transfer")):
+        pts = [(r["n_patched"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    for r in rows:
+        ax.annotate(f"λ={r['lam']:g}", (r["n_patched"], r.get("vd_test/acc", 0)), fontsize=6, alpha=0.7)
+    ax.set_xlabel("components patched")
+    ax.set_ylabel("accuracy (rounded mask, held out)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    save_figure(path, fig)
+    plt.close(fig)
