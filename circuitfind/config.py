@@ -54,6 +54,16 @@ def _default_ranges() -> Dict[str, OperandRange]:
 
 
 @dataclass
+class VariantsConfig:
+    """Prompt variants that stop binding from being purely positional (all off by default)."""
+
+    names: List[List[str]] = field(default_factory=lambda: [["x", "y"]])  # name pairs to draw from
+    y_first: float = 0.0  # probability of defining the second operand first
+    distractor: float = 0.0  # probability of an extra definition, e.g. `z = 17`
+    distractor_names: List[str] = field(default_factory=lambda: ["z"])
+
+
+@dataclass
 class DatasetConfig:
     """Prompts, operations and split sizes (method.md, 'Data')."""
 
@@ -64,6 +74,7 @@ class DatasetConfig:
     n_train: int = 50  # pairs per desideratum
     n_test: int = 50  # held-out pairs per desideratum
     n_transfer: int = 50  # pairs per desideratum on the transfer operations
+    variants: VariantsConfig = field(default_factory=VariantsConfig)
 
 
 @dataclass

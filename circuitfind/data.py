@@ -5,8 +5,8 @@ from __future__ import annotations
 import operator
 import random
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from circuitfind.errors import CircuitfindError
 
@@ -32,18 +32,39 @@ OPERATIONS: Dict[str, Operation] = {
 
 @dataclass(frozen=True)
 class Problem:
-    """One prompt: `x = {x}`, `y = {y}`, and the query `x {op} y = `."""
+    """One prompt: two variable definitions and the query `x {op} y = `.
+
+    The canonical form (names x and y, x defined first, no distractor) is rendered through
+    the configured template. Variants, which stop binding from being purely positional,
+    are rendered as definition lines `name = value` followed by the query line.
+    """
 
     x: int
     y: int
     op: str  # a key of OPERATIONS
+    names: tuple[str, str] = ("x", "y")  # the names bound to the first and second operand
+    y_first: bool = False  # define the second operand before the first
+    distractor: Optional[tuple[str, int, int]] = None  # (name, value, line): a definition to ignore
 
     @property
     def answer(self) -> int:
         return OPERATIONS[self.op].apply(self.x, self.y)
 
+    @property
+    def canonical(self) -> bool:
+        return self.names == ("x", "y") and not self.y_first and self.distractor is None
+
     def render(self, template: str) -> str:
-        return template.format(x=self.x, y=self.y, op=OPERATIONS[self.op].symbol)
+        symbol = OPERATIONS[self.op].symbol
+        if self.canonical:
+            return template.format(x=self.x, y=self.y, op=symbol)
+        (a, b), defs = self.names, [f"{self.names[0]} = {self.x}", f"{self.names[1]} = {self.y}"]
+        if self.y_first:
+            defs.reverse()
+        if self.distractor is not None:
+            name, value, line = self.distractor
+            defs.insert(line, f"{name} = {value}")
+        return "\n".join(defs) + f"\n{a} {symbol} {b} = "
 
 
 @dataclass(frozen=True)
@@ -55,11 +76,34 @@ class Pair:
 
 
 @dataclass(frozen=True)
+class Variants:
+    """How often prompts leave the canonical form (all zero: the paper's prompts only)."""
+
+    names: Sequence[tuple[str, str]] = (("x", "y"),)  # name pairs, drawn uniformly
+    y_first: float = 0.0  # probability of defining the second operand first
+    distractor: float = 0.0  # probability of an extra definition
+    distractor_names: Sequence[str] = ("z",)
+    distractor_values: range = range(10, 100)
+
+    def apply(self, problem: Problem, rng: random.Random) -> Problem:
+        """`problem` in a randomly drawn variant (always canonical when all are off)."""
+        names = tuple(rng.choice(list(self.names)))
+        y_first = rng.random() < self.y_first
+        distractor = None
+        if rng.random() < self.distractor:
+            free = [n for n in self.distractor_names if n not in names]
+            if free:
+                distractor = (rng.choice(free), rng.choice(self.distractor_values), rng.randint(0, 2))
+        return replace(problem, names=names, y_first=y_first, distractor=distractor)
+
+
+@dataclass(frozen=True)
 class TaskSpace:
     """The operations and operand ranges prompts are drawn from."""
 
     ranges: Mapping[str, tuple[range, range]]  # op -> (x values, y values)
     alt_ops: Sequence[str]  # operations an alternate may switch to (OI)
+    variants: Variants = Variants()
 
     def bases(self, ops: Sequence[str]) -> List[Problem]:
         """Every problem with a non-negative answer, in a fixed order."""
@@ -70,6 +114,20 @@ class TaskSpace:
             for y in self.ranges[op][1]
             if Problem(x, y, op).answer >= 0
         ]
+
+
+def variants_from_config(cfg: Mapping) -> Variants:
+    """Check `dataset.variants` and turn it into a `Variants`."""
+    for key in ("y_first", "distractor"):
+        if not 0 <= cfg[key] <= 1:
+            raise CircuitfindError(f"dataset.variants.{key}={cfg[key]} is a probability; give a value in [0, 1]")
+    names = [tuple(pair) for pair in cfg["names"]]
+    if not names or any(len(p) != 2 or p[0] == p[1] or not all(str(n).isalpha() for n in p) for p in names):
+        raise CircuitfindError(
+            f"dataset.variants.names={cfg['names']} must list pairs of two different alphabetic names, e.g. [[x, y], [a, b]]"
+        )
+    return Variants(names=names, y_first=cfg["y_first"], distractor=cfg["distractor"],
+                    distractor_names=list(cfg["distractor_names"]))
 
 
 def first_digit(n: int) -> int:
@@ -86,7 +144,9 @@ def check_template(template: str) -> None:
             )
 
 
-def task_space(ranges_cfg: Mapping, ops: Sequence[str], alt_ops: Sequence[str]) -> TaskSpace:
+def task_space(
+    ranges_cfg: Mapping, ops: Sequence[str], alt_ops: Sequence[str], variants: Variants = Variants()
+) -> TaskSpace:
     """Build the task space from `dataset.ranges`, checking every operation is known."""
     ranges = {}
     for op in list(ops) + list(alt_ops):
@@ -105,7 +165,7 @@ def task_space(ranges_cfg: Mapping, ops: Sequence[str], alt_ops: Sequence[str]) 
                 "give [low, high] with 0 <= low <= high"
             )
         ranges[op] = (range(x_lo, x_hi + 1), range(y_lo, y_hi + 1))
-    return TaskSpace(ranges=ranges, alt_ops=list(alt_ops))
+    return TaskSpace(ranges=ranges, alt_ops=list(alt_ops), variants=variants)
 
 
 def balanced_counts(n: int, digits: Sequence[int] = range(1, 10)) -> Dict[int, int]:
@@ -144,6 +204,7 @@ def make_pairs(
         for base in bases:
             if len(pairs) == needed[d]:
                 break
+            base = space.variants.apply(base, rng)
             valid = [
                 a for a in alternates(base, space) if a.answer >= 0 and first_digit(a.answer) != d
             ]

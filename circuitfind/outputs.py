@@ -11,7 +11,6 @@ from typing import Any, Callable, Dict
 import torch
 from safetensors.torch import save_file
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import circuitfind
 from circuitfind import plots
 from circuitfind.components import ComponentLayout, locate_components
-from circuitfind.data import Pair, check_template, make_pairs, task_space
+from circuitfind.data import Pair, check_template, make_pairs, task_space, variants_from_config
 from circuitfind.desiderata import Desideratum, get_desideratum
 from circuitfind.engine import FullEngine, Readout, make_engine
 from circuitfind.errors import CircuitfindError
@@ -76,7 +76,8 @@ class DesideratumData:
 def build_data(cfg: DictConfig) -> Dict[str, DesideratumData]:
     """Train, held-out and transfer pairs for every desideratum trained or evaluated."""
     d = cfg.dataset
-    space = task_space(d.ranges, list(d.train_ops) + list(d.transfer_ops), alt_ops=list(d.train_ops))
+    space = task_space(d.ranges, list(d.train_ops) + list(d.transfer_ops), alt_ops=list(d.train_ops),
+                       variants=variants_from_config(d.variants))
     names = list(dict.fromkeys([t.name for t in cfg.desiderata.terms] + list(cfg.desiderata.evaluate)))
     data = {}
     for name in names:

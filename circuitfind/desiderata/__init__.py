@@ -5,7 +5,7 @@ model should give, and the loss that pushes it there. Adding one is one module h
 one YAML in `configs/desiderata/`.
 """
 
-from circuitfind.desiderata.base import DESIDERATA, Desideratum, get_desideratum, register
 from circuitfind.desiderata import oi, vd  # noqa: F401  (registers them)
+from circuitfind.desiderata.base import DESIDERATA, Desideratum, get_desideratum, register
 
 __all__ = ["DESIDERATA", "Desideratum", "get_desideratum", "register"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List
 
 import torch
@@ -16,7 +17,7 @@ class OperationInvariance(Desideratum):
     wants_alternate_answer = False
 
     def alternates(self, base: Problem, space: TaskSpace) -> List[Problem]:
-        return [Problem(base.x, base.y, op) for op in space.alt_ops if op != base.op]
+        return [replace(base, op=op) for op in space.alt_ops if op != base.op]
 
     def loss(self, delta: torch.Tensor) -> torch.Tensor:
         # Keep the logit difference where the unpatched model had it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List
 
 import torch
@@ -17,7 +18,7 @@ class ValueDependence(Desideratum):
 
     def alternates(self, base: Problem, space: TaskSpace) -> List[Problem]:
         xs = space.ranges[base.op][0]
-        return [Problem(x, base.y, base.op) for x in xs if x != base.x]
+        return [replace(base, x=x) for x in xs if x != base.x]
 
     def loss(self, delta: torch.Tensor) -> torch.Tensor:
         # Push the logit difference towards the alternate's answer.
