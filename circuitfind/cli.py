@@ -12,6 +12,7 @@ from typing import Callable, Dict
 
 COMMANDS: Dict[str, str] = {
     "train": "find a circuit: train a sparse mask from desiderata (Hydra app, configs/train.yaml)",
+    "organism": "train the model organism, a small LLaMA with a planted circuit (Hydra app, configs/organism.yaml)",
 }
 
 USAGE = (
@@ -22,12 +23,18 @@ USAGE = (
     "  circuitfind train +desiderata=vd_oi\n"
     "  circuitfind train +desiderata=vd_oi -m optimizer.lam=0.02,0.05,0.1\n"
     "  circuitfind train --help        (config groups and options)\n"
+    "  circuitfind organism ship=true  (retrain the shipped model organism)\n"
+    '  eval "$(circuitfind -sc install=bash)"   (tab completion)\n'
 )
 
 
 def _app(command: str) -> Callable[[], None]:
     if command == "train":
         from circuitfind.train import main
+
+        return main
+    if command == "organism":
+        from circuitfind.organism.app import main
 
         return main
     raise KeyError(command)
@@ -46,13 +53,38 @@ def one_line(exc: BaseException) -> str:
     if cause is not None and str(cause).strip():
         # Hydra wraps OmegaConf's precise message ("Key 'lamm' not in 'OptimizerConfig'").
         first = str(cause).strip().splitlines()[0]
-        hint = next((line for line in lines if line.startswith("To append")), None)
-        return f"{lines[0]} {first}" + (f" ({hint})" if hint else "; see `circuitfind train --cfg job` for valid keys")
+        message = f"{lines[0].rstrip('.')}: {first}"
+        if "not in" in first:
+            message += "; list the valid keys with `circuitfind train --cfg job`"
+        return message
     return " ".join(lines[:2]) if lines else type(exc).__name__
+
+
+def complete(args: list[str]) -> None:
+    """Shell completion through Hydra's: `eval "$(circuitfind -sc install=bash)"`.
+
+    Hydra's completion script calls `circuitfind -sc query=bash` with the typed line in
+    COMP_LINE; the command word is taken out of that line before Hydra reads it.
+    """
+    words = os.environ.get("COMP_LINE", "").split()
+    if any(a.startswith("query") for a in args[1:]):
+        typing_command = len(words) < 2 or (len(words) == 2 and not os.environ["COMP_LINE"].endswith(" "))
+        if typing_command or words[1] not in COMMANDS:
+            print(" ".join(c for c in COMMANDS if len(words) < 2 or c.startswith(words[1])))
+            return
+        os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(f" {words[1]}", "", 1)
+        command = words[1]
+    else:
+        command = "train"  # install/uninstall: any app prints the same script
+    sys.argv = ["circuitfind", *args]
+    _app(command)()
 
 
 def main() -> None:
     args = sys.argv[1:]
+    if args and args[0] in ("-sc", "--shell-completion"):
+        complete(args)
+        return
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         sys.exit(0 if args else 2)
@@ -67,7 +99,10 @@ def main() -> None:
 
     # Hydra re-raises instead of printing its multi-line report, so the error is shown once.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    sys.argv = [f"circuitfind {command}", *args[1:]]
+    # Hydra's argparse cannot take overrides on both sides of -m; move the flag first.
+    rest = args[1:]
+    flags = [a for a in rest if a in ("-m", "--multirun")]
+    sys.argv = ["circuitfind", *flags, *[a for a in rest if a not in flags]]
     try:
         _app(command)()
     except CircuitfindError as e:

@@ -29,6 +29,11 @@ class Prepared:
     prefix_kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per layer (B, kvH, T-1, D)
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """t in at least float32: losses are computed in float32 whatever the model's dtype."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class Readout:
     """Logits from final hidden states, for all of the vocabulary or only the rows needed."""
 
@@ -39,18 +44,19 @@ class Readout:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits in float32. (..., hidden) -> (..., V)"""
-        out = hidden.float() @ self.weight.float().T
-        return out if self.bias is None else out + self.bias.float()
+        out = wide(hidden) @ wide(self.weight).T.to(hidden.device)
+        return out if self.bias is None else out + wide(self.bias).to(hidden.device)
 
     def logit_diff(self, hidden: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """logit[up] - logit[down] per example, reading only those rows of the unembedding.
 
         hidden (K, B, hidden), up/down (B,) token ids -> (K, B)
         """
-        rows = (self.weight[up].float() - self.weight[down].float()).to(hidden.device)  # (B, hidden)
-        diff = torch.einsum("kbh,bh->kb", hidden.float(), rows)
+        up, down = up.to(self.weight.device), down.to(self.weight.device)
+        rows = (wide(self.weight[up]) - wide(self.weight[down])).to(hidden.device)  # (B, hidden)
+        diff = torch.einsum("kbh,bh->kb", wide(hidden), rows)
         if self.bias is not None:
-            diff = diff + (self.bias[up] - self.bias[down]).float()
+            diff = diff + (wide(self.bias[up]) - wide(self.bias[down])).to(hidden.device)
         return diff
 
 

@@ -64,14 +64,15 @@ def record_final_values(sites: Sites) -> Iterator[FinalValues]:
 def _mix_last(x: torch.Tensor, alt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Mix the final position of x (K*B, T, C) with alt (B, C) under w (K, C) or (K, 1).
 
-    The mix is computed in float32 and cast back, so low-precision models still give the
+    The mix is computed in (at least) float32 and cast back, so low-precision models still give the
     mask an accurate gradient.
     """
     k = w.shape[0]
     b, c = alt.shape
-    base = x[:, -1].float().view(k, b, c)  # (K, B, C)
-    w = w.to(device=x.device, dtype=torch.float32).unsqueeze(1)  # (K, 1, C) or (K, 1, 1)
-    mixed = w * base + (1 - w) * alt.float().unsqueeze(0)  # (K, B, C)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    base = x[:, -1].to(wide).view(k, b, c)  # (K, B, C)
+    w = w.to(device=x.device, dtype=wide).unsqueeze(1)  # (K, 1, C) or (K, 1, 1)
+    mixed = w * base + (1 - w) * alt.to(device=x.device, dtype=wide).unsqueeze(0)  # (K, B, C)
     mixed = mixed.to(x.dtype).view(k * b, 1, c)
     if x.shape[1] == 1:
         return mixed

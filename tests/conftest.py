@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models built in code, a config composer, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never talk to a W&B server, and child processes use one thread each so that
+# parallel workers do not fight over the 2 cores.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed `circuitfind` console script; an env value of None unsets it."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": None, **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    exe = Path(sys.executable).with_name("circuitfind")
+    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """`cli(*args)` runs circuitfind in a fresh directory; outputs land under tmp_path."""
+    return lambda *args, **kw: run_cli(*args, cwd=tmp_path, **kw)
+
+
+def compose(*overrides: str):
+    """The train config as the CLI would build it, for in-process tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from circuitfind.config import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="circuitfind.configs", version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
