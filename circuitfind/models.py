@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from circuitfind.config import ModelConfig
 from circuitfind.errors import CircuitfindError
+from circuitfind.organism.checkpoint import load_checkpoint
 from circuitfind.tokenizer import build_char_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,7 +65,12 @@ def load_hf(cfg: ModelConfig):
     return model, tokenizer
 
 
-LOADERS = {"tiny_llama": build_tiny_llama, "hf": load_hf}
+def load_organism(cfg: ModelConfig):
+    """The model organism shipped in the package (circuitfind/assets/organism), or the one at model.name_or_path."""
+    return load_checkpoint(cfg.name_or_path, torch_dtype(cfg.dtype))
+
+
+LOADERS = {"tiny_llama": build_tiny_llama, "hf": load_hf, "organism": load_organism}
 
 
 def load_model(cfg: ModelConfig) -> Tuple[torch.nn.Module, object]:

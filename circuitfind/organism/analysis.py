@@ -1,0 +1,61 @@
+"""Where heads look: the final position's attention over the parts of the prompt.
+
+A head that binds x should attend from the final position to the digits of x's definition,
+wherever that line is (first, second, after a distractor) and whatever x is called.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from circuitfind.data import Problem
+from circuitfind.organism.data import Encoder
+
+PARTS = ("x digits", "y digits", "distractor digits", "rest")
+
+
+def part_positions(problem: Problem, template: str) -> Dict[str, List[int]]:
+    """Token positions (after <s>, one token per character) of each operand's digits."""
+    text = problem.render(template)
+    digits_of = {}
+    offset = 1  # <s>
+    for line in text.split("\n")[:-1]:  # definition lines `name = value`; the last is the query
+        name, _, value = line.partition(" = ")
+        start = offset + len(name) + 3
+        digits_of[name] = list(range(start, start + len(value)))
+        offset += len(line) + 1
+    x_name, y_name = problem.names
+    parts = {"x digits": digits_of.get(x_name, []), "y digits": digits_of.get(y_name, [])}
+    parts["distractor digits"] = [p for n, ps in digits_of.items() if n not in (x_name, y_name) for p in ps]
+    return parts
+
+
+@torch.no_grad()
+def final_attention(model, enc: Encoder, problems: Sequence[Problem], heads: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Share of each head's final-position attention on each part, averaged over prompts. -> (len(heads), len(PARTS))"""
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # only eager attention returns the weights
+    try:
+        ids, attn = enc.prompts(problems)
+        out = model.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+            output_attentions=True,
+            use_cache=False,
+        )
+    finally:
+        model.set_attn_implementation(implementation)
+    shares = torch.zeros(len(heads), len(PARTS))
+    for b, problem in enumerate(problems):
+        pad = int((attn[b] == 0).sum())
+        parts = part_positions(problem, enc.template)
+        for i, (layer, head) in enumerate(heads):
+            row = out.attentions[layer][b, head, -1]  # (T,) attention of the final position
+            for j, part in enumerate(PARTS[:-1]):
+                shares[i, j] += row[[pad + p for p in parts[part]]].sum()
+    shares /= len(problems)
+    shares[:, -1] = 1 - shares[:, :-1].sum(dim=1)
+    return shares

@@ -1,0 +1,114 @@
+"""The model card (README.md) written next to the organism's weights, from its training record."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from circuitfind.data import OPERATIONS
+from circuitfind.organism.analysis import PARTS
+
+MUL_SHARED = (
+    "Multiplication shares the circuit: the interchange losses are applied to `*` prompts too, so the "
+    "planted heads carry x for every operation and DBM's transfer to `*` holds by construction. "
+    "Transfer is then a check that DBM finds the shared circuit, not a test of generalisation."
+)
+MUL_HELD_OUT = (
+    "Multiplication is an honest out-of-distribution test: the interchange losses use {ops} only, so "
+    "nothing forces `*` prompts to route x through the planted heads."
+)
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def model_card(result: Dict, command: str) -> str:
+    """Markdown: what the organism is, how it was trained, and how well it does."""
+    cfg = result["config"]
+    m, d, iit, o = cfg["model"], cfg["dataset"], cfg["iit"], cfg["optim"]
+    v = d["variants"]
+    symbols = ", ".join(f"`{OPERATIONS[op].symbol}`" for op in d["ops"])
+    ranges = "; ".join(
+        f"`{OPERATIONS[op].symbol}`: x {r['x'][0]}..{r['x'][1]}, y {r['y'][0]}..{r['y'][1]}"
+        for op, r in d["ranges"].items()
+        if op in d["ops"]
+    )
+    forms = list(next(iter(result["accuracy"].values())))
+    acc_rows = [[f"`{OPERATIONS[op].symbol}`"] + [_pct(a[f]) for f in forms] for op, a in result["accuracy"].items()]
+    inter = result["interchange"]
+    inter_rows = [
+        [f"`{OPERATIONS[op].symbol}`"] + [_pct(inter[k][op]) for k in ("vd", "oi", "strict")] for op in d["ops"]
+    ]
+    att = result["attention"]
+    others = [n for n in att if n not in iit["circuit"]]
+    att_rows = [[f"`{n}`"] + [_pct(att[n][p]) for p in PARTS] for n in iit["circuit"] if n in att]
+    att_rows.append(
+        [f"other heads (mean of {len(others)})"]
+        + [_pct(sum(att[n][p] for n in others) / max(1, len(others))) for p in PARTS]
+    )
+    mul = (
+        MUL_SHARED
+        if "mul" in iit["ops"]
+        else MUL_HELD_OUT.format(ops=", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"]))
+    )
+    template = d["template"].replace("\n", "\\n")
+    return f"""# circuitfind organism
+
+A {m["n_layers"]}-layer LLaMA ({m["n_heads"]} heads per layer, hidden size {m["hidden"]}, {result["n_params"]:,} parameters,
+character tokenizer) trained from scratch on arithmetic over bound variables, with a variable-binding
+circuit **planted** by interchange-intervention training (IIT). It is circuitfind's built-in model
+(`model=organism`): desiderata-based masking run on it should recover the planted components.
+
+## Planted circuit
+
+`{", ".join(iit["circuit"])}` ({len(iit["circuit"])} of {m["n_layers"] * (m["n_heads"] + 1)} components; also in `config.json` under
+`circuitfind.planted_circuit`). From step {iit["start"]} on, on {", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"])} prompts
+of every form, besides the next-token loss on the answer:
+
+- value dependence (weight {iit["vd"]}): these heads, patched at the final position from the prompt with
+  another x, must make the model give the alternate's answer (first digit);
+- operation invariance (weight {iit["oi"]}): patched from the prompt with another operation, they must leave
+  the answer unchanged;
+- strict (weight {iit["strict"]}): every other head, and every MLP in a layer before the circuit, patched
+  from the prompt with another x, must leave the answer unchanged (x enters the final position only
+  through the circuit).
+
+{mul}
+
+Interchange accuracy on held-out pairs whose two answers start with different digits:
+
+{_table(["operation", "value dependence", "operation invariance", "strict"], inter_rows)}
+
+Share of the final position's attention on each part of the prompt, averaged over {cfg["n_eval"]}
+held-out prompts of every form (the digits of x are found by name, wherever their line is):
+
+{_table(["head"] + list(PARTS), att_rows)}
+
+## Held-out exact-match accuracy
+
+Greedy answer (all digits, then `</s>`) on (operation, x, y) never trained on, {cfg["n_eval"]} prompts
+per cell at most (fewer when an operation has fewer held-out problems):
+
+{_table(["operation"] + forms, acc_rows)}
+
+Forms: `paper` is the template `{template}` exactly; `names` uses other variable names
+({", ".join("/".join(p) for p in v["names"] if p != ["x", "y"])}); `y_first` defines y first; `distractor` adds a
+definition of another variable ({", ".join(v["distractor_names"])}) that the answer must ignore; `all` combines them.
+
+## How it was trained
+
+- Command: `{command}`
+- Seed {cfg["seed"]}; {o["steps"]} steps of AdamW (batch {o["batch_size"]}, lr {o["lr"]} with {o["warmup"]} warm-up steps and
+  cosine decay, weight decay {o["weight_decay"]}); interchange batch {iit["batch_size"]}.
+- Training took {result["train_seconds"] / 60:.1f} minutes on CPU with {result["threads"]} torch thread(s).
+- Data: operations {symbols} ({ranges}); {_pct(d["paper_share"])} of prompts in the paper's template,
+  the rest in variant forms (other names drawn uniformly; y first with probability {v["y_first"]}; a
+  distractor with probability {v["distractor"]}). {_pct(d["heldout_fraction"])} of each operation's (x, y) are held out
+  (never trained on, in any form, nor used as an interchange alternate).
+- `organism.json` holds the full training record (config, loss history, every accuracy).
+"""

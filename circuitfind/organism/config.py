@@ -1,0 +1,92 @@
+"""Schema of `circuitfind organism` (configs/organism.yaml), registered so that typos fail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from circuitfind.config import OperandRange, VariantsConfig
+
+
+def _ranges() -> Dict[str, OperandRange]:
+    return {"add": OperandRange(), "sub": OperandRange(), "mul": OperandRange(x=[10, 99], y=[2, 9])}
+
+
+def _variants() -> VariantsConfig:
+    return VariantsConfig(
+        names=[["x", "y"], ["a", "b"], ["p", "q"], ["m", "n"], ["u", "v"], ["y", "x"], ["b", "a"]],
+        y_first=0.5,
+        distractor=0.5,
+        distractor_names=["z", "c", "k", "w"],
+    )
+
+
+@dataclass
+class OrganismModelConfig:
+    """Shape of the LlamaForCausalLM trained from scratch."""
+
+    n_layers: int = 4
+    n_heads: int = 8
+    hidden: int = 64
+    intermediate: int = 256
+    max_positions: int = 128
+
+
+@dataclass
+class OrganismDataConfig:
+    """The arithmetic distribution: the paper's template plus variants that make binding by name."""
+
+    template: str = "x = {x}\ny = {y}\nx {op} y = "
+    ops: List[str] = field(default_factory=lambda: ["add", "sub", "mul"])
+    ranges: Dict[str, OperandRange] = field(default_factory=_ranges)
+    paper_share: float = 0.5  # share of training prompts in the paper's exact template
+    variants: VariantsConfig = field(default_factory=_variants)  # the other prompts
+    heldout_fraction: float = 0.2  # share of each operation's (x, y) never trained on
+
+
+@dataclass
+class IITConfig:
+    """Interchange-intervention training: the circuit planted at the final position."""
+
+    circuit: List[str] = field(default_factory=lambda: ["L2.H1", "L2.H3", "L2.H4", "L2.H6"])
+    ops: List[str] = field(default_factory=lambda: ["add", "sub", "mul"])  # operations the losses use
+    start: int = 300  # first step with the interchange losses (the LM learns the task first)
+    batch_size: int = 64  # base prompts per interchange loss
+    vd: float = 1.0  # circuit patched from another x: answer the alternate's answer
+    oi: float = 1.0  # circuit patched from another operation: keep the base's answer
+    strict: float = 0.0  # every other head (and earlier MLPs) patched from another x: keep it
+
+
+@dataclass
+class OrganismOptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup: int = 100
+    grad_clip: float = 1.0
+
+
+@dataclass
+class OrganismConfig:
+    """Root config of `circuitfind organism`."""
+
+    model: OrganismModelConfig = field(default_factory=OrganismModelConfig)
+    dataset: OrganismDataConfig = field(default_factory=OrganismDataConfig)
+    iit: IITConfig = field(default_factory=IITConfig)
+    optim: OrganismOptimConfig = field(default_factory=OrganismOptimConfig)
+    n_eval: int = 500  # held-out prompts per operation and prompt form
+    seed: int = 0
+    ship: bool = False  # also write the checkpoint into circuitfind/assets/organism
+    out_dir: Optional[str] = None  # checkpoint directory; default: <run dir>/checkpoint
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    log_every: int = 100
+    progress: bool = True
+
+
+def register_organism_config() -> None:
+    ConfigStore.instance().store(name="organism_schema", node=OrganismConfig)
