@@ -17,9 +17,7 @@ COMMANDS: Dict[str, str] = {
 
 USAGE = (
     "usage: circuitfind <command> [hydra overrides]\n\n"
-    "commands:\n"
-    + "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items())
-    + "\n\nexamples:\n"
+    "commands:\n" + "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items()) + "\n\nexamples:\n"
     "  circuitfind train +desiderata=vd_oi\n"
     "  circuitfind train +desiderata=vd_oi -m optimizer.lam=0.02,0.05,0.1\n"
     "  circuitfind train --help        (config groups and options)\n"

@@ -100,6 +100,7 @@ class OptimizerConfig:
     """Mask optimisation (method.md, 'Optimisation')."""
 
     lam: float = 0.05  # sparsity weight lambda
+    lams: Optional[List[float]] = None  # several lambdas trained at once, K masks on shared batches
     lr: float = 1e-2
     steps: int = 100  # iterations; each runs one step per desideratum
     eps: float = 1e-3  # the 1.001 of the l0.5 penalty: (1 + eps - w) ** 0.5
@@ -128,6 +129,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = MISSING
     logger: LoggerConfig = MISSING
     engine: str = "cached"  # cached: prefix run once, final token per step | full: whole prompt per step
+    cache: str = "device"  # engine=cached: prefix KV kept on the device | cpu (moved per batch) | recompute
     seed: int = 0
     min_baseline_acc: float = 0.5  # unpatched task accuracy below this is not trusted
     strict: bool = False  # turn the low-baseline warning into an error

@@ -126,8 +126,12 @@ def variants_from_config(cfg: Mapping) -> Variants:
         raise CircuitfindError(
             f"dataset.variants.names={cfg['names']} must list pairs of two different alphabetic names, e.g. [[x, y], [a, b]]"
         )
-    return Variants(names=names, y_first=cfg["y_first"], distractor=cfg["distractor"],
-                    distractor_names=list(cfg["distractor_names"]))
+    return Variants(
+        names=names,
+        y_first=cfg["y_first"],
+        distractor=cfg["distractor"],
+        distractor_names=list(cfg["distractor_names"]),
+    )
 
 
 def first_digit(n: int) -> int:
@@ -205,9 +209,7 @@ def make_pairs(
             if len(pairs) == needed[d]:
                 break
             base = space.variants.apply(base, rng)
-            valid = [
-                a for a in alternates(base, space) if a.answer >= 0 and first_digit(a.answer) != d
-            ]
+            valid = [a for a in alternates(base, space) if a.answer >= 0 and first_digit(a.answer) != d]
             if valid:
                 pairs.append(Pair(base, rng.choice(valid)))
         if len(pairs) < needed[d]:

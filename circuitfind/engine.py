@@ -102,35 +102,59 @@ class FullEngine:
         return out.last_hidden_state[:, -1].view(k, b, -1)
 
 
+CACHE_POLICIES = {
+    "device": "prefix keys/values kept on the model's device for all steps (fastest)",
+    "cpu": "kept in CPU memory and moved to the device per batch and step",
+    "recompute": "not kept: the prefix is re-run without gradients at every step (least memory)",
+}
+
+
 class CachedEngine(FullEngine):
     """Runs each prefix once and, per step, only the final token on its cached keys/values."""
 
     name = "cached"
+
+    def __init__(self, model: torch.nn.Module, sites: Sites, cache: str = "device"):
+        super().__init__(model, sites)
+        if cache not in CACHE_POLICIES:
+            raise CircuitfindError(f"cache={cache!r} is unknown; choose from {list(CACHE_POLICIES)}")
+        self.cache = cache
+
+    @torch.no_grad()
+    def _prefix_kv(self, pairs: EncodedPairs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        out = self._run(pairs.base_ids[:, :-1], pairs.base_attn[:, :-1], use_cache=True)
+        return [(layer[0], layer[1]) for layer in out.past_key_values]  # per layer (B, kvH, T-1, D)
 
     @torch.no_grad()
     def prepare(self, pairs: EncodedPairs) -> Prepared:
         if pairs.base_ids.shape[1] < 2:
             raise CircuitfindError("engine=cached needs prompts of at least two tokens; use engine=full")
         prep = super().prepare(pairs)
-        out = self._run(pairs.base_ids[:, :-1], pairs.base_attn[:, :-1], use_cache=True)
-        # Plain tensors, never the cache object: each step builds a fresh cache around them,
-        # so the step's own key/value is appended to a copy and the prefix is never mutated.
-        prep.prefix_kv = [(layer[0], layer[1]) for layer in out.past_key_values]
+        if self.cache != "recompute":
+            kv = self._prefix_kv(pairs)
+            prep.prefix_kv = [(k.cpu(), v.cpu()) for k, v in kv] if self.cache == "cpu" else kv
         return prep
 
     def final_hidden(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
         k, b = mask.shape[0], len(prep.pairs)
-        attn = prep.pairs.base_attn.repeat(k, 1)
-        kv = prep.prefix_kv
+        kv = prep.prefix_kv if self.cache != "recompute" else self._prefix_kv(prep.pairs)
+        # Plain tensors, never a cache object kept across steps: each step builds a fresh cache
+        # around them, so the step's own key/value is appended to a copy and the prefix is
+        # never mutated. (With device_map sharding each layer's tensors stay on its device.)
+        kv = (
+            [(key.to(self.device, non_blocking=True), val.to(self.device, non_blocking=True)) for key, val in kv]
+            if self.cache == "cpu"
+            else kv
+        )
         if k > 1:
             kv = [(key.repeat(k, 1, 1, 1), val.repeat(k, 1, 1, 1)) for key, val in kv]
-        cache = DynamicCache(ddp_cache_data=kv)
+        attn = prep.pairs.base_attn.repeat(k, 1)
         with patch_final_position(self.sites, mask, prep.alt_values):
             out = self.body(
                 input_ids=prep.pairs.base_ids[:, -1:].repeat(k, 1).to(self.device),
                 attention_mask=attn.to(self.device),
                 position_ids=position_ids(attn)[:, -1:].to(self.device),
-                past_key_values=cache,
+                past_key_values=DynamicCache(ddp_cache_data=kv),
                 use_cache=True,
             )
         return out.last_hidden_state[:, -1].view(k, b, -1)
@@ -139,7 +163,8 @@ class CachedEngine(FullEngine):
 ENGINES = {"full": FullEngine, "cached": CachedEngine}
 
 
-def make_engine(name: str, model: torch.nn.Module, sites: Sites) -> FullEngine:
+def make_engine(name: str, model: torch.nn.Module, sites: Sites, cache: str = "device") -> FullEngine:
+    """The engine called `name`; `cache` is the prefix memory policy of engine=cached."""
     if name not in ENGINES:
         raise CircuitfindError(f"engine={name!r} is unknown; choose from {sorted(ENGINES)}")
-    return ENGINES[name](model, sites)
+    return CachedEngine(model, sites, cache) if name == "cached" else FullEngine(model, sites)

@@ -68,7 +68,9 @@ def _targets(split: EvalSplit, own: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_masks(split: EvalSplit, engine: FullEngine, readout: Readout, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+def evaluate_masks(
+    split: EvalSplit, engine: FullEngine, readout: Readout, mask: torch.Tensor
+) -> Dict[str, torch.Tensor]:
     """Metrics of each of K masks on a split. mask (K, L, H+1) -> {metric: (K,)}
 
     acc: first token equals the arithmetic target (the paper's metric); acc_model: equals
@@ -90,4 +92,3 @@ def evaluate_masks(split: EvalSplit, engine: FullEngine, readout: Readout, mask:
         "logit_diff": delta.mean(dim=1),
         "logit_diff_norm": delta.mean(dim=1) / full_effect,
     }
-

@@ -35,7 +35,10 @@ def training_curves(history: List[Dict[str, float]], path: Path) -> None:
         ("loss", [k for k in history[0] if k.endswith("_loss")]),
         ("sparsity term", ["sparsity"]),
         ("components with w < 0.5", ["n_patched"]),
-        ("held-out accuracy (rounded mask)", sorted({k for row in history for k in row if k.endswith("_acc") and "/" in k})),
+        (
+            "held-out accuracy (rounded mask)",
+            sorted({k for row in history for k in row if k.endswith("_acc") and "/" in k}),
+        ),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
     for ax, (title, keys) in zip(axes, panels):
@@ -55,7 +58,11 @@ def sweep_figure(rows: List[Dict[str, float]], path: Path) -> None:
     """The paper's figure: VD and OI accuracy against the number of components patched."""
     rows = sorted(rows, key=lambda r: r["n_patched"])
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("vd_test/acc", "Value Dependence"), ("oi_test/acc", "Operation Invariance"), ("vd_transfer/acc", "VD transfer")):
+    for key, label in (
+        ("vd_test/acc", "Value Dependence"),
+        ("oi_test/acc", "Operation Invariance"),
+        ("vd_transfer/acc", "VD transfer"),
+    ):
         pts = [(r["n_patched"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)

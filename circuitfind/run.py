@@ -20,11 +20,12 @@ from circuitfind import plots
 from circuitfind.components import ComponentLayout, locate_components
 from circuitfind.data import Pair, check_template, make_pairs, task_space, variants_from_config
 from circuitfind.desiderata import Desideratum, get_desideratum
-from circuitfind.engine import FullEngine, Readout, make_engine
+from circuitfind.engine import CACHE_POLICIES, ENGINES, FullEngine, Readout, make_engine
 from circuitfind.errors import CircuitfindError
 from circuitfind.evaluate import EvalSplit, baseline_metrics, evaluate_masks, prepare_split
 from circuitfind.models import load_model
-from circuitfind.outputs import write_json, write_tensors
+from circuitfind.outputs import write_json, write_tensors, write_text
+from circuitfind.sweep import write_summary
 from circuitfind.tokens import PairEncoder
 from circuitfind.tracking import Tracker
 from circuitfind.train_loop import NonFiniteLoss, Objective, round_mask, train_mask, unpatched_logit_diff
@@ -41,6 +42,13 @@ def validate(cfg: DictConfig) -> None:
     o, d = cfg.optimizer, cfg.dataset
     checks = [
         (o.lam >= 0, f"optimizer.lam={o.lam} is negative; the sparsity weight must be >= 0"),
+        (
+            all(v >= 0 for v in o.lams or []),
+            f"optimizer.lams={list(o.lams or [])} has a negative lambda; give values >= 0",
+        ),
+        (len(set(o.lams or [])) == len(o.lams or []), f"optimizer.lams={list(o.lams or [])} repeats a value"),
+        (cfg.engine in ENGINES, f"engine={cfg.engine!r} is unknown; choose from {sorted(ENGINES)}"),
+        (cfg.cache in CACHE_POLICIES, f"cache={cfg.cache!r} is unknown; choose from {list(CACHE_POLICIES)}"),
         (o.steps >= 1, f"optimizer.steps={o.steps}; give at least 1 iteration"),
         (o.lr > 0, f"optimizer.lr={o.lr}; the learning rate must be > 0"),
         (o.eps > 0, f"optimizer.eps={o.eps}; must be > 0 (the l0.5 penalty's gradient is infinite at w = 1 otherwise)"),
@@ -76,8 +84,12 @@ class DesideratumData:
 def build_data(cfg: DictConfig) -> Dict[str, DesideratumData]:
     """Train, held-out and transfer pairs for every desideratum trained or evaluated."""
     d = cfg.dataset
-    space = task_space(d.ranges, list(d.train_ops) + list(d.transfer_ops), alt_ops=list(d.train_ops),
-                       variants=variants_from_config(d.variants))
+    space = task_space(
+        d.ranges,
+        list(d.train_ops) + list(d.transfer_ops),
+        alt_ops=list(d.train_ops),
+        variants=variants_from_config(d.variants),
+    )
     names = list(dict.fromkeys([t.name for t in cfg.desiderata.terms] + list(cfg.desiderata.evaluate)))
     data = {}
     for name in names:
@@ -86,7 +98,9 @@ def build_data(cfg: DictConfig) -> Dict[str, DesideratumData]:
         train, test = make_pairs(des.alternates, space, d.train_ops, [d.n_train, d.n_test], rng, f"{name} pairs")
         transfer: List[Pair] = []
         if d.transfer_ops and d.n_transfer:
-            (transfer,) = make_pairs(des.alternates, space, d.transfer_ops, [d.n_transfer], rng, f"{name} transfer pairs")
+            (transfer,) = make_pairs(
+                des.alternates, space, d.transfer_ops, [d.n_transfer], rng, f"{name} transfer pairs"
+            )
         data[name] = DesideratumData(des, train, test, transfer)
     return data
 
@@ -109,8 +123,13 @@ def circuit_table(mask: torch.Tensor, rounded: torch.Tensor, layout: ComponentLa
         if rounded[layer, col] == 0:
             kind = "mlp" if col == layout.n_heads else "head"
             rows.append(
-                {"name": name, "kind": kind, "layer": layer, "head": None if kind == "mlp" else col,
-                 "weight": round(float(mask[layer, col]), 6)}
+                {
+                    "name": name,
+                    "kind": kind,
+                    "layer": layer,
+                    "head": None if kind == "mlp" else col,
+                    "weight": round(float(mask[layer, col]), 6),
+                }
             )
     return sorted(rows, key=lambda r: (r["weight"], r["layer"], r["name"]))
 
@@ -126,7 +145,7 @@ class Job:
         self.model, self.tokenizer = load_model(cfg.model)
         self.sites = locate_components(self.model)
         self.layout = self.sites.layout
-        self.engine: FullEngine = make_engine(cfg.engine, self.model, self.sites)
+        self.engine: FullEngine = make_engine(cfg.engine, self.model, self.sites, cfg.cache)
         self.readout = Readout(self.model)
         self.encoder = PairEncoder(self.tokenizer, cfg.dataset.template)
         self.device = torch.device(cfg.model.device)
@@ -149,11 +168,17 @@ class Job:
         for name, dd in self.data.items():
             for split_name, pairs in (("test", dd.test), ("transfer", dd.transfer)):
                 if pairs:
-                    splits.append(prepare_split(f"{name}_{split_name}", dd.desideratum, self.prepared(pairs), self.engine, self.readout))
+                    splits.append(
+                        prepare_split(
+                            f"{name}_{split_name}", dd.desideratum, self.prepared(pairs), self.engine, self.readout
+                        )
+                    )
         return splits
 
 
-def evaluate_all(job: Job, splits: List[EvalSplit], mask: torch.Tensor, only_test: bool = False) -> Dict[str, torch.Tensor]:
+def evaluate_all(
+    job: Job, splits: List[EvalSplit], mask: torch.Tensor, only_test: bool = False
+) -> Dict[str, torch.Tensor]:
     out = {}
     for split in splits:
         if only_test and not split.name.endswith("_test"):
@@ -180,78 +205,193 @@ def check_baseline(cfg: DictConfig, baseline: Dict[str, float]) -> List[str]:
     return warnings
 
 
-def run_training(cfg: DictConfig, run_dir: Path, job_name: str = "train", group: str | None = None) -> Dict[str, Any]:
-    """Run one mask search and write its outputs into `run_dir`. Returns the final metrics."""
+def planted_scores(model: torch.nn.Module, found: List[str]) -> Dict[str, Any] | None:
+    """Precision and recall of the found circuit against one planted in the model, if any."""
+    meta = getattr(model.config, "circuitfind", None) or {}
+    planted = meta.get("planted_circuit") if isinstance(meta, dict) else None
+    if not planted:
+        return None
+    hits = len(set(found) & set(planted))
+    return {
+        "planted": list(planted),
+        "precision": hits / len(found) if found else 0.0,
+        "recall": hits / len(planted),
+        "exact": set(found) == set(planted),
+    }
+
+
+def lambdas(cfg: DictConfig) -> List[float]:
+    """The sparsity weights to train: optimizer.lams (K masks at once) or optimizer.lam."""
+    return [float(v) for v in cfg.optimizer.lams] if cfg.optimizer.lams else [float(cfg.optimizer.lam)]
+
+
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def run_training(cfg: DictConfig, run_dir: Path, group: str | None = None) -> List[Dict[str, Any]]:
+    """Run one mask search and write its outputs into `run_dir`. Returns one result per lambda.
+
+    With optimizer.lams, K masks are trained side by side on the same batches; each gets
+    its own result directory `lam=<value>/` and the run directory gets a sweep summary.
+    """
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     job = Job(cfg)
-    splits = job.eval_splits()
-    objectives = job.objectives()
+    try:
+        splits = job.eval_splits()
+        objectives = job.objectives()
+    except RuntimeError as e:
+        if out_of_memory(e):
+            raise CircuitfindError(
+                "out of memory while preparing the batches; set optimizer.batch_size smaller "
+                "(e.g. optimizer.batch_size=8) or cache=cpu / cache=recompute"
+            ) from e
+        raise
     baseline = {f"{s.name}/{k}": v for s in splits for k, v in baseline_metrics(s).items()}
     warnings = check_baseline(cfg, baseline)
 
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
-    tracker = Tracker(run_dir, cfg.logger, config_dict, name=run_dir.name, group=group)
-    history: List[Dict[str, float]] = []
-    lams = torch.tensor([cfg.optimizer.lam], dtype=torch.float32, device=job.device)
+    lams = lambdas(cfg)
+    batched = bool(cfg.optimizer.lams)
+    out_dirs = [run_dir / f"lam={lam:g}" for lam in lams] if batched else [run_dir]
+    prefixes = [f"lam={lam:g}/" for lam in lams] if batched else [""]
+    tracker = Tracker(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name, group=group)
+    histories: List[List[Dict[str, float]]] = [[] for _ in lams]
 
     def on_step(step: int, mask: torch.Tensor, logs: Dict[str, torch.Tensor]) -> None:
-        row = {k: float(v[0]) for k, v in logs.items()}
+        rows = [{key: float(v[k]) for key, v in logs.items()} for k in range(len(lams))]
         if (step + 1) % cfg.optimizer.eval_every == 0 or step + 1 == cfg.optimizer.steps:
             with torch.no_grad():
                 evals = evaluate_all(job, splits, round_mask(mask), only_test=True)
-            row |= {k: float(v[0]) for k, v in evals.items() if k.endswith("/acc")}
-        tracker.log(row, step)
-        history.append({"step": step, **row})
+            for k, row in enumerate(rows):
+                row |= {key: float(v[k]) for key, v in evals.items() if key.endswith("/acc")}
+        tracker.log({prefix + key: v for prefix, row in zip(prefixes, rows) for key, v in row.items()}, step)
+        for history, row in zip(histories, rows):
+            history.append({"step": step, **row})
 
     failed = True
     try:
         t_train = time.perf_counter()
         try:
-            mask = train_mask(job.engine, job.readout, objectives, lams, job.layout.shape, cfg.optimizer.lr,
-                              cfg.optimizer.steps, cfg.optimizer.eps, on_step, progress=cfg.progress)
+            mask = train_mask(
+                job.engine,
+                job.readout,
+                objectives,
+                torch.tensor(lams, dtype=torch.float32, device=job.device),
+                job.layout.shape,
+                cfg.optimizer.lr,
+                cfg.optimizer.steps,
+                cfg.optimizer.eps,
+                on_step,
+                progress=cfg.progress,
+            )
         except NonFiniteLoss as e:
-            write_tensors(run_dir / "mask_last_good.safetensors", {"continuous": e.last_good[0]},
-                          {"names": json.dumps(job.layout.names())})
+            for k, out_dir in enumerate(out_dirs):
+                write_tensors(
+                    out_dir / "mask_last_good.safetensors",
+                    {"continuous": e.last_good[k]},
+                    {"names": json.dumps(job.layout.names())},
+                )
+            raise
+        except RuntimeError as e:
+            if out_of_memory(e):
+                raise CircuitfindError(
+                    "out of memory during mask training; set optimizer.batch_size smaller, "
+                    "train fewer lambdas at once, or use cache=cpu"
+                ) from e
             raise
         train_s = time.perf_counter() - t_train
         rounded = round_mask(mask)
         with torch.no_grad():
-            final = {k: float(v[0]) for k, v in evaluate_all(job, splits, rounded).items()}
-            final |= {f"continuous/{k}": float(v[0]) for k, v in evaluate_all(job, splits, mask, only_test=True).items() if k.endswith("/acc")}
-        result = write_outputs(cfg, job, run_dir, mask[0], rounded[0], final, baseline, history, warnings, tracker,
-                               {"train_s": round(train_s, 3), "total_s": round(time.perf_counter() - t_start, 3)})
+            final = evaluate_all(job, splits, rounded)
+            continuous = {
+                k: v for k, v in evaluate_all(job, splits, mask, only_test=True).items() if k.endswith("/acc")
+            }
+        timing = {
+            "train_s": round(train_s, 3),
+            "total_s": round(time.perf_counter() - t_start, 3),
+            "train_s_per_step": round(train_s / cfg.optimizer.steps, 5),
+            "masks_trained_together": len(lams),
+        }
+        results = []
+        for k, (lam, out_dir, prefix) in enumerate(zip(lams, out_dirs, prefixes)):
+            metrics = {key: float(v[k]) for key, v in final.items()}
+            metrics |= {f"continuous/{key}": float(v[k]) for key, v in continuous.items()}
+            results.append(
+                write_outputs(
+                    cfg,
+                    job,
+                    out_dir,
+                    lam,
+                    mask[k],
+                    rounded[k],
+                    metrics,
+                    baseline,
+                    histories[k],
+                    warnings,
+                    tracker,
+                    prefix,
+                    timing,
+                    write_history=batched,
+                )
+            )
+        if batched:
+            write_summary(run_dir)
         failed = False
-        return result
+        return results
     finally:
         tracker.close(failed=failed)
 
 
-def write_outputs(cfg, job: Job, run_dir: Path, mask, rounded, final, baseline, history, warnings, tracker, timing) -> Dict[str, Any]:
+def write_outputs(
+    cfg,
+    job: Job,
+    out_dir: Path,
+    lam: float,
+    mask,
+    rounded,
+    final,
+    baseline,
+    history,
+    warnings,
+    tracker: Tracker,
+    prefix: str,
+    timing,
+    write_history: bool,
+) -> Dict[str, Any]:
     """mask.safetensors, plots, then circuit.json last: its presence marks a finished run."""
     layout = job.layout
     names = layout.names()
-    write_tensors(run_dir / "mask.safetensors", {"continuous": mask, "rounded": rounded}, {"names": json.dumps(names)})
+    write_tensors(out_dir / "mask.safetensors", {"continuous": mask, "rounded": rounded}, {"names": json.dumps(names)})
+    if write_history:  # the run directory's metrics.jsonl holds every lambda; each result gets its own
+        write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     circuit = circuit_table(mask, rounded, layout)
     n_patched = len(circuit)
+    planted = planted_scores(job.model, [row["name"] for row in circuit])
     summary = {"n_patched": n_patched, "fraction_patched": n_patched / layout.n_components, **final}
-    tracker.summary(summary | {f"baseline/{k}": v for k, v in baseline.items()})
-    tracker.table("circuit", ["name", "kind", "layer", "head", "weight"], [list(r.values()) for r in circuit])
+    if planted:
+        summary |= {"planted/precision": planted["precision"], "planted/recall": planted["recall"]}
+    tracker.summary({prefix + k: v for k, v in summary.items()} | {f"baseline/{k}": v for k, v in baseline.items()})
+    tracker.table(prefix + "circuit", ["name", "kind", "layer", "head", "weight"], [list(r.values()) for r in circuit])
     if cfg.plots:
-        plots.mask_heatmap(mask.cpu().numpy(), run_dir / "mask_heatmap.png",
-                           f"{n_patched} of {layout.n_components} components patched (λ={cfg.optimizer.lam:g})")
-        plots.training_curves(history, run_dir / "curves.png")
-        tracker.image("mask_heatmap", run_dir / "mask_heatmap.png")
-        tracker.image("curves", run_dir / "curves.png")
+        plots.mask_heatmap(
+            mask.cpu().numpy(),
+            out_dir / "mask_heatmap.png",
+            f"{n_patched} of {layout.n_components} components patched (λ={lam:g})",
+        )
+        plots.training_curves(history, out_dir / "curves.png")
+        tracker.image(prefix + "mask_heatmap", out_dir / "mask_heatmap.png")
+        tracker.image(prefix + "curves", out_dir / "curves.png")
     result = {
         "status": "complete",
         "circuit": circuit,
         "n_patched": n_patched,
         "n_components": layout.n_components,
         "fraction_patched": n_patched / layout.n_components,
-        "lam": cfg.optimizer.lam,
+        "lam": lam,
         "metrics": final,
         "baseline": baseline,
+        "planted": planted,
         "warnings": warnings,
         "model": {
             "kind": cfg.model.kind,
@@ -267,13 +407,21 @@ def write_outputs(cfg, job: Job, run_dir: Path, mask, rounded, final, baseline, 
             "template": cfg.dataset.template,
             "train_ops": list(cfg.dataset.train_ops),
             "transfer_ops": list(cfg.dataset.transfer_ops),
-            "sizes": {n: {"train": len(v.train), "test": len(v.test), "transfer": len(v.transfer)} for n, v in job.data.items()},
+            "sizes": {
+                n: {"train": len(v.train), "test": len(v.test), "transfer": len(v.transfer)}
+                for n, v in job.data.items()
+            },
             "seed": cfg.seed,
         },
         "desiderata": OmegaConf.to_container(cfg.desiderata, resolve=True),
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "engine": {"name": cfg.engine, "cache": cfg.cache},
         "timing": timing,
-        "versions": {"circuitfind": circuitfind.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "circuitfind": circuitfind.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
     }
-    write_json(run_dir / "circuit.json", result)
+    write_json(out_dir / "circuit.json", result)
     return result

@@ -17,8 +17,17 @@ from circuitfind.outputs import write_json, write_text
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["lam", "n_patched", "vd_test/acc", "oi_test/acc", "vd_transfer/acc", "oi_transfer/acc",
-           "vd_test/acc_model", "oi_test/acc_model", "run_dir"]
+COLUMNS = [
+    "lam",
+    "n_patched",
+    "vd_test/acc",
+    "oi_test/acc",
+    "vd_transfer/acc",
+    "oi_transfer/acc",
+    "vd_test/acc_model",
+    "oi_test/acc_model",
+    "run_dir",
+]
 
 
 def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
@@ -26,8 +35,9 @@ def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
     rows = []
     for path in sorted(Path(sweep_dir).glob("*/circuit.json")):
         result = json.loads(path.read_text())
-        rows.append({"lam": result["lam"], "n_patched": result["n_patched"], **result["metrics"],
-                     "run_dir": path.parent.name})
+        rows.append(
+            {"lam": result["lam"], "n_patched": result["n_patched"], **result["metrics"], "run_dir": path.parent.name}
+        )
     return sorted(rows, key=lambda r: (r["lam"], r["run_dir"]))
 
 

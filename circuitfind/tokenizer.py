@@ -19,9 +19,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     # [\s\S] matches newlines too: each character, newline included, is its own piece.
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
-    core.post_processor = TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
+    core.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",

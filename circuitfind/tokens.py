@@ -32,9 +32,7 @@ class EncodedPairs:
         """Consecutive sub-batches of at most `size` pairs (all at once when None)."""
         size = size or len(self)
         for start in range(0, len(self), size):
-            yield EncodedPairs(
-                **{f.name: getattr(self, f.name)[start : start + size] for f in fields(self)}
-            )
+            yield EncodedPairs(**{f.name: getattr(self, f.name)[start : start + size] for f in fields(self)})
 
 
 class PairEncoder:
@@ -44,9 +42,7 @@ class PairEncoder:
         self.tokenizer = tokenizer
         self.template = template
         self._answer_tokens: Dict[tuple[str, int], int] = {}
-        self.pad_id = next(
-            (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
-        )
+        self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
     def ids(self, prompt: str) -> List[int]:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]

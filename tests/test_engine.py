@@ -1,0 +1,87 @@
+"""The cached engine's memory policies, and K lambdas trained at once equal K single runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitfind.desiderata import get_desideratum
+from circuitfind.engine import Readout, make_engine
+from circuitfind.errors import CircuitfindError
+from circuitfind.train_loop import Objective, patched_delta, train_mask, unpatched_logit_diff
+from test_patching import setup
+
+
+@pytest.mark.parametrize("cache", ["cpu", "recompute"])
+def test_cache_policies_give_the_same_result(cache):
+    torch.manual_seed(0)
+    model, sites, enc = setup("gqa", padded=True)
+    readout = Readout(model)
+    mask = torch.rand(2, *sites.layout.shape)
+    out = {}
+    for policy in ("device", cache):
+        eng = make_engine("cached", model, sites, policy)
+        prep = eng.prepare(enc)
+        assert (prep.prefix_kv is None) == (policy == "recompute")
+        d0 = unpatched_logit_diff(eng, readout, prep)
+        out[policy] = patched_delta(eng, readout, prep, d0, mask)
+    assert torch.allclose(out["device"], out[cache], atol=1e-6)
+
+
+def test_unknown_cache_policy():
+    model, sites, _ = setup("gqa", padded=False)
+    with pytest.raises(CircuitfindError, match="cache='disk' is unknown; choose from"):
+        make_engine("cached", model, sites, "disk")
+
+
+def objectives(model, sites, enc_vd, enc_oi, engine="cached", batch_size=None):
+    eng, readout = make_engine(engine, model, sites), Readout(model)
+    objs = []
+    for name, enc, weight, sparse in (("vd", enc_vd, 5.0, True), ("oi", enc_oi, 1.0, False)):
+        batches = [eng.prepare(c) for c in enc.chunks(batch_size)]
+        d0 = [unpatched_logit_diff(eng, readout, b) for b in batches]
+        objs.append(Objective(get_desideratum(name), batches, d0, weight, sparse))
+    return eng, readout, objs
+
+
+def trained(lams, engine="cached", batch_size=None, steps=8):
+    model, sites, enc_vd = setup("gqa", padded=True, n=12, name="vd")
+    _, _, enc_oi = setup("gqa", padded=True, n=12, name="oi")
+    eng, readout, objs = objectives(model, sites, enc_vd, enc_oi, engine, batch_size)
+    return train_mask(eng, readout, objs, torch.tensor(lams), sites.layout.shape, lr=0.1, steps=steps,
+                      eps=1e-3, progress=False)
+
+
+def test_k_lambdas_at_once_equal_k_single_runs():
+    lams = [0.0, 0.002, 0.05]
+    together = trained(lams)
+    singles = torch.cat([trained([lam]) for lam in lams])
+    assert (together < 0.99).any(), "the masks moved, so equality means something"
+    assert not torch.allclose(together[0], together[2]), "different lambdas gave different masks"
+    assert torch.allclose(together, singles, atol=1e-4)
+
+
+def test_sub_batches_and_the_full_engine_give_the_same_masks():
+    reference = trained([0.002])
+    assert torch.allclose(trained([0.002], batch_size=5), reference, atol=1e-4)
+    assert torch.allclose(trained([0.002], engine="full"), reference, atol=1e-4)
+
+
+def test_nan_loss_stops_with_the_last_good_mask(monkeypatch):
+    from circuitfind.desiderata.oi import OperationInvariance
+
+    calls = {"n": 0}
+    original = OperationInvariance.loss
+
+    def flaky(self, delta):
+        calls["n"] += 1
+        loss = original(self, delta)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(OperationInvariance, "loss", flaky)
+    from circuitfind.train_loop import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match="non-finite at step 2") as err:
+        trained([0.0], steps=5)
+    good = err.value.last_good
+    assert torch.isfinite(good).all() and (good < 1).any()
