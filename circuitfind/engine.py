@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from circuitfind.components import Sites
 from circuitfind.errors import CircuitfindError
@@ -27,6 +27,7 @@ class Prepared:
     pairs: EncodedPairs
     alt_values: FinalValues  # the alternate prompts' clean final-position values
     prefix_kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per layer (B, kvH, T-1, D)
+    buffers: Optional[Tuple[int, list]] = None  # (K, per layer (K*B, kvH, T, D)): engine=cached, cache=device
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,60 @@ class FullEngine:
         return out.last_hidden_state[:, -1].view(k, b, -1)
 
 
+class FinalSlotLayer(DynamicLayer):
+    """One layer's prefix keys/values plus a free slot that the final token writes in place.
+
+    The stock cache concatenates the new key/value onto the prefix, copying the whole
+    prefix every step. Here the prefix is written once into a buffer one position longer;
+    each step writes only the last position, through a fresh `detach()` view, so the
+    prefix positions are never touched and no step's graph reaches into another's.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):  # (N, kvH, T, D), T-1 filled
+        super().__init__()
+        self.buffers = (keys, values)
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self.prefix_len = keys.shape[-2] - 1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = (b.detach() for b in self.buffers)
+        keys[..., -1:, :] = key_states
+        values[..., -1:, :] = value_states
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.prefix_len  # the cached part; the final token is the query
+
+
+def prefix_buffers(prefix_kv, k: int, device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, K copies of the prefix in a buffer with one free final slot. (K*B, kvH, T, D)"""
+    out = []
+    for key, val in prefix_kv:
+        shape = (k * key.shape[0], key.shape[1], key.shape[2] + 1, key.shape[3])
+        pair = []
+        for t in (key, val):
+            buf = torch.empty(shape, dtype=t.dtype, device=device)
+            buf[:, :, :-1].view(k, *t.shape).copy_(t.to(device).unsqueeze(0).expand(k, *t.shape))
+            pair.append(buf)
+        out.append(tuple(pair))
+    return out
+
+
+def cached_prefix(prep: "Prepared") -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The prefix keys/values of a batch, from wherever the engine keeps them. (B, kvH, T-1, D)"""
+    if prep.prefix_kv is not None:
+        return prep.prefix_kv
+    b = len(prep.pairs)
+    return [(key[:b, :, :-1], val[:b, :, :-1]) for key, val in prep.buffers[1]]
+
+
+def final_slot_cache(buffers) -> Cache:
+    return Cache(layers=[FinalSlotLayer(key, val) for key, val in buffers])
+
+
 CACHE_POLICIES = {
     "device": "prefix keys/values kept on the model's device for all steps (fastest)",
     "cpu": "kept in CPU memory and moved to the device per batch and step",
@@ -137,27 +192,27 @@ class CachedEngine(FullEngine):
 
     def final_hidden(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
         k, b = mask.shape[0], len(prep.pairs)
-        kv = prep.prefix_kv if self.cache != "recompute" else self._prefix_kv(prep.pairs)
-        # Plain tensors, never a cache object kept across steps: each step builds a fresh cache
-        # around them, so the step's own key/value is appended to a copy and the prefix is
-        # never mutated. (With device_map sharding each layer's tensors stay on its device.)
-        kv = (
-            [(key.to(self.device, non_blocking=True), val.to(self.device, non_blocking=True)) for key, val in kv]
-            if self.cache == "cpu"
-            else kv
-        )
-        if k > 1:
-            kv = [(key.repeat(k, 1, 1, 1), val.repeat(k, 1, 1, 1)) for key, val in kv]
         attn = prep.pairs.base_attn.repeat(k, 1)
+        cache = final_slot_cache(self._buffers(prep, k))  # outside the hooks: it may run the prefix
         with patch_final_position(self.sites, mask, prep.alt_values):
             out = self.body(
                 input_ids=prep.pairs.base_ids[:, -1:].repeat(k, 1).to(self.device),
                 attention_mask=attn.to(self.device),
                 position_ids=position_ids(attn)[:, -1:].to(self.device),
-                past_key_values=DynamicCache(ddp_cache_data=kv),
+                past_key_values=cache,
                 use_cache=True,
             )
         return out.last_hidden_state[:, -1].view(k, b, -1)
+
+    def _buffers(self, prep: Prepared, k: int):
+        """The prefix buffers for K masks: built once and kept (device), or built per step."""
+        if self.cache == "device":
+            if prep.buffers is None or prep.buffers[0] != k:
+                prep.buffers = (k, prefix_buffers(cached_prefix(prep), k, self.device))
+                prep.prefix_kv = None  # the buffers hold the prefix now: keep one copy only
+            return prep.buffers[1]
+        kv = prep.prefix_kv if self.cache == "cpu" else self._prefix_kv(prep.pairs)
+        return prefix_buffers(kv, k, self.device)
 
 
 ENGINES = {"full": FullEngine, "cached": CachedEngine}

@@ -11,7 +11,7 @@ from circuitfind.components import locate_components
 from circuitfind.config import ModelConfig, TinyLlamaConfig
 from circuitfind.data import Variants, make_pairs, task_space
 from circuitfind.desiderata import get_desideratum
-from circuitfind.engine import Readout, make_engine
+from circuitfind.engine import Readout, cached_prefix, make_engine
 from circuitfind.models import load_model
 from circuitfind.tokens import PairEncoder, position_ids
 from circuitfind.train_loop import patched_delta, unpatched_logit_diff
@@ -117,11 +117,12 @@ def test_cached_prefix_is_not_mutated_by_steps():
     model, sites, enc = setup("gqa", padded=True)
     eng = make_engine("cached", model, sites)
     prep = eng.prepare(enc)
-    before = [(k.clone(), v.clone()) for k, v in prep.prefix_kv]
-    for _ in range(3):
-        eng.final_hidden(prep, torch.rand(2, *sites.layout.shape))
-    for (k0, v0), (k1, v1) in zip(before, prep.prefix_kv):
-        assert torch.equal(k0, k1) and torch.equal(v0, v1) and k1.shape == k0.shape
+    before = [(k.clone(), v.clone()) for k, v in cached_prefix(prep)]
+    for k in (2, 2, 3, 1):
+        eng.final_hidden(prep, torch.rand(k, *sites.layout.shape, requires_grad=True)).sum().backward()
+        for (k0, v0), (k1, v1) in zip(before, cached_prefix(prep)):
+            assert torch.equal(k0, k1) and torch.equal(v0, v1) and k1.shape == k0.shape
+        assert prep.buffers[1][0][0].shape[2] == enc.base_ids.shape[1], "the cache never grows"
 
 
 def test_hooks_are_removed_even_on_error():

@@ -1,0 +1,256 @@
+"""Mask-training step cost: circuitfind's engines against the published script's style.
+
+Prints, for each model shape, ms per optimisation step (median of several, per example and
+per step), peak memory, and ratios, all measured in this one process:
+
+  (a) published style: full sequence, full-vocabulary logits at every position, a Python
+      loop over heads with o_proj re-computed per head in the hook
+  (b) engine=full      (c) engine=cached      (d) engine=cached, 8 lambdas at once, per mask
+  (e) floor: a bare forward and backward of the final token on the cached prefix, no hooks,
+      reading the same two unembedding rows per example
+
+    python scripts/bench.py                       # organism + SmolLM2-135M shape, batch 32
+    python scripts/bench.py --shapes smollm2 --batch 32 --repeats 7
+    python scripts/bench.py --shapes llama13b --device cuda --dtype float16   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import random
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from circuitfind.components import locate_components
+from circuitfind.data import make_pairs, task_space
+from circuitfind.desiderata import get_desideratum
+from circuitfind.engine import Readout, final_slot_cache, make_engine, prefix_buffers
+from circuitfind.models import DTYPES
+from circuitfind.patching import FinalValues, record_final_values
+from circuitfind.tokenizer import build_char_tokenizer
+from circuitfind.tokens import PairEncoder, position_ids
+from circuitfind.train_loop import patched_delta, unpatched_logit_diff
+
+SHAPES = {
+    # name: (layers, heads, kv heads, hidden, intermediate, vocab)
+    "organism": (4, 8, 8, 64, 256, None),
+    "smollm2": (30, 9, 3, 576, 1536, 49152),
+    "llama13b": (40, 40, 40, 5120, 13824, 32000),
+}
+TEMPLATE = "x = {x}\ny = {y}\nx {op} y = "
+RANGES = {"add": {"x": [10, 99], "y": [10, 99]}, "sub": {"x": [10, 99], "y": [10, 99]}}
+
+
+def random_llama(shape: str, dtype: torch.dtype, device: str):
+    layers, heads, kv, hidden, inter, vocab = SHAPES[shape]
+    tok = build_char_tokenizer()
+    config = LlamaConfig(vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                         max_position_embeddings=256)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval().requires_grad_(False), tok
+
+
+class PublishedStyle:
+    """The published script's step: whole prompt, all logits, a Python loop over heads."""
+
+    def __init__(self, model, sites, enc, alt_values: FinalValues):
+        self.model, self.sites, self.enc, self.alt = model, sites, enc, alt_values
+        self.readout = Readout(model)
+
+    def step(self, mask: torch.Tensor) -> torch.Tensor:
+        layout = self.sites.layout
+        hd = layout.head_dim
+        handles = []
+
+        def head_hook(layer):
+            def hook(module, args, output):
+                x = args[0][:, -1]  # (B, H*D)
+                new_last = 0
+                for h in range(layout.n_heads):  # one einsum per head re-computes o_proj's share
+                    w_h = module.weight[:, h * hd : (h + 1) * hd]
+                    base = torch.einsum("bd,od->bo", x[:, h * hd : (h + 1) * hd], w_h)
+                    alt = torch.einsum("bd,od->bo", self.alt.heads[layer][:, h * hd : (h + 1) * hd], w_h)
+                    new_last = new_last + mask[0, layer, h] * base + (1 - mask[0, layer, h]) * alt
+                return torch.cat([output[:, :-1], new_last[:, None].to(output.dtype)], dim=1)
+
+            return hook
+
+        def mlp_hook(layer):
+            def hook(module, args, output):
+                w = mask[0, layer, layout.n_heads]
+                mixed = w * output[:, -1] + (1 - w) * self.alt.mlps[layer]
+                return torch.cat([output[:, :-1], mixed[:, None].to(output.dtype)], dim=1)
+
+            return hook
+
+        for i, (proj, mlp) in enumerate(zip(self.sites.head_projs, self.sites.mlps)):
+            handles += [proj.register_forward_hook(head_hook(i)), mlp.register_forward_hook(mlp_hook(i))]
+        try:
+            e = self.enc
+            logits = self.model(input_ids=e.base_ids, attention_mask=e.base_attn,
+                                position_ids=position_ids(e.base_attn)).logits  # (B, T, V): every position
+            last = logits[:, -1].float()
+            rows = torch.arange(len(e))
+            return last[rows, e.alt_answer] - last[rows, e.base_answer]
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def floor_step(model, prefix_kv, enc, readout) -> Callable[[], torch.Tensor]:
+    """Forward and backward of the final token alone: the least a mask step can cost."""
+    embed = model.get_input_embeddings()
+    buffers = prefix_buffers(prefix_kv, 1, enc.base_ids.device)  # the same no-copy cache as engine=cached
+
+    def step() -> torch.Tensor:
+        x = embed(enc.base_ids[:, -1:]).detach().requires_grad_(True)
+        out = model.base_model(inputs_embeds=x, attention_mask=enc.base_attn,
+                               position_ids=position_ids(enc.base_attn)[:, -1:],
+                               past_key_values=final_slot_cache(buffers), use_cache=True)
+        d = readout.logit_diff(out.last_hidden_state[:, -1][None], enc.alt_answer, enc.base_answer)
+        d.mean().backward()
+        return d
+
+    return step
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or sampled RSS growth on CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.libc = ctypes.CDLL("libc.so.6") if not self.cuda else None
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    @contextmanager
+    def measure(self, result: Dict[str, float]):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            yield
+            torch.cuda.synchronize()
+            result["peak_mb"] = (torch.cuda.max_memory_allocated() - start) / 2**20
+            return
+        self.libc.malloc_trim(0)  # hand freed memory back so the next block starts clean
+        start, peak, stop = self._rss(), [0], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], self._rss())
+                time.sleep(0.0005)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            result["peak_mb"] = max(0, peak[0] - start) / 2**20
+
+
+def timed(fn: Callable[[], None], repeats: int, device: str) -> float:
+    """Median seconds of `fn` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_shape(shape: str, batch: int, repeats: int, device: str, dtype: torch.dtype) -> Dict[str, Dict[str, float]]:
+    model, tok = random_llama(shape, dtype, device)
+    sites = locate_components(model)
+    space = task_space(RANGES, ["add", "sub"], ["add", "sub"])
+    (pairs,) = make_pairs(get_desideratum("vd").alternates, space, ["add", "sub"], [batch], random.Random(0), "vd")
+    enc = PairEncoder(tok, TEMPLATE).encode(pairs).to(device)
+    readout = Readout(model)
+    vd = get_desideratum("vd")
+    memory = PeakMemory(device)
+    results: Dict[str, Dict[str, float]] = {}
+
+    def engine_step(name: str, k: int) -> Callable[[], None]:
+        eng = make_engine(name, model, sites)
+        prep = eng.prepare(enc)
+        d0 = unpatched_logit_diff(eng, readout, prep)
+        mask = torch.full((k, *sites.layout.shape), 0.7, device=device, requires_grad=True)
+        return lambda: vd.loss(patched_delta(eng, readout, prep, d0, mask)).sum().backward()
+
+    with torch.no_grad(), record_final_values(sites) as alt_values:
+        model.base_model(input_ids=enc.alt_ids, attention_mask=enc.alt_attn, position_ids=position_ids(enc.alt_attn))
+    published = PublishedStyle(model, sites, enc, alt_values)
+    pub_mask = torch.full((1, *sites.layout.shape), 0.7, device=device, requires_grad=True)
+    with torch.no_grad():
+        out = model.base_model(input_ids=enc.base_ids[:, :-1], attention_mask=enc.base_attn[:, :-1],
+                               position_ids=position_ids(enc.base_attn[:, :-1]), use_cache=True)
+        prefix_kv = [(layer[0], layer[1]) for layer in out.past_key_values]
+
+    variants = {
+        "(a) published style": (lambda: (-published.step(pub_mask).mean()).backward(), 1),
+        "(b) engine=full": (engine_step("full", 1), 1),
+        "(c) engine=cached": (engine_step("cached", 1), 1),
+        "(d) cached, 8 lambdas, per mask": (engine_step("cached", 8), 8),
+        "(e) floor: final token, no hooks": (floor_step(model, prefix_kv, enc, readout), 1),
+    }
+    for name, (fn, masks) in variants.items():
+        row: Dict[str, float] = {}
+        with memory.measure(row):
+            seconds = timed(fn, repeats, device) / masks
+        row["ms_per_step"] = seconds * 1e3
+        row["ms_per_example"] = seconds * 1e3 / batch
+        results[name] = row
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["organism", "smollm2"], choices=list(SHAPES))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, batch {args.batch}, "
+          f"median of {args.repeats}, {torch.get_num_threads()} threads")
+    for shape in args.shapes:
+        res = bench_shape(shape, args.batch, args.repeats, args.device, DTYPES[args.dtype])
+        a, c = res["(a) published style"]["ms_per_step"], res["(c) engine=cached"]["ms_per_step"]
+        e = res["(e) floor: final token, no hooks"]["ms_per_step"]
+        d = res["(d) cached, 8 lambdas, per mask"]["ms_per_step"]
+        print(f"\n## {shape} {SHAPES[shape][:5]} (layers, heads, kv heads, hidden, mlp)")
+        print("| variant | ms/step | ms/example | peak MB | vs (c) |\n|---|---|---|---|---|")
+        for name, row in res.items():
+            print(f"| {name} | {row['ms_per_step']:.1f} | {row['ms_per_example']:.2f} | {row['peak_mb']:.0f} | "
+                  f"{row['ms_per_step'] / c:.2f}x |")
+        print(f"(c) is {a / c:.1f}x faster than (a) [target >= 8]; (c)/(e) = {c / e:.2f} [target <= 1.15]; "
+              f"(d) is {c / d:.2f}x cheaper per mask than (c) [target >= 1.8]")
+
+
+if __name__ == "__main__":
+    main()
