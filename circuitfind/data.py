@@ -18,6 +18,12 @@ class Operation:
     name: str
     symbol: str
     apply: Callable[[int, int], int]
+    query: str = "{a} {symbol} {b} = "  # the last line of the prompt; {a}, {b} are the names
+
+    @property
+    def infix(self) -> bool:
+        """Written `x {op} y = `, so that the dataset template can render it."""
+        return self.query == Operation.query
 
 
 OPERATIONS: Dict[str, Operation] = {
@@ -26,6 +32,8 @@ OPERATIONS: Dict[str, Operation] = {
         Operation("add", "+", operator.add),
         Operation("sub", "-", operator.sub),
         Operation("mul", "*", operator.mul),
+        # Pure retrieval, `x = 3\ny = 5\nx = `: the binding alone, no arithmetic.
+        Operation("get", "", lambda x, y: x, query="{a} = "),
     )
 }
 
@@ -55,16 +63,16 @@ class Problem:
         return self.names == ("x", "y") and not self.y_first and self.distractor is None
 
     def render(self, template: str) -> str:
-        symbol = OPERATIONS[self.op].symbol
-        if self.canonical:
-            return template.format(x=self.x, y=self.y, op=symbol)
+        op = OPERATIONS[self.op]
+        if self.canonical and op.infix:
+            return template.format(x=self.x, y=self.y, op=op.symbol)
         (a, b), defs = self.names, [f"{self.names[0]} = {self.x}", f"{self.names[1]} = {self.y}"]
         if self.y_first:
             defs.reverse()
         if self.distractor is not None:
             name, value, line = self.distractor
             defs.insert(line, f"{name} = {value}")
-        return "\n".join(defs) + f"\n{a} {symbol} {b} = "
+        return "\n".join(defs) + "\n" + op.query.format(a=a, b=b, symbol=op.symbol)
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,11 @@ def test_a_tokenizer_that_merges_prompt_and_answer_is_rejected():
     enc.ids = lambda text: tok(text.replace("= 4", "=#"))["input_ids"]  # a merge across the boundary
     with pytest.raises(CircuitfindError, match="does not split the answer cleanly"):
         enc.answer_token("x = 1\ny = 3\nx + y = ", 4)
+
+
+def test_retrieval_is_an_operation():
+    assert Problem(3, 5, "get").render(TEMPLATE) == "x = 3\ny = 5\nx = " and Problem(3, 5, "get").answer == 3
+    assert Problem(3, 5, "get", names=("a", "b"), y_first=True).render(TEMPLATE) == "b = 5\na = 3\na = "
+    space = task_space({"get": {"x": [1, 9], "y": [1, 9]}}, ["get"], ["get"])
+    (vd,) = make_pairs(get_desideratum("vd").alternates, space, ["get"], [18], random.Random(0), "vd")
+    assert all(p.alt.answer == p.alt.x != p.base.x for p in vd)
