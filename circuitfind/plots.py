@@ -74,3 +74,16 @@ def sweep_figure(rows: List[Dict[str, float]], path: Path) -> None:
     ax.legend(fontsize=8)
     save_figure(path, fig)
     plt.close(fig)
+
+
+def attention_figure(weights: np.ndarray, labels: List[str], heads: List[str], path: Path) -> None:
+    """Final-position attention of each circuit head over the prompt's tokens."""
+    fig, ax = plt.subplots(figsize=(1.5 + 0.32 * len(labels), 1.2 + 0.35 * len(heads)))
+    im = ax.imshow(weights, vmin=0, vmax=max(float(weights.max()), 1e-6), cmap="magma", aspect="auto")
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
+    ax.set_yticks(range(len(heads)), heads, fontsize=7)
+    ax.set_xlabel("prompt position (tokens of the first prompt; averaged over held-out prompts)")
+    ax.set_title("attention of the final position, circuit heads", fontsize=9)
+    fig.colorbar(im, ax=ax, label="attention")
+    save_figure(path, fig)
+    plt.close(fig)

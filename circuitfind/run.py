@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import circuitfind
 from circuitfind import plots
+from circuitfind.attention import final_position_attention
 from circuitfind.components import ComponentLayout, locate_components
 from circuitfind.data import Pair, check_template, make_pairs, task_space, variants_from_config
 from circuitfind.desiderata import Desideratum, get_desideratum
@@ -382,6 +383,13 @@ def write_outputs(
         plots.training_curves(history, out_dir / "curves.png")
         tracker.image(prefix + "mask_heatmap", out_dir / "mask_heatmap.png")
         tracker.image(prefix + "curves", out_dir / "curves.png")
+        heads = [(r["layer"], r["head"]) for r in circuit if r["kind"] == "head"]
+        if heads:
+            test_pairs = next(iter(job.data.values())).test
+            weights, labels = final_position_attention(job.model, job.tokenizer, job.encoder.encode(test_pairs), heads)
+            plots.attention_figure(weights.numpy(), labels, [f"L{layer}.H{head}" for layer, head in heads],
+                                   out_dir / "attention.png")
+            tracker.image(prefix + "attention", out_dir / "attention.png")
     result = {
         "status": "complete",
         "circuit": circuit,

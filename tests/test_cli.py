@@ -17,7 +17,8 @@ from circuitfind.models import load_model
 from circuitfind.tokenizer import build_char_tokenizer
 
 SMOKE = ("+desiderata=vd_oi", "experiment=smoke", "progress=false")
-OUTPUTS = ["circuit.json", "mask.safetensors", "metrics.jsonl", "mask_heatmap.png", "curves.png", ".hydra/config.yaml"]
+OUTPUTS = ["circuit.json", "mask.safetensors", "metrics.jsonl", "mask_heatmap.png", "curves.png", "attention.png",
+           ".hydra/config.yaml"]
 
 
 def test_help_lists_commands_and_groups(cli):
@@ -40,7 +41,8 @@ def test_tab_completion_knows_commands_and_config(cli):
 
 def test_train_writes_every_output(cli, tmp_path):
     run_dir = tmp_path / "run"
-    res = cli("train", *SMOKE, f"hydra.run.dir={run_dir}")
+    # lam=0 and a large step: the random model's mask moves, so the circuit has heads to plot.
+    res = cli("train", *SMOKE, "optimizer.lam=0", "optimizer.lr=0.3", f"hydra.run.dir={run_dir}")
     assert res.returncode == 0, res.stderr
     for name in OUTPUTS:
         assert (run_dir / name).is_file(), name
@@ -127,7 +129,9 @@ BAD_INPUTS = {
     "unknown operation": (("+desiderata=vd_oi", "dataset.train_ops=[pow]"), "unknown operation 'pow'"),
     "template": (("+desiderata=vd_oi", "dataset.template='x = {x} {op} '"), "has no {y}"),
     "missing model": (("+desiderata=vd_oi", "model=hf", "model.name_or_path=/no/such/model"), "does not exist"),
-    "engine": (("+desiderata=vd_oi", "engine=fast"), "engine='fast' is unknown"),
+    "engine": (("+desiderata=vd_oi", "engine=fast"), "engine='fast' is unknown; choose from ['cached', 'full']"),
+    "cache policy": (("+desiderata=vd_oi", "cache=disk"), "cache='disk' is unknown; choose from ['device', 'cpu', 'recompute']"),
+    "negative lambda in lams": (("+desiderata=vd_oi", "optimizer.lams=[0.1,-0.1]"), "has a negative lambda"),
     "low baseline, strict": (("+desiderata=vd_oi", "min_baseline_acc=0.5", "strict=true"), "not trustworthy"),
 }
 
@@ -149,6 +153,19 @@ def test_bad_input_is_one_clear_line_and_keeps_earlier_outputs(cli, tmp_path, ca
     assert len(lines) == 1, res.stderr
     assert message in lines[0] and lines[0].startswith("circuitfind:")
     assert earlier.read_text() == '{"earlier": true}'
+
+
+def test_k_lambdas_in_one_run_write_k_results_and_a_summary(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    res = cli("train", *SMOKE, "optimizer.lams=[0.0,0.02,0.1]", "optimizer.lr=0.3", f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr
+    for lam in ("0", "0.02", "0.1"):
+        result = json.loads((run_dir / f"lam={lam}" / "circuit.json").read_text())
+        assert result["lam"] == float(lam) and result["timing"]["masks_trained_together"] == 3
+        assert (run_dir / f"lam={lam}" / "metrics.jsonl").is_file()
+    rows = json.loads((run_dir / "sweep_summary.json").read_text())
+    assert [r["lam"] for r in rows] == [0.0, 0.02, 0.1] and (run_dir / "sweep_figure.png").is_file()
+    assert rows[0]["n_patched"] >= rows[-1]["n_patched"]
 
 
 def test_low_baseline_without_strict_warns_and_runs(cli, tmp_path):

@@ -9,6 +9,7 @@ from circuitfind.desiderata import get_desideratum
 from circuitfind.engine import Readout, make_engine
 from circuitfind.errors import CircuitfindError
 from circuitfind.train_loop import Objective, patched_delta, train_mask, unpatched_logit_diff
+
 from test_patching import setup
 
 
@@ -85,3 +86,18 @@ def test_nan_loss_stops_with_the_last_good_mask(monkeypatch):
         trained([0.0], steps=5)
     good = err.value.last_good
     assert torch.isfinite(good).all() and (good < 1).any()
+
+
+def test_out_of_memory_is_a_clear_error(monkeypatch, tmp_path):
+    from circuitfind.engine import CachedEngine
+    from circuitfind.run import run_training
+
+    from conftest import compose
+
+    def oom(self, pairs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(CachedEngine, "prepare", oom)
+    cfg = compose("+desiderata=vd_oi", "experiment=smoke", "progress=false")
+    with pytest.raises(CircuitfindError, match="optimizer.batch_size smaller"):
+        run_training(cfg, tmp_path)
