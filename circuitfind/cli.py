@@ -1,4 +1,4 @@
-"""`circuitfind <command> [overrides]`: dispatches to one Hydra app per command.
+"""`circuitfind <command> [args]`: dispatches to one Hydra app or plain command per name.
 
 Errors a user can fix (config typos, impossible values, missing files) are shown as one
 line naming the problem and the fix; anything else keeps its traceback.
@@ -13,15 +13,20 @@ from typing import Callable, Dict
 COMMANDS: Dict[str, str] = {
     "train": "find a circuit: train a sparse mask from desiderata (Hydra app, configs/train.yaml)",
     "organism": "train the model organism, a small LLaMA with a planted circuit (Hydra app, configs/organism.yaml)",
+    "optimum": "exhaustive search for the best circuit of each small size; the gap to a run's circuit",
+    "report": "an HTML and Markdown report of a run or sweep directory, with every plot embedded",
 }
+HYDRA_APPS = ("train", "organism")
 
 USAGE = (
-    "usage: circuitfind <command> [hydra overrides]\n\n"
+    "usage: circuitfind <command> [hydra overrides | arguments]\n\n"
     "commands:\n" + "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items()) + "\n\nexamples:\n"
     "  circuitfind train +desiderata=vd_oi\n"
     "  circuitfind train +desiderata=vd_oi -m optimizer.lam=0.02,0.05,0.1\n"
     "  circuitfind train --help        (config groups and options)\n"
     "  circuitfind organism ship=true  (retrain the shipped model organism)\n"
+    "  circuitfind optimum outputs/train/<date>/<time> --k 4\n"
+    "  circuitfind report outputs/sweeps/<date>/<time>\n"
     '  eval "$(circuitfind -sc install=bash)"   (tab completion)\n'
 )
 
@@ -35,6 +40,14 @@ def _app(command: str) -> Callable[[], None]:
         from circuitfind.organism.app import main
 
         return main
+    if command == "optimum":
+        from circuitfind.optimum import main
+
+        return lambda: main(sys.argv[1:])
+    if command == "report":
+        from circuitfind.report import main
+
+        return lambda: main(sys.argv[1:])
     raise KeyError(command)
 
 
@@ -67,9 +80,11 @@ def complete(args: list[str]) -> None:
     words = os.environ.get("COMP_LINE", "").split()
     if any(a.startswith("query") for a in args[1:]):
         typing_command = len(words) < 2 or (len(words) == 2 and not os.environ["COMP_LINE"].endswith(" "))
-        if typing_command or words[1] not in COMMANDS:
+        if typing_command:
             print(" ".join(c for c in COMMANDS if len(words) < 2 or c.startswith(words[1])))
             return
+        if words[1] not in HYDRA_APPS:
+            return  # a plain command: the shell's own file-name completion applies
         os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(f" {words[1]}", "", 1)
         command = words[1]
     else:
@@ -99,7 +114,7 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     # Hydra's argparse cannot take overrides on both sides of -m; move the flag first.
     rest = args[1:]
-    flags = [a for a in rest if a in ("-m", "--multirun")]
+    flags = [a for a in rest if a in ("-m", "--multirun")] if command in HYDRA_APPS else []
     sys.argv = ["circuitfind", *flags, *[a for a in rest if a not in flags]]
     try:
         _app(command)()

@@ -109,6 +109,25 @@ class OptimizerConfig:
 
 
 @dataclass
+class MethodConfig:
+    """How the circuit is chosen: dbm trains a mask; the baselines rank components, top k."""
+
+    name: str = "dbm"  # dbm | single_patch | attribution | random
+    k: Optional[int] = None  # circuit size for the baselines
+
+
+@dataclass
+class EvidenceConfig:
+    """Extra evidence computed after a DBM run (evidence=full turns all of it on)."""
+
+    baselines: List[str] = field(default_factory=list)  # single_patch, attribution, random at equal k
+    ks: List[int] = field(default_factory=list)  # sizes compared, besides the DBM circuit's own
+    random_draws: int = 5
+    curves: bool = False  # faithfulness curves of every ranking, with their areas
+    stability_seeds: int = 0  # re-run DBM with this many seeds (fresh data each) and compare
+
+
+@dataclass
 class LoggerConfig:
     """Experiment tracking; metrics.jsonl is written whatever the backend."""
 
@@ -128,6 +147,8 @@ class TrainConfig:
     desiderata: Optional[DesiderataConfig] = None  # added by the user: +desiderata=vd_oi
     optimizer: OptimizerConfig = MISSING
     logger: LoggerConfig = MISSING
+    method: MethodConfig = field(default_factory=MethodConfig)
+    evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     engine: str = "cached"  # cached: prefix run once, final token per step | full: whole prompt per step
     cache: str = "device"  # engine=cached: prefix KV kept on the device | cpu (moved per batch) | recompute
     seed: int = 0

@@ -31,6 +31,13 @@ def mask_heatmap(mask: np.ndarray, path: Path, title: str) -> None:
 
 def training_curves(history: List[Dict[str, float]], path: Path) -> None:
     """Losses, sparsity, components patched and held-out accuracy against step."""
+    if not history:  # a baseline method ranks components without training steps
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no training steps: this method ranks components directly", ha="center", va="center")
+        save_figure(path, fig)
+        plt.close(fig)
+        return
     panels = [
         ("loss", [k for k in history[0] if k.endswith("_loss")]),
         ("sparsity term", ["sparsity"]),
@@ -85,5 +92,23 @@ def attention_figure(weights: np.ndarray, labels: List[str], heads: List[str], p
     ax.set_xlabel("prompt position (tokens of the first prompt; averaged over held-out prompts)")
     ax.set_title("attention of the final position, circuit heads", fontsize=9)
     fig.colorbar(im, ax=ax, label="attention")
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def faithfulness_figure(curves: Dict[str, dict], path: Path) -> None:
+    """Held-out VD and OI accuracy against components patched, one line per ranking method."""
+    panels = [("vd_test/acc", "Value Dependence accuracy"), ("oi_test/acc", "Operation Invariance accuracy"),
+              ("vd_test/logit_diff_norm", "VD normalised logit difference")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.3))
+    for ax, (key, title) in zip(axes, panels):
+        for method, c in curves.items():
+            if key in c["curve"]:
+                x = np.array(c["sizes"], dtype=float)
+                ax.plot(np.maximum(x, 0.5), c["curve"][key], marker=".", label=f"{method} (AUC {c['auc'][key]:.2f})")
+        ax.set_xscale("log")
+        ax.set_xlabel("components patched (top n; 0 at 0.5)", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
     save_figure(path, fig)
     plt.close(fig)

@@ -24,6 +24,9 @@ from circuitfind.desiderata import Desideratum, get_desideratum
 from circuitfind.engine import CACHE_POLICIES, ENGINES, FullEngine, Readout, make_engine
 from circuitfind.errors import CircuitfindError
 from circuitfind.evaluate import EvalSplit, baseline_metrics, evaluate_masks, prepare_split
+from circuitfind.evidence import compare_methods, component_scores, run_stability
+from circuitfind.export import export_circuit, transformerlens_hook
+from circuitfind.methods import BASELINES, METHODS, top_k_mask
 from circuitfind.models import load_model
 from circuitfind.outputs import write_json, write_tensors, write_text
 from circuitfind.sweep import write_summary
@@ -60,6 +63,16 @@ def validate(cfg: DictConfig) -> None:
         (len(d.train_ops) >= 1, "dataset.train_ops is empty; give at least one operation, e.g. [add, sub]"),
         (len(cfg.desiderata.terms) >= 1, "desiderata.terms is empty; list at least one desideratum"),
         (0 <= cfg.min_baseline_acc <= 1, f"min_baseline_acc={cfg.min_baseline_acc} must lie in [0, 1]"),
+        (cfg.method.name in METHODS, f"method={cfg.method.name!r} is unknown; choose from {METHODS}"),
+        (cfg.method.name == "dbm" or (cfg.method.k or 0) >= 1,
+         f"method={cfg.method.name} needs a circuit size: method.k=<n> with n >= 1"),
+        (cfg.method.name == "dbm" or not o.lams, "optimizer.lams applies to method=dbm only"),
+        (all(b in BASELINES for b in cfg.evidence.baselines),
+         f"evidence.baselines={list(cfg.evidence.baselines)} has an unknown method; choose from {BASELINES}"),
+        (not wants_evidence(cfg) or (cfg.method.name == "dbm" and not o.lams),
+         "evidence=... needs method=dbm with a single optimizer.lam"),
+        (cfg.evidence.stability_seeds >= 0 and cfg.evidence.random_draws >= 1,
+         "evidence.stability_seeds must be >= 0 and evidence.random_draws >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -115,6 +128,9 @@ def data_fingerprint(data: Dict[str, DesideratumData], template: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+CIRCUIT_COLUMNS = ("name", "kind", "layer", "head", "weight", "transformerlens")
+
+
 def circuit_table(mask: torch.Tensor, rounded: torch.Tensor, layout: ComponentLayout) -> List[Dict[str, Any]]:
     """The patched components (rounded w = 0), weakest weight first. mask (L, H+1)"""
     rows = []
@@ -130,6 +146,7 @@ def circuit_table(mask: torch.Tensor, rounded: torch.Tensor, layout: ComponentLa
                     "layer": layer,
                     "head": None if kind == "mlp" else col,
                     "weight": round(float(mask[layer, col]), 6),
+                    "transformerlens": transformerlens_hook(layer, col, layout)["hook"],
                 }
             )
     return sorted(rows, key=lambda r: (r["weight"], r["layer"], r["name"]))
@@ -138,12 +155,12 @@ def circuit_table(mask: torch.Tensor, rounded: torch.Tensor, layout: ComponentLa
 class Job:
     """Everything one run needs, built once: model, engine, prepared splits."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, loaded: tuple | None = None):
         validate(cfg)
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.data = build_data(cfg)
-        self.model, self.tokenizer = load_model(cfg.model)
+        self.model, self.tokenizer = loaded or load_model(cfg.model)
         self.sites = locate_components(self.model)
         self.layout = self.sites.layout
         self.engine: FullEngine = make_engine(cfg.engine, self.model, self.sites, cfg.cache)
@@ -155,11 +172,12 @@ class Job:
         enc = self.encoder.encode(pairs)
         return [self.engine.prepare(chunk) for chunk in enc.chunks(self.cfg.optimizer.batch_size)]
 
-    def objectives(self) -> List[Objective]:
+    def objectives(self, split: str = "train") -> List[Objective]:
+        """The training objective's terms on the `split` ("train" or held-out "test") pairs."""
         objs = []
         for term in self.cfg.desiderata.terms:
             dd = self.data[term.name]
-            batches = self.prepared(dd.train)
+            batches = self.prepared(getattr(dd, split))
             d0 = [unpatched_logit_diff(self.engine, self.readout, b) for b in batches]
             objs.append(Objective(dd.desideratum, batches, d0, term.weight, term.with_sparsity))
         return objs
@@ -204,6 +222,56 @@ def check_baseline(cfg: DictConfig, baseline: Dict[str, float]) -> List[str]:
             log.warning(message)
             warnings.append(message)
     return warnings
+
+
+def find_masks(cfg: DictConfig, job: "Job", objectives, lams: List[float], on_step) -> torch.Tensor:
+    """The K masks of this run: trained by DBM, or the top k of a baseline's ranking. (K, L, H+1)"""
+    shape = job.layout.shape
+    if cfg.method.name == "dbm":
+        return train_mask(job.engine, job.readout, objectives, torch.tensor(lams, dtype=torch.float32, device=job.device),
+                          shape, cfg.optimizer.lr, cfg.optimizer.steps, cfg.optimizer.eps, on_step, progress=cfg.progress)
+    scores = component_scores(cfg.method.name, job.engine, job.readout, objectives, shape, job.device, cfg.seed)
+    return top_k_mask(scores, cfg.method.k)[None]
+
+
+def wants_evidence(cfg: DictConfig) -> bool:
+    e = cfg.evidence
+    return bool(e.baselines or e.curves or e.stability_seeds)
+
+
+def gather_evidence(cfg: DictConfig, job: "Job", splits, objectives, mask: torch.Tensor) -> Dict[str, Any]:
+    """Baselines at equal size, faithfulness curves and stability of the DBM circuit."""
+    e = cfg.evidence
+    evidence = compare_methods(mask, list(e.baselines), list(e.ks), e.random_draws, job.engine, job.readout,
+                               objectives, splits, cfg.seed, e.curves)
+    if e.stability_seeds:
+        names = job.layout.names()
+        main_circuit = [n for n, w in zip(names, mask.flatten().tolist()) if w < 0.5]
+
+        def find_circuit(seed: int) -> List[str]:
+            if seed == cfg.seed:
+                return main_circuit
+            other = Job(OmegaConf.merge(cfg, {"seed": seed}), loaded=(job.model, job.tokenizer))
+            found = train_mask(other.engine, other.readout, other.objectives(),
+                               torch.tensor([cfg.optimizer.lam], device=job.device), other.layout.shape,
+                               cfg.optimizer.lr, cfg.optimizer.steps, cfg.optimizer.eps, progress=False)
+            return [n for n, w in zip(names, found[0].flatten().tolist()) if w < 0.5]
+
+        seeds = [cfg.seed + i for i in range(e.stability_seeds)]
+        evidence["stability"] = run_stability(seeds, find_circuit, names)
+    return evidence
+
+
+def write_evidence(run_dir: Path, evidence: Dict[str, Any], names: List[str], tracker: Tracker | None) -> None:
+    write_json(run_dir / "evidence.json", evidence)
+    if "curves" in evidence:
+        plots.faithfulness_figure(evidence["curves"], run_dir / "faithfulness.png")
+        if tracker is not None:
+            tracker.image("faithfulness", run_dir / "faithfulness.png")
+    if tracker is not None:
+        rows = evidence["comparison"]
+        keys = sorted({k for r in rows for k in r})
+        tracker.table("baselines", keys, [[r.get(k) for k in keys] for r in rows])
 
 
 def planted_scores(model: torch.nn.Module, found: List[str]) -> Dict[str, Any] | None:
@@ -274,18 +342,7 @@ def run_training(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Li
     try:
         t_train = time.perf_counter()
         try:
-            mask = train_mask(
-                job.engine,
-                job.readout,
-                objectives,
-                torch.tensor(lams, dtype=torch.float32, device=job.device),
-                job.layout.shape,
-                cfg.optimizer.lr,
-                cfg.optimizer.steps,
-                cfg.optimizer.eps,
-                on_step,
-                progress=cfg.progress,
-            )
+            mask = find_masks(cfg, job, objectives, lams, on_step)
         except NonFiniteLoss as e:
             for k, out_dir in enumerate(out_dirs):
                 write_tensors(
@@ -314,6 +371,9 @@ def run_training(cfg: DictConfig, run_dir: Path, group: str | None = None) -> Li
             "train_s_per_step": round(train_s / cfg.optimizer.steps, 5),
             "masks_trained_together": len(lams),
         }
+        if wants_evidence(cfg):
+            evidence = gather_evidence(cfg, job, splits, objectives, mask[0])
+            write_evidence(run_dir, evidence, job.layout.names(), tracker if cfg.plots else None)
         results = []
         for k, (lam, out_dir, prefix) in enumerate(zip(lams, out_dirs, prefixes)):
             metrics = {key: float(v[k]) for key, v in final.items()}
@@ -367,13 +427,14 @@ def write_outputs(
     if write_history:  # the run directory's metrics.jsonl holds every lambda; each result gets its own
         write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     circuit = circuit_table(mask, rounded, layout)
+    export_circuit(out_dir, mask, rounded, layout, job.model.config.get_text_config().hidden_size)
     n_patched = len(circuit)
     planted = planted_scores(job.model, [row["name"] for row in circuit])
     summary = {"n_patched": n_patched, "fraction_patched": n_patched / layout.n_components, **final}
     if planted:
         summary |= {"planted/precision": planted["precision"], "planted/recall": planted["recall"]}
     tracker.summary({prefix + k: v for k, v in summary.items()} | {f"baseline/{k}": v for k, v in baseline.items()})
-    tracker.table(prefix + "circuit", ["name", "kind", "layer", "head", "weight"], [list(r.values()) for r in circuit])
+    tracker.table(prefix + "circuit", list(CIRCUIT_COLUMNS), [[r[c] for c in CIRCUIT_COLUMNS] for r in circuit])
     if cfg.plots:
         plots.mask_heatmap(
             mask.cpu().numpy(),
@@ -397,6 +458,7 @@ def write_outputs(
         "n_components": layout.n_components,
         "fraction_patched": n_patched / layout.n_components,
         "lam": lam,
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
         "metrics": final,
         "baseline": baseline,
         "planted": planted,
