@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
 
 from circuitfind.config import ModelConfig
 from circuitfind.models import load_model
@@ -94,10 +94,10 @@ def test_wandb_offline_run_files(cli, tmp_path):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
-def save_tiny_gpt2(path: Path) -> None:
+def save_tiny_bloom(path: Path) -> None:
+    """A causal LM of a family with no component adapter."""
     tok = build_char_tokenizer()
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)
-    GPT2LMHeadModel(config).save_pretrained(path)
+    BloomForCausalLM(BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=1, n_head=2)).save_pretrained(path)
     tok.save_pretrained(path)
 
 
@@ -176,9 +176,10 @@ def test_low_baseline_without_strict_warns_and_runs(cli, tmp_path):
 
 
 def test_unsupported_model_family(cli, tmp_path):
-    save_tiny_gpt2(tmp_path / "gpt2")
-    res = cli("train", *SMOKE, "model=hf", f"model.name_or_path={tmp_path / 'gpt2'}", f"hydra.run.dir={tmp_path / 'r'}")
-    assert res.returncode == 1 and "model family 'gpt2' is not supported; supported: llama" in res.stderr
+    save_tiny_bloom(tmp_path / "bloom")
+    res = cli("train", *SMOKE, "model=hf", f"model.name_or_path={tmp_path / 'bloom'}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert res.returncode == 1 and "model family 'bloom' is not supported; supported: " in res.stderr
+    assert "llama" in res.stderr.split("supported: ")[1]
 
 
 def test_hf_model_from_local_directory(cli, tmp_path):
