@@ -29,11 +29,14 @@ class TinyLlamaConfig:
 class ModelConfig:
     """Which causal LM to mask, and where it lives."""
 
-    kind: str = MISSING  # tiny_llama | hf
+    kind: str = MISSING  # tiny_llama | hf | smollm2 | organism
     name_or_path: Optional[str] = None  # hf: local directory or hub id
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    trust_remote_code: bool = False
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (a GPU if there is one)
+    trust_remote_code: bool = False  # run the model repository's own Python code (hf only)
+    device_map: Optional[str] = None  # hf: auto | balanced | sequential: shard over the GPUs (accelerate)
+    quantization: Optional[str] = None  # hf: 8bit | 4bit (bitsandbytes)
+    gguf_file: Optional[str] = None  # hf: a GGUF file, in name_or_path or a path of its own
     tiny: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
 
 

