@@ -61,18 +61,17 @@ def record_final_values(sites: Sites) -> Iterator[FinalValues]:
         yield values
 
 
-def _mix_last(x: torch.Tensor, alt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Mix the final position of x (K*B, T, C) with alt (B, C) under w (K, C) or (K, 1).
+def _mix_last(x: torch.Tensor, alt: torch.Tensor, keep: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+    """Mix the final position of x (K*B, T, C) with alt (B, C): keep * x + take * alt.
 
-    The mix is computed in (at least) float32 and cast back, so low-precision models still give the
-    mask an accurate gradient.
+    keep = w and take = 1 - w, shape (K, 1, C) or (K, 1, 1), in (at least) float32: the mix
+    is computed there and cast back, so low-precision models still give the mask an accurate
+    gradient.
     """
-    k = w.shape[0]
+    k = keep.shape[0]
     b, c = alt.shape
-    wide = torch.promote_types(x.dtype, torch.float32)
-    base = x[:, -1].to(wide).view(k, b, c)  # (K, B, C)
-    w = w.to(device=x.device, dtype=wide).unsqueeze(1)  # (K, 1, C) or (K, 1, 1)
-    mixed = w * base + (1 - w) * alt.to(device=x.device, dtype=wide).unsqueeze(0)  # (K, B, C)
+    base = x[:, -1].to(keep.dtype).view(k, b, c)  # (K, B, C)
+    mixed = keep.to(x.device) * base + take.to(x.device) * alt.to(device=x.device, dtype=keep.dtype)  # (K, B, C)
     mixed = mixed.to(x.dtype).view(k * b, 1, c)
     if x.shape[1] == 1:
         return mixed
@@ -84,17 +83,22 @@ def patch_final_position(sites: Sites, mask: torch.Tensor, alt: FinalValues) -> 
     """Patch every component at the final position from `alt`, weighted by `mask` (K, L, H+1)."""
     layout = sites.layout
     n_heads, head_dim = layout.n_heads, layout.head_dim
+    # Expanded once per forward, not per layer: each head's weight over its head_dim slice.
+    w = mask.to(torch.promote_types(mask.dtype, torch.float32))
+    keep_heads = w[:, :, :n_heads].repeat_interleave(head_dim, dim=2).unsqueeze(2)  # (K, L, 1, H*D)
+    keep_mlps = w[:, :, n_heads:].unsqueeze(2)  # (K, L, 1, 1)
+    take_heads, take_mlps = 1 - keep_heads, 1 - keep_mlps
 
     def head_hook(layer: int):
         def hook(module, args):
-            w = mask[:, layer, :n_heads].repeat_interleave(head_dim, dim=1)  # (K, H*D)
-            return (_mix_last(args[0], alt.heads[layer], w),) + tuple(args[1:])
+            mixed = _mix_last(args[0], alt.heads[layer], keep_heads[:, layer], take_heads[:, layer])
+            return (mixed,) + tuple(args[1:])
 
         return hook
 
     def mlp_hook(layer: int):
         def hook(module, args, output):
-            return _mix_last(output, alt.mlps[layer], mask[:, layer, n_heads:])  # w: (K, 1)
+            return _mix_last(output, alt.mlps[layer], keep_mlps[:, layer], take_mlps[:, layer])
 
         return hook
 
