@@ -139,6 +139,11 @@ def load_pretrained(cfg: ModelConfig, path: str, gguf: Optional[str]):
     """Tokenizer and model through transformers' Auto classes, placed and quantised as configured."""
     common: Dict[str, Any] = {"trust_remote_code": bool(cfg.trust_remote_code)}
     if gguf:
+        if cfg.quantization:
+            raise CircuitfindError(
+                f"model.quantization={cfg.quantization} cannot be combined with a GGUF file (transformers "
+                "de-quantises its weights into model.dtype); drop model.quantization or load a non-GGUF checkpoint"
+            )
         common["gguf_file"] = gguf  # transformers de-quantises the GGUF tensors into model.dtype
     placement = placement_kwargs(cfg)
     name = os.path.join(path, gguf) if gguf else path

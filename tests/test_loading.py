@@ -388,6 +388,13 @@ def test_gguf_through_the_cli(cli, tmp_path):
     assert json.loads((run / "circuit.json").read_text())["model"]["model_type"] == "llama"
 
 
+@needs_gguf
+def test_gguf_with_quantization_is_one_clear_line(tmp_path):
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    with pytest.raises(CircuitfindError, match="model.quantization=8bit cannot be combined with a GGUF file"):
+        load_model(ModelConfig(kind="hf", gguf_file=str(tmp_path / "tiny.gguf"), quantization="8bit"))
+
+
 def test_gguf_file_that_does_not_exist_is_one_line(cli, tmp_path):
     res = cli("train", *SMOKE, "model=hf", "model.gguf_file=/no/such.gguf", f"hydra.run.dir={tmp_path / 'r'}")
     assert res.returncode == 1
