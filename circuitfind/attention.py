@@ -28,7 +28,9 @@ def final_position_attention(
     model.set_attn_implementation("eager")  # sdpa does not return attention weights
     try:
         out = model.base_model(
-            input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=position_ids(attn).to(device),
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            position_ids=position_ids(attn).to(device),
             output_attentions=True,
         )
     finally:

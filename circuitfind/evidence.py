@@ -16,7 +16,9 @@ HEADLINE = ("vd_test/acc", "oi_test/acc", "vd_transfer/acc", "oi_transfer/acc", 
 
 
 @torch.no_grad()
-def held_out_metrics(splits: Sequence[EvalSplit], engine, readout, masks: torch.Tensor, chunk: int = 16) -> List[Dict[str, float]]:
+def held_out_metrics(
+    splits: Sequence[EvalSplit], engine, readout, masks: torch.Tensor, chunk: int = 16
+) -> List[Dict[str, float]]:
     """The headline held-out metrics of each mask. (N, L, H+1) -> N dicts"""
     rows: List[Dict[str, float]] = [{} for _ in range(masks.shape[0])]
     for split in splits:
@@ -67,7 +69,10 @@ def compare_methods(
         for k, row in zip(sizes, held_out_metrics(splits, engine, readout, masks)):
             table.append({"method": method, "k": k, **row})
     if "random" in baselines:
-        draws = [component_scores("random", engine, readout, objectives, shape, device, seed + d) for d in range(random_draws)]
+        draws = [
+            component_scores("random", engine, readout, objectives, shape, device, seed + d)
+            for d in range(random_draws)
+        ]
         for k in sizes:
             rows = held_out_metrics(splits, engine, readout, torch.stack([top_k_mask(s, k) for s in draws]))
             summary: Dict[str, Any] = {"method": "random", "k": k, "draws": random_draws}

@@ -45,7 +45,9 @@ def mib_circuit(scores: torch.Tensor, in_graph: torch.Tensor, layout: ComponentL
     }
 
 
-def export_circuit(out_dir: Path, mask: torch.Tensor, rounded: torch.Tensor, layout: ComponentLayout, d_model: int) -> List[str]:
+def export_circuit(
+    out_dir: Path, mask: torch.Tensor, rounded: torch.Tensor, layout: ComponentLayout, d_model: int
+) -> List[str]:
     """Write mib/importances.json, mib/circuit_{p}pct.json and transformerlens.json. Returns the paths."""
     mask, rounded = mask.detach().cpu(), rounded.detach().cpu()
     scores = 1 - mask  # importance: 1 = fully patched

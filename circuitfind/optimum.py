@@ -70,8 +70,12 @@ def search(job, k: int, chunk: int = 256) -> Dict[int, Dict[str, Any]]:
             members += batch
         values_all = torch.cat(values)
         i = int(values_all.argmin())
-        best[size] = {"components": [names[c] for c in members[i]], "objective": float(values_all[i]),
-                      "subsets": len(members), "median_objective": float(values_all.median())}
+        best[size] = {
+            "components": [names[c] for c in members[i]],
+            "objective": float(values_all[i]),
+            "subsets": len(members),
+            "median_objective": float(values_all.median()),
+        }
     return best
 
 
@@ -115,8 +119,9 @@ def run_optimum(run: Path, k: int, max_subsets: int) -> Dict[str, Any]:
 
 
 def main(argv: List[str]) -> None:
-    parser = argparse.ArgumentParser(prog="circuitfind optimum", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="circuitfind optimum", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", type=Path, help="a finished run directory (with circuit.json)")
     parser.add_argument("--k", type=int, default=4, help="largest subset size searched (default 4)")
     parser.add_argument("--max-subsets", type=int, default=500_000, help="refuse searches larger than this")
@@ -126,6 +131,12 @@ def main(argv: List[str]) -> None:
     for run in finished_runs(args.run):
         out = run_optimum(run, args.k, args.max_subsets)
         found = f"{run}: found {out['found']['size']} components, held-out objective {out['found']['objective']:.4f}"
-        verdict = out.get("note") if out["gap"] is None else (
-            f"the best subset of that size is {out['gap']:.4f} lower" + (" (the found circuit is optimal)" if out["found_is_optimal"] else ""))
+        verdict = (
+            out.get("note")
+            if out["gap"] is None
+            else (
+                f"the best subset of that size is {out['gap']:.4f} lower"
+                + (" (the found circuit is optimal)" if out["found_is_optimal"] else "")
+            )
+        )
         print(f"{found}; {verdict}; written {run / 'optimum.json'}")

@@ -98,8 +98,11 @@ def attention_figure(weights: np.ndarray, labels: List[str], heads: List[str], p
 
 def faithfulness_figure(curves: Dict[str, dict], path: Path) -> None:
     """Held-out VD and OI accuracy against components patched, one line per ranking method."""
-    panels = [("vd_test/acc", "Value Dependence accuracy"), ("oi_test/acc", "Operation Invariance accuracy"),
-              ("vd_test/logit_diff_norm", "VD normalised logit difference")]
+    panels = [
+        ("vd_test/acc", "Value Dependence accuracy"),
+        ("oi_test/acc", "Operation Invariance accuracy"),
+        ("vd_test/logit_diff_norm", "VD normalised logit difference"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.3))
     for ax, (key, title) in zip(axes, panels):
         for method, c in curves.items():

@@ -20,8 +20,17 @@ from circuitfind.outputs import write_text
 from circuitfind.rundir import finished_runs, load_result
 
 SECTIONS = ("summary", "sweep", "runs", "baselines", "curves", "stability", "optimality")
-SUMMARY_COLUMNS = ("lam", "n_patched", "vd_test/acc", "oi_test/acc", "vd_transfer/acc", "oi_transfer/acc",
-                   "vd_test/acc_model", "oi_test/acc_model", "vd_test/logit_diff_norm")
+SUMMARY_COLUMNS = (
+    "lam",
+    "n_patched",
+    "vd_test/acc",
+    "oi_test/acc",
+    "vd_transfer/acc",
+    "oi_transfer/acc",
+    "vd_test/acc_model",
+    "oi_test/acc_model",
+    "vd_test/logit_diff_norm",
+)
 
 
 def fmt(value: Any) -> str:
@@ -55,17 +64,23 @@ class Page:
 
     def image(self, path: Path, alt: str) -> None:
         data = base64.b64encode(Path(path).read_bytes()).decode()
-        self.html.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>'
-                         f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+        self.html.append(
+            f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>'
+            f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+        )
         self.md += [f"![{alt}]({Path(path).relative_to(self.root)})", ""]
 
     def render(self) -> str:
-        style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-                 "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
-                 "padding:3px 7px;text-align:right}th{background:#f4f4f4}img{max-width:100%}"
-                 "figcaption{font-size:12px;color:#555}")
-        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>circuitfind report</title>"
-                f"<style>{style}</style></head><body>{''.join(self.html)}</body></html>\n")
+        style = (
+            "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
+            "padding:3px 7px;text-align:right}th{background:#f4f4f4}img{max-width:100%}"
+            "figcaption{font-size:12px;color:#555}"
+        )
+        return (
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>circuitfind report</title>"
+            f"<style>{style}</style></head><body>{''.join(self.html)}</body></html>\n"
+        )
 
 
 def summary_rows(results: Dict[Path, Dict[str, Any]]) -> List[List[Any]]:
@@ -77,7 +92,9 @@ def summary_rows(results: Dict[Path, Dict[str, Any]]) -> List[List[Any]]:
 
 
 def add_run(page: Page, run: Path, result: Dict[str, Any]) -> None:
-    page.html.append(f"<h3>{html.escape(run.name)} (λ={result['lam']:g}, method {result.get('method', {}).get('name', 'dbm')})</h3>")
+    page.html.append(
+        f"<h3>{html.escape(run.name)} (λ={result['lam']:g}, method {result.get('method', {}).get('name', 'dbm')})</h3>"
+    )
     page.md += [f"### {run.name} (λ={result['lam']:g})", ""]
     if (run / "mask_heatmap.png").is_file():
         page.image(run / "mask_heatmap.png", f"mask heatmap, {run.name}")
@@ -100,12 +117,16 @@ def add_run(page: Page, run: Path, result: Dict[str, Any]) -> None:
 def add_evidence(page: Page, evidence: Dict[Path, Dict[str, Any]]) -> None:
     page.section("baselines", "Baselines at equal circuit size")
     if not evidence:
-        page.text("Not computed: run with evidence=full to compare DBM with single-component patching, "
-                  "attribution and random circuits.")
+        page.text(
+            "Not computed: run with evidence=full to compare DBM with single-component patching, "
+            "attribution and random circuits."
+        )
     for run, ev in evidence.items():
         keys = ["method", "k", "vd_test/acc", "oi_test/acc", "vd_transfer/acc", "vd_test/logit_diff_norm"]
-        page.text(f"{run.name}: DBM circuit size {ev['dbm_size']}; components ranked by {ev['ranked_by']}; "
-                  "random rows are means over draws (std in evidence.json).")
+        page.text(
+            f"{run.name}: DBM circuit size {ev['dbm_size']}; components ranked by {ev['ranked_by']}; "
+            "random rows are means over draws (std in evidence.json)."
+        )
         page.table(keys, [[row.get(k) for k in keys] for row in ev["comparison"]])
     page.section("curves", "Faithfulness curves")
     for run, ev in evidence.items():
@@ -119,8 +140,10 @@ def add_evidence(page: Page, evidence: Dict[Path, Dict[str, Any]]) -> None:
     page.section("stability", "Stability across seeds and data resamples")
     stable = {run: ev["stability"] for run, ev in evidence.items() if "stability" in ev}
     for run, st in stable.items():
-        page.text(f"{run.name}: seeds {st['seeds']}, mean pairwise Jaccard similarity "
-                  f"{st['mean_pairwise_jaccard']:.3f}, circuit sizes {st['sizes']}.")
+        page.text(
+            f"{run.name}: seeds {st['seeds']}, mean pairwise Jaccard similarity "
+            f"{st['mean_pairwise_jaccard']:.3f}, circuit sizes {st['sizes']}."
+        )
         page.table(["component", "chosen in share of seeds"], list(st["frequency"].items()))
     if not stable:
         page.text("Not computed: run with evidence=full (or evidence.stability_seeds=5).")
@@ -134,10 +157,14 @@ def add_optimality(page: Page, runs: List[Path]) -> None:
         if path.is_file():
             found = True
             o = json.loads(path.read_text())
-            page.text(f"{run.name}: found circuit of {o['found']['size']} components, held-out objective "
-                      f"{o['found']['objective']:.4f}; gap to the best subset of that size: {fmt(o['gap'])}.")
-            page.table(["size", "best components", "objective", "subsets tried"],
-                       [[s, ", ".join(b["components"]), b["objective"], b["subsets"]] for s, b in o["best_by_size"].items()])
+            page.text(
+                f"{run.name}: found circuit of {o['found']['size']} components, held-out objective "
+                f"{o['found']['objective']:.4f}; gap to the best subset of that size: {fmt(o['gap'])}."
+            )
+            page.table(
+                ["size", "best components", "objective", "subsets tried"],
+                [[s, ", ".join(b["components"]), b["objective"], b["subsets"]] for s, b in o["best_by_size"].items()],
+            )
     if not found:
         page.text("Not computed: run `circuitfind optimum <run>` on a model with at most 40 components.")
 
@@ -150,20 +177,26 @@ def build_report(path: Path) -> tuple[Path, Path]:
     page = Page(f"circuitfind report: {path.name}", path)
     page.section("summary", "Summary")
     first = next(iter(results.values()))
-    page.text(f"Model {first['model']['model_type']} ({first['model'].get('name_or_path') or first['model']['kind']}), "
-              f"{first['n_components']} components; desiderata {first['desiderata']['name']}; "
-              f"{len(runs)} finished run(s). Accuracies are on held-out pairs with the rounded mask.")
+    page.text(
+        f"Model {first['model']['model_type']} ({first['model'].get('name_or_path') or first['model']['kind']}), "
+        f"{first['n_components']} components; desiderata {first['desiderata']['name']}; "
+        f"{len(runs)} finished run(s). Accuracies are on held-out pairs with the rounded mask."
+    )
     page.table([*SUMMARY_COLUMNS, "run"], summary_rows(results))
     for warning in first.get("warnings", []):
         page.text(f"Warning: {warning}")
     page.section("sweep", "Accuracy against components patched (over lambda)")
     figure = path / "report_accuracy_vs_size.png"
-    plots.sweep_figure([{"lam": r["lam"], "n_patched": r["n_patched"], **r["metrics"]} for r in results.values()], figure)
+    plots.sweep_figure(
+        [{"lam": r["lam"], "n_patched": r["n_patched"], **r["metrics"]} for r in results.values()], figure
+    )
     page.image(figure, "VD and OI accuracy against the number of components patched, one point per lambda")
     page.section("runs", "Circuits")
     for run, result in results.items():
         add_run(page, run, result)
-    evidence = {run: json.loads((run / "evidence.json").read_text()) for run in runs if (run / "evidence.json").is_file()}
+    evidence = {
+        run: json.loads((run / "evidence.json").read_text()) for run in runs if (run / "evidence.json").is_file()
+    }
     add_evidence(page, evidence)
     add_optimality(page, runs)
     html_path, md_path = path / "report.html", path / "report.md"
@@ -173,8 +206,9 @@ def build_report(path: Path) -> tuple[Path, Path]:
 
 
 def main(argv: List[str]) -> None:
-    parser = argparse.ArgumentParser(prog="circuitfind report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="circuitfind report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("path", type=Path, help="a run directory or a sweep directory")
     args = parser.parse_args(argv)
     html_path, md_path = build_report(args.path)

@@ -64,15 +64,23 @@ def validate(cfg: DictConfig) -> None:
         (len(cfg.desiderata.terms) >= 1, "desiderata.terms is empty; list at least one desideratum"),
         (0 <= cfg.min_baseline_acc <= 1, f"min_baseline_acc={cfg.min_baseline_acc} must lie in [0, 1]"),
         (cfg.method.name in METHODS, f"method={cfg.method.name!r} is unknown; choose from {METHODS}"),
-        (cfg.method.name == "dbm" or (cfg.method.k or 0) >= 1,
-         f"method={cfg.method.name} needs a circuit size: method.k=<n> with n >= 1"),
+        (
+            cfg.method.name == "dbm" or (cfg.method.k or 0) >= 1,
+            f"method={cfg.method.name} needs a circuit size: method.k=<n> with n >= 1",
+        ),
         (cfg.method.name == "dbm" or not o.lams, "optimizer.lams applies to method=dbm only"),
-        (all(b in BASELINES for b in cfg.evidence.baselines),
-         f"evidence.baselines={list(cfg.evidence.baselines)} has an unknown method; choose from {BASELINES}"),
-        (not wants_evidence(cfg) or (cfg.method.name == "dbm" and not o.lams),
-         "evidence=... needs method=dbm with a single optimizer.lam"),
-        (cfg.evidence.stability_seeds >= 0 and cfg.evidence.random_draws >= 1,
-         "evidence.stability_seeds must be >= 0 and evidence.random_draws >= 1"),
+        (
+            all(b in BASELINES for b in cfg.evidence.baselines),
+            f"evidence.baselines={list(cfg.evidence.baselines)} has an unknown method; choose from {BASELINES}",
+        ),
+        (
+            not wants_evidence(cfg) or (cfg.method.name == "dbm" and not o.lams),
+            "evidence=... needs method=dbm with a single optimizer.lam",
+        ),
+        (
+            cfg.evidence.stability_seeds >= 0 and cfg.evidence.random_draws >= 1,
+            "evidence.stability_seeds must be >= 0 and evidence.random_draws >= 1",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -228,8 +236,18 @@ def find_masks(cfg: DictConfig, job: "Job", objectives, lams: List[float], on_st
     """The K masks of this run: trained by DBM, or the top k of a baseline's ranking. (K, L, H+1)"""
     shape = job.layout.shape
     if cfg.method.name == "dbm":
-        return train_mask(job.engine, job.readout, objectives, torch.tensor(lams, dtype=torch.float32, device=job.device),
-                          shape, cfg.optimizer.lr, cfg.optimizer.steps, cfg.optimizer.eps, on_step, progress=cfg.progress)
+        return train_mask(
+            job.engine,
+            job.readout,
+            objectives,
+            torch.tensor(lams, dtype=torch.float32, device=job.device),
+            shape,
+            cfg.optimizer.lr,
+            cfg.optimizer.steps,
+            cfg.optimizer.eps,
+            on_step,
+            progress=cfg.progress,
+        )
     scores = component_scores(cfg.method.name, job.engine, job.readout, objectives, shape, job.device, cfg.seed)
     return top_k_mask(scores, cfg.method.k)[None]
 
@@ -242,8 +260,18 @@ def wants_evidence(cfg: DictConfig) -> bool:
 def gather_evidence(cfg: DictConfig, job: "Job", splits, objectives, mask: torch.Tensor) -> Dict[str, Any]:
     """Baselines at equal size, faithfulness curves and stability of the DBM circuit."""
     e = cfg.evidence
-    evidence = compare_methods(mask, list(e.baselines), list(e.ks), e.random_draws, job.engine, job.readout,
-                               objectives, splits, cfg.seed, e.curves)
+    evidence = compare_methods(
+        mask,
+        list(e.baselines),
+        list(e.ks),
+        e.random_draws,
+        job.engine,
+        job.readout,
+        objectives,
+        splits,
+        cfg.seed,
+        e.curves,
+    )
     if e.stability_seeds:
         names = job.layout.names()
         main_circuit = [n for n, w in zip(names, mask.flatten().tolist()) if w < 0.5]
@@ -252,9 +280,17 @@ def gather_evidence(cfg: DictConfig, job: "Job", splits, objectives, mask: torch
             if seed == cfg.seed:
                 return main_circuit
             other = Job(OmegaConf.merge(cfg, {"seed": seed}), loaded=(job.model, job.tokenizer))
-            found = train_mask(other.engine, other.readout, other.objectives(),
-                               torch.tensor([cfg.optimizer.lam], device=job.device), other.layout.shape,
-                               cfg.optimizer.lr, cfg.optimizer.steps, cfg.optimizer.eps, progress=False)
+            found = train_mask(
+                other.engine,
+                other.readout,
+                other.objectives(),
+                torch.tensor([cfg.optimizer.lam], device=job.device),
+                other.layout.shape,
+                cfg.optimizer.lr,
+                cfg.optimizer.steps,
+                cfg.optimizer.eps,
+                progress=False,
+            )
             return [n for n, w in zip(names, found[0].flatten().tolist()) if w < 0.5]
 
         seeds = [cfg.seed + i for i in range(e.stability_seeds)]
@@ -448,8 +484,9 @@ def write_outputs(
         if heads:
             test_pairs = next(iter(job.data.values())).test
             weights, labels = final_position_attention(job.model, job.tokenizer, job.encoder.encode(test_pairs), heads)
-            plots.attention_figure(weights.numpy(), labels, [f"L{layer}.H{head}" for layer, head in heads],
-                                   out_dir / "attention.png")
+            plots.attention_figure(
+                weights.numpy(), labels, [f"L{layer}.H{head}" for layer, head in heads], out_dir / "attention.png"
+            )
             tracker.image(prefix + "attention", out_dir / "attention.png")
     result = {
         "status": "complete",

@@ -55,9 +55,15 @@ RANGES = {"add": {"x": [10, 99], "y": [10, 99]}, "sub": {"x": [10, 99], "y": [10
 def random_llama(shape: str, dtype: torch.dtype, device: str):
     layers, heads, kv, hidden, inter, vocab = SHAPES[shape]
     tok = build_char_tokenizer()
-    config = LlamaConfig(vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=inter,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                         max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=vocab or len(tok),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -101,8 +107,9 @@ class PublishedStyle:
             handles += [proj.register_forward_hook(head_hook(i)), mlp.register_forward_hook(mlp_hook(i))]
         try:
             e = self.enc
-            logits = self.model(input_ids=e.base_ids, attention_mask=e.base_attn,
-                                position_ids=position_ids(e.base_attn)).logits  # (B, T, V): every position
+            logits = self.model(
+                input_ids=e.base_ids, attention_mask=e.base_attn, position_ids=position_ids(e.base_attn)
+            ).logits  # (B, T, V): every position
             last = logits[:, -1].float()
             rows = torch.arange(len(e))
             return last[rows, e.alt_answer] - last[rows, e.base_answer]
@@ -118,9 +125,13 @@ def floor_step(model, prefix_kv, enc, readout) -> Callable[[], torch.Tensor]:
 
     def step() -> torch.Tensor:
         x = embed(enc.base_ids[:, -1:]).detach().requires_grad_(True)
-        out = model.base_model(inputs_embeds=x, attention_mask=enc.base_attn,
-                               position_ids=position_ids(enc.base_attn)[:, -1:],
-                               past_key_values=final_slot_cache(buffers), use_cache=True)
+        out = model.base_model(
+            inputs_embeds=x,
+            attention_mask=enc.base_attn,
+            position_ids=position_ids(enc.base_attn)[:, -1:],
+            past_key_values=final_slot_cache(buffers),
+            use_cache=True,
+        )
         d = readout.logit_diff(out.last_hidden_state[:, -1][None], enc.alt_answer, enc.base_answer)
         d.mean().backward()
         return d
@@ -212,15 +223,23 @@ def bench_shape(shape: str, batch: int, repeats: int, device: str, dtype: torch.
     published = PublishedStyle(model, sites, enc, alt_values)
     pub_mask = torch.full((1, *sites.layout.shape), 0.7, device=device, requires_grad=True)
     with torch.no_grad():
-        out = model.base_model(input_ids=enc.base_ids[:, :-1], attention_mask=enc.base_attn[:, :-1],
-                               position_ids=position_ids(enc.base_attn[:, :-1]), use_cache=True)
+        out = model.base_model(
+            input_ids=enc.base_ids[:, :-1],
+            attention_mask=enc.base_attn[:, :-1],
+            position_ids=position_ids(enc.base_attn[:, :-1]),
+            use_cache=True,
+        )
         prefix_kv = [(layer[0], layer[1]) for layer in out.past_key_values]
 
     k = 8
     big = PairEncoder(tok, TEMPLATE).encode(pairs * k).to(device)  # the batch (d) runs through the model
     with torch.no_grad():
-        out = model.base_model(input_ids=big.base_ids[:, :-1], attention_mask=big.base_attn[:, :-1],
-                               position_ids=position_ids(big.base_attn[:, :-1]), use_cache=True)
+        out = model.base_model(
+            input_ids=big.base_ids[:, :-1],
+            attention_mask=big.base_attn[:, :-1],
+            position_ids=position_ids(big.base_attn[:, :-1]),
+            use_cache=True,
+        )
         big_kv = [(layer[0], layer[1]) for layer in out.past_key_values]
     variants = {
         "(a) published style": (lambda: (-published.step(pub_mask).mean()).backward(), 1),
@@ -254,8 +273,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, batch {args.batch}, "
-          f"median of {args.repeats}, {torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, batch {args.batch}, "
+        f"median of {args.repeats}, {torch.get_num_threads()} threads"
+    )
     for shape in args.shapes:
         res = bench_shape(shape, args.batch, args.repeats, args.device, DTYPES[args.dtype])
         a, c = res["(a) published style"]["ms_per_step"], res["(c) engine=cached"]["ms_per_step"]
@@ -265,11 +286,15 @@ def main() -> None:
         print(f"\n## {shape} {SHAPES[shape][:5]} (layers, heads, kv heads, hidden, mlp)")
         print("| variant | ms/step | ms/example | peak MB | vs (c) |\n|---|---|---|---|---|")
         for name, row in res.items():
-            print(f"| {name} | {row['ms_per_step']:.1f} | {row['ms_per_example']:.2f} | {row['peak_mb']:.0f} | "
-                  f"{row['ms_per_step'] / c:.2f}x |")
-        print(f"(c) is {a / c:.1f}x faster than (a) [target >= 8]; (c)/(e) = {c / e:.2f} [target <= 1.15]; "
-              f"(d) is {c / d:.2f}x cheaper per mask than (c) [target >= 1.8]; the floor itself gains "
-              f"{e / e8:.2f}x from an 8x batch, the most batching can give here")
+            print(
+                f"| {name} | {row['ms_per_step']:.1f} | {row['ms_per_example']:.2f} | {row['peak_mb']:.0f} | "
+                f"{row['ms_per_step'] / c:.2f}x |"
+            )
+        print(
+            f"(c) is {a / c:.1f}x faster than (a) [target >= 8]; (c)/(e) = {c / e:.2f} [target <= 1.15]; "
+            f"(d) is {c / d:.2f}x cheaper per mask than (c) [target >= 1.8]; the floor itself gains "
+            f"{e / e8:.2f}x from an 8x batch, the most batching can give here"
+        )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,15 @@ from circuitfind.models import load_model
 from circuitfind.tokenizer import build_char_tokenizer
 
 SMOKE = ("+desiderata=vd_oi", "experiment=smoke", "progress=false")
-OUTPUTS = ["circuit.json", "mask.safetensors", "metrics.jsonl", "mask_heatmap.png", "curves.png", "attention.png",
-           ".hydra/config.yaml"]
+OUTPUTS = [
+    "circuit.json",
+    "mask.safetensors",
+    "metrics.jsonl",
+    "mask_heatmap.png",
+    "curves.png",
+    "attention.png",
+    ".hydra/config.yaml",
+]
 
 
 def test_help_lists_commands_and_groups(cli):
@@ -49,8 +56,15 @@ def test_train_writes_every_output(cli, tmp_path):
     circuit = json.loads((run_dir / "circuit.json").read_text())
     assert circuit["status"] == "complete"
     assert circuit["n_components"] == 2 * 5 and circuit["n_patched"] == len(circuit["circuit"])
-    for key in ("vd_test/acc", "vd_test/acc_model", "oi_test/acc", "vd_transfer/acc", "oi_transfer/acc",
-                "vd_test/logit_diff", "vd_test/logit_diff_norm"):
+    for key in (
+        "vd_test/acc",
+        "vd_test/acc_model",
+        "oi_test/acc",
+        "vd_transfer/acc",
+        "oi_transfer/acc",
+        "vd_test/logit_diff",
+        "vd_test/logit_diff_norm",
+    ):
         assert 0 <= circuit["metrics"][key] <= 1 or "logit" in key, key
     assert "vd_test/task_acc" in circuit["baseline"] and circuit["data"]["fingerprint"]
     masks = load_file(run_dir / "mask.safetensors")
@@ -112,7 +126,10 @@ def save_tiny_llama(path: Path, tokenizer=None, poison: bool = False) -> None:
 
 def merging_tokenizer() -> PreTrainedTokenizerFast:
     """A tokenizer that glues a space to the next word, as GPT-2's does: ' 12' is one piece."""
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", " ", "=", "\n", "x", "y", "+", "-", "*"] + [str(d) for d in range(10)])}
+    vocab = {
+        t: i
+        for i, t in enumerate(["<unk>", "<s>", " ", "=", "\n", "x", "y", "+", "-", "*"] + [str(d) for d in range(10)])
+    }
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(" ?[^ ]"), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>")
@@ -130,7 +147,10 @@ BAD_INPUTS = {
     "template": (("+desiderata=vd_oi", "dataset.template='x = {x} {op} '"), "has no {y}"),
     "missing model": (("+desiderata=vd_oi", "model=hf", "model.name_or_path=/no/such/model"), "does not exist"),
     "engine": (("+desiderata=vd_oi", "engine=fast"), "engine='fast' is unknown; choose from ['cached', 'full']"),
-    "cache policy": (("+desiderata=vd_oi", "cache=disk"), "cache='disk' is unknown; choose from ['device', 'cpu', 'recompute']"),
+    "cache policy": (
+        ("+desiderata=vd_oi", "cache=disk"),
+        "cache='disk' is unknown; choose from ['device', 'cpu', 'recompute']",
+    ),
     "negative lambda in lams": (("+desiderata=vd_oi", "optimizer.lams=[0.1,-0.1]"), "has a negative lambda"),
     "low baseline, strict": (("+desiderata=vd_oi", "min_baseline_acc=0.5", "strict=true"), "not trustworthy"),
 }
@@ -177,7 +197,9 @@ def test_low_baseline_without_strict_warns_and_runs(cli, tmp_path):
 
 def test_unsupported_model_family(cli, tmp_path):
     save_tiny_bloom(tmp_path / "bloom")
-    res = cli("train", *SMOKE, "model=hf", f"model.name_or_path={tmp_path / 'bloom'}", f"hydra.run.dir={tmp_path / 'r'}")
+    res = cli(
+        "train", *SMOKE, "model=hf", f"model.name_or_path={tmp_path / 'bloom'}", f"hydra.run.dir={tmp_path / 'r'}"
+    )
     assert res.returncode == 1 and "model family 'bloom' is not supported; supported: " in res.stderr
     assert "llama" in res.stderr.split("supported: ")[1]
 
@@ -192,7 +214,9 @@ def test_hf_model_from_local_directory(cli, tmp_path):
 
 def test_tokenizer_that_does_not_split_the_answer(cli, tmp_path):
     save_tiny_llama(tmp_path / "llama", tokenizer=merging_tokenizer())
-    res = cli("train", *SMOKE, "model=hf", f"model.name_or_path={tmp_path / 'llama'}", f"hydra.run.dir={tmp_path / 'r'}")
+    res = cli(
+        "train", *SMOKE, "model=hf", f"model.name_or_path={tmp_path / 'llama'}", f"hydra.run.dir={tmp_path / 'r'}"
+    )
     assert res.returncode == 1 and "does not split the answer cleanly" in res.stderr
 
 

@@ -13,7 +13,11 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.tokenizer import build_char_tokenizer
 from circuitfind.tokens import PairEncoder
 
-RANGES = {"add": {"x": [10, 99], "y": [10, 99]}, "sub": {"x": [10, 99], "y": [10, 99]}, "mul": {"x": [10, 99], "y": [2, 9]}}
+RANGES = {
+    "add": {"x": [10, 99], "y": [10, 99]},
+    "sub": {"x": [10, 99], "y": [10, 99]},
+    "mul": {"x": [10, 99], "y": [2, 9]},
+}
 TEMPLATE = "x = {x}\ny = {y}\nx {op} y = "
 
 

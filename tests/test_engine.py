@@ -49,8 +49,9 @@ def trained(lams, engine="cached", batch_size=None, steps=8):
     model, sites, enc_vd = setup("gqa", padded=True, n=12, name="vd")
     _, _, enc_oi = setup("gqa", padded=True, n=12, name="oi")
     eng, readout, objs = objectives(model, sites, enc_vd, enc_oi, engine, batch_size)
-    return train_mask(eng, readout, objs, torch.tensor(lams), sites.layout.shape, lr=0.1, steps=steps,
-                      eps=1e-3, progress=False)
+    return train_mask(
+        eng, readout, objs, torch.tensor(lams), sites.layout.shape, lr=0.1, steps=steps, eps=1e-3, progress=False
+    )
 
 
 def test_k_lambdas_at_once_equal_k_single_runs():

@@ -34,7 +34,8 @@ def test_single_patch_scores_are_the_objective_improvement(job):
     for flat in (0, 3, 7):
         mask = single_masks(shape, "cpu")[flat : flat + 1]
         expected = objective_of_masks(job.engine, job.readout, objectives, ones) - objective_of_masks(
-            job.engine, job.readout, objectives, mask)
+            job.engine, job.readout, objectives, mask
+        )
         assert torch.allclose(scores.flatten()[flat], expected[0], atol=1e-6)
         assert (mask == 0).sum() == 1
 
@@ -48,7 +49,8 @@ def test_attribution_is_the_first_order_estimate(job):
         bumped = ones.clone().view(-1)
         bumped[flat] -= eps
         change = objective_of_masks(job.engine, job.readout, objectives, bumped.view(1, *shape)) - objective_of_masks(
-            job.engine, job.readout, objectives, ones)
+            job.engine, job.readout, objectives, ones
+        )
         assert torch.allclose(-change[0] / eps, scores.flatten()[flat], rtol=0.05, atol=1e-5)
 
 
@@ -104,23 +106,46 @@ def chromium_dom(html_path):
             pytest.fail("chromium is missing: .ci/run installs Debian's chromium")
         pytest.skip("chromium not installed (apt-get install chromium)")
     probe = html_path.with_name("probe.html")
-    check = ("<script>window.addEventListener('load',()=>{const bad=[...document.images].filter("
-             "i=>!i.complete||i.naturalWidth===0).length;document.body.setAttribute('data-broken',bad);"
-             "document.body.setAttribute('data-images',document.images.length);});</script>")
+    check = (
+        "<script>window.addEventListener('load',()=>{const bad=[...document.images].filter("
+        "i=>!i.complete||i.naturalWidth===0).length;document.body.setAttribute('data-broken',bad);"
+        "document.body.setAttribute('data-images',document.images.length);});</script>"
+    )
     probe.write_text(html_path.read_text().replace("</body>", check + "</body>"))
     out = subprocess.run(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={html_path.parent / 'chr'}",
-         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={html_path.parent / 'chr'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     return out.stdout
 
 
 def test_evidence_optimum_report_and_exports(cli, tmp_path):
     run = tmp_path / "run"
-    res = cli("train", *SMOKE, "evidence=full", "evidence.stability_seeds=2", "evidence.random_draws=2",
-              "optimizer.lam=0", "optimizer.lr=0.3", f"hydra.run.dir={run}")
+    res = cli(
+        "train",
+        *SMOKE,
+        "evidence=full",
+        "evidence.stability_seeds=2",
+        "evidence.random_draws=2",
+        "optimizer.lam=0",
+        "optimizer.lr=0.3",
+        f"hydra.run.dir={run}",
+    )
     assert res.returncode == 0, res.stderr
     evidence = json.loads((run / "evidence.json").read_text())
     result = json.loads((run / "circuit.json").read_text())
@@ -137,7 +162,9 @@ def test_evidence_optimum_report_and_exports(cli, tmp_path):
     assert set(mib["nodes"]) == {f"a{layer}.h{h}" for layer in range(2) for h in range(4)} | {"m0", "m1"}
     assert sum(n["in_graph"] for n in mib["nodes"].values()) == k
     hooks = json.loads((run / "transformerlens.json").read_text())["circuit"]
-    assert len(hooks) == k and all(h["hook"] in (f"blocks.{h['name'][1]}.attn.hook_z", f"blocks.{h['name'][1]}.hook_mlp_out") for h in hooks)
+    assert len(hooks) == k and all(
+        h["hook"] in (f"blocks.{h['name'][1]}.attn.hook_z", f"blocks.{h['name'][1]}.hook_mlp_out") for h in hooks
+    )
 
     opt = cli("optimum", str(run), "--k", "2")
     assert opt.returncode == 0, opt.stderr
@@ -153,7 +180,7 @@ def test_evidence_optimum_report_and_exports(cli, tmp_path):
     html = (run / "report.html").read_text()
     for section in ("summary", "sweep", "runs", "baselines", "curves", "stability", "optimality"):
         assert f'id="{section}"' in html
-    assert "src=\"data:image/png;base64," in html and "Not computed" not in html
+    assert 'src="data:image/png;base64,' in html and "Not computed" not in html
     assert (run / "report.md").read_text().startswith("# circuitfind report")
     dom = chromium_dom(run / "report.html")
     assert 'data-broken="0"' in dom and 'data-images="' in dom and 'data-images="0"' not in dom

@@ -17,7 +17,11 @@ from circuitfind.tokens import PairEncoder, position_ids
 from circuitfind.train_loop import patched_delta, unpatched_logit_diff
 
 TEMPLATE = "x = {x}\ny = {y}\nx {op} y = "
-RANGES = {"add": {"x": [10, 99], "y": [10, 99]}, "sub": {"x": [10, 99], "y": [10, 99]}, "mul": {"x": [10, 99], "y": [2, 9]}}
+RANGES = {
+    "add": {"x": [10, 99], "y": [10, 99]},
+    "sub": {"x": [10, 99], "y": [10, 99]},
+    "mul": {"x": [10, 99], "y": [2, 9]},
+}
 SHAPES = {"gqa": TinyLlamaConfig(n_kv_heads=2), "mha": TinyLlamaConfig(n_kv_heads=4, n_layers=3)}
 
 
