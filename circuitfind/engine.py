@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from circuitfind.components import Sites
+from circuitfind.components import Sites, device_of
 from circuitfind.errors import CircuitfindError
 from circuitfind.patching import FinalValues, patch_final_position, record_final_values
 from circuitfind.tokens import EncodedPairs, position_ids
@@ -141,10 +141,11 @@ class FinalSlotLayer(DynamicLayer):
         return self.prefix_len  # the cached part; the final token is the query
 
 
-def prefix_buffers(prefix_kv, k: int, device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, K copies of the prefix in a buffer with one free final slot. (K*B, kvH, T, D)"""
+def prefix_buffers(prefix_kv, k: int, devices) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, K copies of the prefix in a buffer with one free final slot, on that layer's
+    device (a model sharded with device_map keeps each layer's cache beside it). (K*B, kvH, T, D)"""
     out = []
-    for key, val in prefix_kv:
+    for (key, val), device in zip(prefix_kv, devices):
         shape = (k * key.shape[0], key.shape[1], key.shape[2] + 1, key.shape[3])
         pair = []
         for t in (key, val):
@@ -184,10 +185,13 @@ class CachedEngine(FullEngine):
         if cache not in CACHE_POLICIES:
             raise CircuitfindError(f"cache={cache!r} is unknown; choose from {list(CACHE_POLICIES)}")
         self.cache = cache
+        self.layer_devices = [device_of(m) for m in sites.head_projs]
 
     @torch.no_grad()
     def _prefix_kv(self, pairs: EncodedPairs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        out = self._run(pairs.base_ids[:, :-1], pairs.base_attn[:, :-1], use_cache=True)
+        # A plain DynamicCache keeps every prefix position, even past a sliding window; the
+        # final token's attention mask then applies the window as the full prompt would.
+        out = self._run(pairs.base_ids[:, :-1], pairs.base_attn[:, :-1], use_cache=True, past_key_values=DynamicCache())
         return [(layer[0], layer[1]) for layer in out.past_key_values]  # per layer (B, kvH, T-1, D)
 
     @torch.no_grad()
@@ -218,11 +222,11 @@ class CachedEngine(FullEngine):
         """The prefix buffers for K masks: built once and kept (device), or built per step."""
         if self.cache == "device":
             if prep.buffers is None or prep.buffers[0] != k:
-                prep.buffers = (k, prefix_buffers(cached_prefix(prep), k, self.device))
+                prep.buffers = (k, prefix_buffers(cached_prefix(prep), k, self.layer_devices))
                 prep.prefix_kv = None  # the buffers hold the prefix now: keep one copy only
             return prep.buffers[1]
         kv = prep.prefix_kv if self.cache == "cpu" else self._prefix_kv(prep.pairs)
-        return prefix_buffers(kv, k, self.device)
+        return prefix_buffers(kv, k, self.layer_devices)
 
 
 ENGINES = {"full": FullEngine, "cached": CachedEngine}

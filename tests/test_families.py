@@ -139,11 +139,6 @@ def test_cached_engine_equals_full_engine_under_a_random_mask(family):
     assert gf.abs().sum() > 0 and torch.allclose(gc, gf, atol=1e-5 * max(1.0, gf.abs().max().item()), rtol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine=cached keeps the prefix in the model's own cache, whose sliding-window layers drop "
-    "positions: pass past_key_values=DynamicCache() in CachedEngine._prefix_kv (see README, Models)",
-)
 @pytest.mark.parametrize("family", ["gemma2", "mistral"])  # gemma2 fails loudly, mistral silently
 def test_cached_engine_with_a_sliding_window_shorter_than_the_prompt(family):
     model, tok = tiny_model(family, sliding_window=8)
