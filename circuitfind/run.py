@@ -508,6 +508,7 @@ def write_outputs(
             "n_heads": layout.n_heads,
             "dtype": cfg.model.dtype,
             "device": cfg.model.device,
+            **{key: cfg.model.get(key) for key in ("device_map", "quantization", "gguf_file")},
         },
         "data": {
             "fingerprint": data_fingerprint(job.data, cfg.dataset.template),
