@@ -1,6 +1,7 @@
 """`circuitfind optimum <run>`: the best circuit of each small size, by exhaustive search.
 
-On a small model every subset of components up to size k can be tried. Each is scored by
+On a small model (the organism has 36 components) every subset of components up to size k
+can be tried; a search larger than --max-subsets is refused before anything is loaded. Each is scored by
 the training objective (sum of weight * desideratum loss, no sparsity term) on the run's
 held-out pairs; the gap between the run's circuit and the best subset of the same size
 says how far from optimal the found circuit is.
@@ -23,9 +24,6 @@ from circuitfind.methods import objective_of_masks
 from circuitfind.outputs import write_json
 from circuitfind.rundir import finished_runs, load_config, load_result
 
-MAX_COMPONENTS = 40
-
-
 def n_subsets(n: int, k: int) -> int:
     return sum(math.comb(n, j) for j in range(k + 1))
 
@@ -40,11 +38,11 @@ def feasible_k(n: int, max_subsets: int) -> int:
 def check_size(n_components: int, k: int, max_subsets: int) -> None:
     """Refuse searches that cannot finish, saying how large they are and what would do."""
     count = n_subsets(n_components, k)
-    if n_components > MAX_COMPONENTS or count > max_subsets:
+    if count > max_subsets:
+        feasible = feasible_k(n_components, max_subsets)
         raise CircuitfindError(
             f"exhaustive search over {n_components} components up to size {k} means {count:,} subsets "
-            f"(limit {max_subsets:,}, and at most {MAX_COMPONENTS} components); "
-            f"k <= {feasible_k(n_components, max_subsets)} is feasible: use --k {feasible_k(n_components, max_subsets)}"
+            f"(limit --max-subsets {max_subsets:,}); k <= {feasible} is feasible: use --k {feasible}"
         )
 
 
@@ -90,8 +88,7 @@ def run_optimum(run: Path, k: int, max_subsets: int) -> Dict[str, Any]:
 
     result = load_result(run)
     cfg = load_config(run)
-    if result["n_components"] > MAX_COMPONENTS or n_subsets(result["n_components"], k) > max_subsets:
-        check_size(result["n_components"], k, max_subsets)
+    check_size(result["n_components"], k, max_subsets)
     OmegaConf.set_struct(cfg, False)
     cfg.progress = False
     job = Job(cfg)
