@@ -24,6 +24,7 @@ from circuitfind.methods import objective_of_masks
 from circuitfind.outputs import write_json
 from circuitfind.rundir import finished_runs, load_config, load_result
 
+
 def n_subsets(n: int, k: int) -> int:
     return sum(math.comb(n, j) for j in range(k + 1))
 

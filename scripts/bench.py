@@ -121,7 +121,8 @@ class PublishedStyle:
 def floor_step(model, prefix_kv, enc, readout) -> Callable[[], torch.Tensor]:
     """Forward and backward of the final token alone: the least a mask step can cost."""
     embed = model.get_input_embeddings()
-    buffers = prefix_buffers(prefix_kv, 1, [enc.base_ids.device] * len(prefix_kv))  # the same no-copy cache as engine=cached
+    # The same no-copy cache as engine=cached.
+    buffers = prefix_buffers(prefix_kv, 1, [enc.base_ids.device] * len(prefix_kv))
 
     def step() -> torch.Tensor:
         x = embed(enc.base_ids[:, -1:]).detach().requires_grad_(True)
