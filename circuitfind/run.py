@@ -532,4 +532,11 @@ def write_outputs(
         },
     }
     write_json(out_dir / "circuit.json", result)
+    m = result["metrics"]
+    log.info(
+        f"λ={lam:g}: {n_patched} of {layout.n_components} components patched "
+        f"{[row['name'] for row in circuit][:12]}; held-out VD acc {m.get('vd_test/acc', float('nan')):.2f}, "
+        f"OI acc {m.get('oi_test/acc', float('nan')):.2f}, VD transfer {m.get('vd_transfer/acc', float('nan')):.2f}; "
+        f"written to {out_dir}"
+    )
     return result
