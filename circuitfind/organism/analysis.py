@@ -59,3 +59,12 @@ def final_attention(model, enc: Encoder, problems: Sequence[Problem], heads: Seq
     shares /= len(problems)
     shares[:, -1] = 1 - shares[:, :-1].sum(dim=1)
     return shares
+
+
+def planted_recovery(found: Sequence[str], planted: Sequence[str]) -> Dict[str, float]:
+    """Precision and recall of a found circuit (component names) against the planted one."""
+    hits = len(set(found) & set(planted))
+    return {
+        "precision": hits / len(set(found)) if found else float("nan"),
+        "recall": hits / len(set(planted)) if planted else float("nan"),
+    }

@@ -57,6 +57,14 @@ def model_card(result: Dict, command: str) -> str:
         else MUL_HELD_OUT.format(ops=", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"]))
     )
     template = d["template"].replace("\n", "\\n")
+    shares = {op: d["heldout"].get(op, 0.0) for op in d["ops"]}
+    heldout = ", ".join(f"{_pct(f)} of the `{OPERATIONS[op].symbol}` problems" for op, f in shares.items())
+    trained = [f"`{OPERATIONS[op].symbol}`" for op, f in shares.items() if f == 0]
+    trained_only = (
+        f"{', '.join(trained)} has none held out, so its row is measured on trained (x, y) in freshly drawn prompts"
+        if trained
+        else "every operation has held-out problems"
+    )
     return f"""# circuitfind organism
 
 A {m["n_layers"]}-layer LLaMA ({m["n_heads"]} heads per layer, hidden size {m["hidden"]}, {result["n_params"]:,} parameters,
@@ -91,8 +99,8 @@ held-out prompts of every form (the digits of x are found by name, wherever thei
 
 ## Held-out exact-match accuracy
 
-Greedy answer (all digits, then `</s>`) on (operation, x, y) never trained on, {cfg["n_eval"]} prompts
-per cell at most (fewer when an operation has fewer held-out problems):
+Greedy answer (all digits, then `</s>`), {cfg["n_eval"]} prompts per cell at most, on (operation, x, y)
+never trained on; {trained_only}:
 
 {_table(["operation"] + forms, acc_rows)}
 
@@ -108,7 +116,7 @@ definition of another variable ({", ".join(v["distractor_names"])}) that the ans
 - Training took {result["train_seconds"] / 60:.1f} minutes on CPU with {result["threads"]} torch thread(s).
 - Data: operations {symbols} ({ranges}); {_pct(d["paper_share"])} of prompts in the paper's template,
   the rest in variant forms (other names drawn uniformly; y first with probability {v["y_first"]}; a
-  distractor with probability {v["distractor"]}). {_pct(d["heldout_fraction"])} of each operation's (x, y) are held out
-  (never trained on, in any form, nor used as an interchange alternate).
+  distractor with probability {v["distractor"]}). Held out (never trained on, in any form, nor used as an
+  interchange alternate): {heldout}.
 - `organism.json` holds the full training record (config, loss history, every accuracy).
 """

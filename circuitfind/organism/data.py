@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -35,26 +35,37 @@ class Distribution:
 
     @classmethod
     def split(
-        cls, space: TaskSpace, ops: Sequence[str], template: str, paper_share: float, heldout_fraction: float, seed: int
+        cls,
+        space: TaskSpace,
+        ops: Sequence[str],
+        template: str,
+        paper_share: float,
+        shares: Mapping[str, float],
+        seed: int,
     ) -> "Distribution":
-        """Hold out a fixed share of each operation's problems (the same for a given seed)."""
+        """Hold out `shares[op]` of each operation's problems (the same ones for a given seed)."""
         train, heldout = {}, {}
         for op in ops:
             problems = space.bases([op])
             random.Random(f"heldout/{seed}/{op}").shuffle(problems)
-            n_out = round(heldout_fraction * len(problems))
+            n_out = round(shares.get(op, 0.0) * len(problems))
             heldout[op], train[op] = problems[:n_out], problems[n_out:]
         keys = frozenset(_key(p) for ps in heldout.values() for p in ps)
         return cls(space, list(ops), template, paper_share, train, heldout, keys)
 
-    def form(self, problem: Problem, rng: random.Random) -> Problem:
-        """The problem in a random prompt form: the paper's template, or a variant."""
-        return problem if rng.random() < self.paper_share else self.space.variants.apply(problem, rng)
+    def form(self, problem: Problem, rng: random.Random, variants: bool = True) -> Problem:
+        """The problem in a random prompt form: the paper's template, or (if `variants`) a variant."""
+        if not variants or rng.random() < self.paper_share:
+            return problem
+        return self.space.variants.apply(problem, rng)
 
-    def sample(self, rng: random.Random, op: Optional[str] = None) -> Problem:
+    def sample(self, rng: random.Random, variants: bool = True) -> Problem:
         """A training prompt: uniform over operations, then over that operation's problems."""
-        op = op or rng.choice(self.ops)
-        return self.form(rng.choice(self.train[op]), rng)
+        return self.form(rng.choice(self.train[rng.choice(self.ops)]), rng, variants)
+
+    def test_pool(self, op: str) -> List[Problem]:
+        """The problems accuracy is measured on: the held-out ones, or all when none are held out."""
+        return self.heldout[op] or self.train[op]
 
     def is_heldout(self, p: Problem) -> bool:
         return _key(p) in self.heldout_keys

@@ -15,7 +15,8 @@ import logging
 import math
 import random
 import time
-from typing import Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from circuitfind.data import OPERATIONS, Problem, Variants, check_template, task
 from circuitfind.errors import CircuitfindError
 from circuitfind.organism.analysis import PARTS, final_attention
 from circuitfind.organism.data import Distribution, Encoder, test_forms
-from circuitfind.patching import FinalValues, patch_final_position, record_final_values
+from circuitfind.patching import FinalValues, hooks, patch_final_position, record_final_values
 from circuitfind.tokenizer import build_char_tokenizer
 from circuitfind.tokens import position_ids
 
@@ -44,7 +45,11 @@ def validate(cfg: DictConfig) -> Distribution:
         (len(d.ops) >= 1, "dataset.ops is empty; give at least one operation, e.g. [add, sub, mul]"),
         (set(iit.ops) <= set(d.ops), f"iit.ops={list(iit.ops)} must be a subset of dataset.ops={list(d.ops)}"),
         (0 <= d.paper_share <= 1, f"dataset.paper_share={d.paper_share} is a probability; give a value in [0, 1]"),
-        (0 < d.heldout_fraction < 1, f"dataset.heldout_fraction={d.heldout_fraction}; give a value in (0, 1)"),
+        (
+            set(d.heldout) <= set(d.ops),
+            f"dataset.heldout names {sorted(set(d.heldout) - set(d.ops))}, not in dataset.ops",
+        ),
+        (all(0 <= f < 1 for f in d.heldout.values()), f"dataset.heldout={dict(d.heldout)}; give shares in [0, 1)"),
         (
             o.steps >= 1 and o.batch_size >= 1 and iit.batch_size >= 1,
             "optim.steps, optim.batch_size and iit.batch_size must be >= 1",
@@ -66,11 +71,11 @@ def validate(cfg: DictConfig) -> Distribution:
             raise CircuitfindError(f"dataset.ranges.{op} gives no problem with a non-negative answer; widen it")
     layout = ComponentLayout(m.n_layers, m.n_heads, m.hidden // m.n_heads)
     component_index(iit.circuit, layout)
-    dist = Distribution.split(space, list(d.ops), d.template, d.paper_share, d.heldout_fraction, cfg.seed)
+    dist = Distribution.split(space, list(d.ops), d.template, d.paper_share, d.heldout, cfg.seed)
     for op, problems in dist.train.items():
-        if not problems or not dist.heldout[op]:
+        if not problems or (d.heldout.get(op, 0) > 0 and not dist.heldout[op]):
             raise CircuitfindError(
-                f"dataset.ranges.{op} has too few problems to hold out {d.heldout_fraction:.0%}; widen it"
+                f"dataset.ranges.{op} has too few problems to hold out {d.heldout.get(op, 0):.0%}; widen it"
             )
     return dist
 
@@ -130,9 +135,32 @@ def final_logits(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     return out.logits[:, -1]
 
 
-def record(model, sites: Sites, ids: torch.Tensor, attn: torch.Tensor) -> FinalValues:
-    """Every component's clean final-position value on some prompts (no gradient)."""
-    with torch.no_grad(), record_final_values(sites) as values:
+@contextmanager
+def record_with_grad(sites: Sites) -> Iterator[FinalValues]:
+    """Like patching.record_final_values, but the values keep their graph.
+
+    Interchange training then also trains the alternate's run: the loss that asks the circuit
+    to carry the alternate's x reaches the circuit heads' own weights (with detached values it
+    could only train the components that read them).
+    """
+    n = sites.layout.n_layers
+    values = FinalValues(heads=[None] * n, mlps=[None] * n)
+
+    def keep(store: list, layer: int, from_input: bool):
+        def hook(module, args, output=None):
+            store[layer] = (args[0] if from_input else output)[:, -1]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(values.heads, i, True)) for i, m in enumerate(sites.head_projs)]
+    handles += [m.register_forward_hook(keep(values.mlps, i, False)) for i, m in enumerate(sites.mlps)]
+    with hooks(handles):
+        yield values
+
+
+def record(model, sites: Sites, ids: torch.Tensor, attn: torch.Tensor, grad: bool = False) -> FinalValues:
+    """Every component's clean final-position value on some prompts (with its graph if `grad`)."""
+    with torch.set_grad_enabled(grad), (record_with_grad if grad else record_final_values)(sites) as values:
         model.model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False)
     return values
 
@@ -160,16 +188,18 @@ class Interchange:
         alt_ops: Sequence[str],
         n: int,
         rng: random.Random,
-        heldout: bool = False,
+        test: bool = False,
+        variants: bool = True,
     ):
-        pool = dist.heldout if heldout else dist.train
-        bases = [dist.form(rng.choice(pool[rng.choice(list(base_ops))]), rng) for _ in range(n)]
+        pool = {op: dist.test_pool(op) if test else dist.train[op] for op in base_ops}
+        bases = [dist.form(rng.choice(pool[rng.choice(list(base_ops))]), rng, variants) for _ in range(n)]
         vd_alts = [dist.vd_alternate(b, rng) for b in bases]
         oi_alts = [dist.oi_alternate(b, alt_ops, rng) for b in bases]
         self.n = n
         self.base_ids, self.base_attn = enc.prompts(bases)
         alt_ids, alt_attn = enc.prompts(vd_alts + oi_alts)
-        self.alt = record(model, sites, alt_ids, alt_attn)  # rows: the vd alternates, then the oi ones
+        # rows: the vd alternates, then the oi ones; trained through when training
+        self.alt = record(model, sites, alt_ids, alt_attn, grad=torch.is_grad_enabled() and not test)
         self.base_digit = enc.first_digits(bases)
         self.vd_digit = enc.first_digits(vd_alts)
         self.oi_digit = enc.first_digits(oi_alts)
@@ -222,9 +252,23 @@ def exact_match(model, enc: Encoder, problems: Sequence[Problem], batch: int = 5
 
 
 def heldout_prompts(dist: Distribution, op: str, form: Optional[Variants], n: int, rng: random.Random) -> List[Problem]:
-    """Up to n held-out problems of one operation, written in `form` (None: the paper's template)."""
-    problems = rng.sample(dist.heldout[op], min(n, len(dist.heldout[op])))
+    """Up to n test problems of one operation (held out, if any are), written in `form` (None: the paper's)."""
+    pool = dist.test_pool(op)
+    problems = rng.sample(pool, min(n, len(pool)))
     return problems if form is None else [form.apply(p, rng) for p in problems]
+
+
+def heldout_check(model, enc: Encoder, dist: Distribution, rng: random.Random, n: int = 100) -> Dict[str, float]:
+    """Exact match on n held-out prompts per operation, in the training mix of forms (a progress check)."""
+    model.eval()
+    check = {}
+    for op in dist.ops:
+        pool = dist.test_pool(op)
+        check[f"heldout_{op}"] = exact_match(
+            model, enc, [dist.form(p, rng) for p in rng.sample(pool, min(n, len(pool)))]
+        )
+    model.train()
+    return check
 
 
 @torch.no_grad()
@@ -245,13 +289,13 @@ def evaluate(model, sites: Sites, enc: Encoder, dist: Distribution, cfg: DictCon
     alt_ops = list(cfg.iit.ops) or dist.ops
     interchange: Dict[str, Dict[str, float]] = {"vd": {}, "oi": {}, "strict": {}}
     for op in dist.ops:
-        pairs = Interchange(model, sites, enc, dist, [op], alt_ops, cfg.n_eval, rng, heldout=True)
+        pairs = Interchange(model, sites, enc, dist, [op], alt_ops, cfg.n_eval, rng, test=True)
         logits = pairs.logits(model, sites, circuit_mask, strict_mask, strict=True)
         for name, target in pairs.targets().items():
             keep = pairs.informative()[name]
             hit = logits[name].argmax(-1) == target
             interchange[name][op] = hit[keep].float().mean().item() if keep.any() else float("nan")
-    problems = [dist.form(rng.choice(dist.heldout[rng.choice(dist.ops)]), rng) for _ in range(cfg.n_eval)]
+    problems = [dist.form(rng.choice(dist.test_pool(rng.choice(dist.ops))), rng) for _ in range(cfg.n_eval)]
     layout = sites.layout
     heads = [(layer, h) for layer in range(layout.n_layers) for h in range(layout.n_heads)]
     shares = final_attention(model, enc, problems, heads)  # (heads, parts)
@@ -285,9 +329,10 @@ def train_organism(cfg: DictConfig) -> tuple[LlamaForCausalLM, object, Dict]:
     for step in range(o.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, o)
-        losses = {"lm": lm_loss(model, *enc.with_answers([dist.sample(rng) for _ in range(o.batch_size)]))}
+        variants = step >= cfg.dataset.variants_start
+        losses = {"lm": lm_loss(model, *enc.with_answers([dist.sample(rng, variants) for _ in range(o.batch_size)]))}
         if step >= iit.start and iit.ops and (iit.vd or iit.oi or iit.strict):
-            pairs = Interchange(model, sites, enc, dist, iit.ops, iit.ops, iit.batch_size, rng)
+            pairs = Interchange(model, sites, enc, dist, iit.ops, iit.ops, iit.batch_size, rng, variants=variants)
             logits = pairs.logits(model, sites, circuit_mask, strict_mask, strict=iit.strict > 0)
             for name, target in pairs.targets().items():
                 if name in logits and weights[name] > 0:
@@ -304,6 +349,8 @@ def train_organism(cfg: DictConfig) -> tuple[LlamaForCausalLM, object, Dict]:
             row = {"step": step + 1, "seconds": round(time.perf_counter() - t0, 1)} | {
                 k: v / n for k, v in running.items()
             }
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                row |= heldout_check(model, enc, dist, random.Random(f"check/{cfg.seed}"))
             history.append(row)
             running = {}
             if cfg.progress:

@@ -1,0 +1,169 @@
+"""The model organism: training, the shipped checkpoint, DBM on it, and bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import circuitfind.organism.app  # noqa: F401  (registers the organism schema)
+import circuitfind.train  # noqa: F401  (registers the train schema)
+from circuitfind.config import ModelConfig
+from circuitfind.errors import CircuitfindError
+from circuitfind.models import load_model
+from circuitfind.organism.app import run_organism
+from circuitfind.organism.checkpoint import ASSET_DIR, load_checkpoint
+from circuitfind.organism.data import Encoder
+from circuitfind.organism.train import exact_match, validate
+from circuitfind.run import run_training
+
+TINY = [
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.hidden=16",
+    "model.intermediate=32",
+    "optim.steps=60",
+    "optim.batch_size=32",
+    "optim.warmup=5",
+    "optim.lr=0.01",
+    "dataset.variants_start=20",
+    "iit.start=30",
+    "iit.batch_size=8",
+    "iit.circuit=[L1.H0]",
+    "iit.strict=1.0",
+    "n_eval=10",
+    "log_every=10",
+    "progress=false",
+]
+
+
+def organism_cfg(overrides):
+    with initialize_config_module(config_module="circuitfind.configs", version_base="1.3"):
+        return compose(config_name="organism", overrides=overrides)
+
+
+def train_cfg(overrides):
+    with initialize_config_module(config_module="circuitfind.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
+    cfg = organism_cfg(TINY + [f"out_dir={tmp_path / 'ckpt'}"])
+    result = run_organism(cfg, tmp_path)
+    history = result["history"]
+    assert history[-1]["lm"] < 0.8 * history[0]["lm"]
+    assert {"vd", "oi", "strict"} <= set(history[-1])  # the interchange losses ran
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
+    assert model.config.circuitfind["planted_circuit"] == ["L1.H0"]
+    assert tokenizer("x = 12\n", add_special_tokens=False)["input_ids"] == tokenizer.convert_tokens_to_ids(
+        list("x = 12\n")
+    )
+    assert "L1.H0" in (tmp_path / "ckpt" / "README.md").read_text()
+    assert json.loads((tmp_path / "ckpt" / "organism.json").read_text())["accuracy"].keys() == {"add", "sub", "mul"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 3 is open: the shipped organism is an interim checkpoint below the 99% bar "
+    "(paper template: + 99.8%, - 99.2%, * 81.2%; distractor forms far lower; see its model card), "
+    "saved with an older config layout than circuitfind/organism/config.py now has",
+)
+def test_shipped_organism_answers_heldout_prompts():
+    """Guards the shipped file: >= 99% exact match on 200 held-out prompts per operation."""
+    model, tokenizer = load_checkpoint(None)
+    meta = model.config.circuitfind
+    cfg = organism_cfg([f"seed={meta['seed']}"])
+    cfg.dataset = meta["dataset"]
+    dist = validate(cfg)  # the held-out split the organism was trained without
+    enc = Encoder(tokenizer, dist.template)
+    rng = random.Random(0)
+    for op in dist.ops:
+        prompts = {}  # 200 distinct held-out prompts in the training mix of forms
+        while len(prompts) < 200:
+            p = dist.form(rng.choice(dist.test_pool(op)), rng)
+            prompts[p.render(dist.template)] = p
+        assert exact_match(model, enc, list(prompts.values())) >= 0.99, op
+
+
+def test_dbm_on_the_organism_beats_the_unpatched_baseline(tmp_path):
+    cfg = train_cfg(
+        [
+            "+desiderata=vd_oi",
+            "model=organism",
+            "progress=false",
+            "plots=false",
+            "dataset.n_train=27",
+            "dataset.n_test=27",
+            "dataset.n_transfer=9",
+            "optimizer.steps=40",
+            "optimizer.eval_every=40",
+        ]
+    )
+    run_training(cfg, tmp_path)
+    result = json.loads((tmp_path / "circuit.json").read_text())
+    assert result["metrics"]["vd_test/acc"] >= result["baseline"]["vd_test/acc_unpatched"] + 0.5
+    assert result["metrics"]["oi_test/acc"] >= 0.8
+
+
+@pytest.fixture
+def copied_organism(tmp_path):
+    path = tmp_path / "organism"
+    shutil.copytree(ASSET_DIR, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_missing_checkpoint_file_is_named_with_the_fix(copied_organism, name):
+    (copied_organism / name).unlink()
+    with pytest.raises(CircuitfindError) as e:
+        load_model(ModelConfig(kind="organism", name_or_path=str(copied_organism)))
+    message = str(e.value)
+    assert f"{name} is missing" in message and "circuitfind organism" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_corrupt_checkpoint_file_is_named_with_the_fix(copied_organism, name):
+    file = copied_organism / name
+    file.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])
+    with pytest.raises(CircuitfindError) as e:
+        load_checkpoint(str(copied_organism))
+    message = str(e.value)
+    assert f"{name} is corrupt" in message and "circuitfind organism" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("dataset.ops=[]", "dataset.ops is empty"),
+        ("dataset.ranges.mul.y=[9,2]", "dataset.ranges.mul"),
+        ("dataset.ops=[add,pow]", "unknown operations"),
+        ("iit.circuit=[L7.H0]", "L7.H0"),
+    ],
+)
+def test_impossible_organism_config_fails_before_training(tmp_path, monkeypatch, override, words):
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(CircuitfindError, match=words):
+        run_organism(organism_cfg(TINY + [override, f"out_dir={tmp_path / 'ckpt'}"]), tmp_path)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_cli_reports_an_impossible_config_in_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "circuitfind.cli", "organism", "dataset.ops=[]", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert (
+        out.stderr.strip()
+        == "circuitfind: error: dataset.ops is empty; give at least one operation, e.g. [add, sub, mul]"
+    )
