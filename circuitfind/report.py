@@ -18,19 +18,7 @@ from typing import Any, Dict, List, Sequence
 from circuitfind import plots
 from circuitfind.outputs import write_text
 from circuitfind.rundir import finished_runs, load_result
-
-SECTIONS = ("summary", "sweep", "runs", "baselines", "curves", "stability", "optimality")
-SUMMARY_COLUMNS = (
-    "lam",
-    "n_patched",
-    "vd_test/acc",
-    "oi_test/acc",
-    "vd_transfer/acc",
-    "oi_transfer/acc",
-    "vd_test/acc_model",
-    "oi_test/acc_model",
-    "vd_test/logit_diff_norm",
-)
+from circuitfind.sweep import SUMMARY_COLUMNS
 
 
 def fmt(value: Any) -> str:

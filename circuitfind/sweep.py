@@ -17,7 +17,8 @@ from circuitfind.outputs import write_json, write_text
 
 log = logging.getLogger(__name__)
 
-COLUMNS = [
+# The headline numbers of a run, as the sweep summary and the report tabulate them.
+SUMMARY_COLUMNS = (
     "lam",
     "n_patched",
     "vd_test/acc",
@@ -26,8 +27,9 @@ COLUMNS = [
     "oi_transfer/acc",
     "vd_test/acc_model",
     "oi_test/acc_model",
-    "run_dir",
-]
+    "vd_test/logit_diff_norm",
+)
+COLUMNS = [*SUMMARY_COLUMNS, "run_dir"]
 
 
 def collect(sweep_dir: Path) -> List[Dict[str, Any]]:
