@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import circuitfind.organism.app  # noqa: F401  (registers the organism schema)
@@ -39,6 +40,7 @@ TINY = [
     "iit.circuit=[L1.H0]",
     "iit.strict=1.0",
     "n_eval=10",
+    "dbm_lams=[]",
     "log_every=10",
     "progress=false",
 ]
@@ -70,18 +72,11 @@ def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
     assert json.loads((tmp_path / "ckpt" / "organism.json").read_text())["accuracy"].keys() == {"add", "sub", "mul"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 is open: the shipped organism is an interim checkpoint below the 99% bar "
-    "(paper template: + 99.8%, - 99.2%, * 81.2%; distractor forms far lower; see its model card), "
-    "saved with an older config layout than circuitfind/organism/config.py now has",
-)
 def test_shipped_organism_answers_heldout_prompts():
     """Guards the shipped file: >= 99% exact match on 200 held-out prompts per operation."""
     model, tokenizer = load_checkpoint(None)
     meta = model.config.circuitfind
-    cfg = organism_cfg([f"seed={meta['seed']}"])
-    cfg.dataset = meta["dataset"]
+    cfg = OmegaConf.merge(organism_cfg([]), {"seed": meta["seed"], "dataset": meta["dataset"]})
     dist = validate(cfg)  # the held-out split the organism was trained without
     enc = Encoder(tokenizer, dist.template)
     rng = random.Random(0)

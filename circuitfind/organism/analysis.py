@@ -1,7 +1,9 @@
-"""Where heads look: the final position's attention over the parts of the prompt.
+"""Where heads look: attention from one position over the parts of the prompt.
 
-A head that binds x should attend from the final position to the digits of x's definition,
-wherever that line is (first, second, after a distractor) and whatever x is called.
+A binding circuit must fetch the digits of x's definition, wherever that line is (first,
+second, after a distractor) and whatever x is called: either directly from the final
+position, or in two hops, first into the query's x token (`a` in `a - b = `), whose value the
+final position then reads.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import torch
 from circuitfind.data import Problem
 from circuitfind.organism.data import Encoder
 
-PARTS = ("x digits", "y digits", "distractor digits", "rest")
+PARTS = ("x digits", "y digits", "distractor digits", "x in query", "y in query", "rest")
+SOURCES = ("final", "x in query")  # where the attention is read from
 
 
 def part_positions(problem: Problem, template: str) -> Dict[str, List[int]]:
-    """Token positions (after <s>, one token per character) of each operand's digits."""
+    """Token positions (after <s>, one token per character) of each part of the prompt but the rest."""
     text = problem.render(template)
     digits_of = {}
     offset = 1  # <s>
@@ -29,12 +32,18 @@ def part_positions(problem: Problem, template: str) -> Dict[str, List[int]]:
     x_name, y_name = problem.names
     parts = {"x digits": digits_of.get(x_name, []), "y digits": digits_of.get(y_name, [])}
     parts["distractor digits"] = [p for n, ps in digits_of.items() if n not in (x_name, y_name) for p in ps]
+    parts["x in query"], parts["y in query"] = [offset], [offset + 4]  # the query line: `x op y = `
     return parts
 
 
 @torch.no_grad()
-def final_attention(model, enc: Encoder, problems: Sequence[Problem], heads: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Share of each head's final-position attention on each part, averaged over prompts. -> (len(heads), len(PARTS))"""
+def attention_shares(
+    model, enc: Encoder, problems: Sequence[Problem], heads: Sequence[tuple[int, int]], source: str = "final"
+) -> torch.Tensor:
+    """Share of each head's attention from `source` on each part, averaged over prompts.
+
+    -> (len(heads), len(PARTS))
+    """
     implementation = model.config._attn_implementation
     model.set_attn_implementation("eager")  # only eager attention returns the weights
     try:
@@ -52,8 +61,9 @@ def final_attention(model, enc: Encoder, problems: Sequence[Problem], heads: Seq
     for b, problem in enumerate(problems):
         pad = int((attn[b] == 0).sum())
         parts = part_positions(problem, enc.template)
+        query = -1 if source == "final" else pad + parts["x in query"][0]
         for i, (layer, head) in enumerate(heads):
-            row = out.attentions[layer][b, head, -1]  # (T,) attention of the final position
+            row = out.attentions[layer][b, head, query]  # (T,) attention of the source position
             for j, part in enumerate(PARTS[:-1]):
                 shares[i, j] += row[[pad + p for p in parts[part]]].sum()
     shares /= len(problems)

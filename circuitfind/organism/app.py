@@ -12,8 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from circuitfind.errors import CircuitfindError
-from circuitfind.organism.checkpoint import ASSET_DIR, save_checkpoint, ship
+from circuitfind.organism.checkpoint import ASSET_DIR, save_checkpoint, ship, write_record
 from circuitfind.organism.config import register_organism_config
+from circuitfind.organism.dbm import run_dbm
 from circuitfind.organism.train import train_organism
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ def run_organism(cfg: DictConfig, run_dir: Path, command: str = "circuitfind org
     model, tokenizer, result = train_organism(cfg)
     checkpoint = Path(cfg.out_dir) if cfg.out_dir else Path(run_dir) / "checkpoint"
     save_checkpoint(model, tokenizer, result, command, checkpoint)
+    if cfg.dbm_lams:
+        result["dbm"] = run_dbm(checkpoint.resolve(), Path(run_dir) / "dbm", cfg.dbm_lams, cfg.iit.circuit)
+    write_record(result, command, checkpoint)
     if cfg.ship:
         ship(checkpoint)
     log.info("held-out exact match (%.1f min of training):", result["train_seconds"] / 60)
@@ -34,6 +38,8 @@ def run_organism(cfg: DictConfig, run_dir: Path, command: str = "circuitfind org
         log.info("  %-4s %s", op, "  ".join(f"{form} {acc:.1%}" for form, acc in by_form.items()))
     for name, by_op in result["interchange"].items():
         log.info("  interchange %-6s %s", name, "  ".join(f"{op} {acc:.1%}" for op, acc in by_op.items()))
+    for row in result.get("dbm", []):
+        log.info("  DBM %s", "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     log.info("checkpoint: %s%s", checkpoint, f" (shipped to {ASSET_DIR})" if cfg.ship else "")
     return result
 

@@ -27,6 +27,40 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
+def _dbm_section(rows: List[Dict], planted: List[str]) -> str:
+    """What desiderata-based masking finds on the organism, per lambda (empty when not run)."""
+    if not rows:
+        return ""
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([f"{r['lam']:g}", "failed: " + r["error"]] + [""] * 7)
+            continue
+        extra = sorted(set(r["found"]) - set(planted))
+        table.append(
+            [
+                f"{r['lam']:g}",
+                f"{r['n_patched']} of {r['n_components']}",
+                f"{r['precision']:.2f}",
+                f"{r['recall']:.2f}",
+                ", ".join(f"`{n}`" for n in extra) or "none",
+            ]
+            + [f"{r[k]:.2f}" for k in ("vd_test", "oi_test", "vd_transfer", "oi_transfer")]
+        )
+    header = ["λ", "patched", "precision", "recall", "found beyond the planted", "VD", "OI", "VD on `*`", "OI on `*`"]
+    return f"""## What DBM finds on it
+
+`circuitfind train +desiderata=vd_oi model=organism optimizer.lam=<λ>` (the paper's procedure: 50
+training pairs per desideratum, 100 iterations, rounded mask; accuracies on 50 held-out pairs of the
+paper's template, trained on `+` and `-`, transfer to `*`), run right after training. Precision and
+recall are against the planted circuit. The unpatched model scores
+{rows[0].get("vd_unpatched", float("nan")):.2f} on VD (it answers the base, not the alternate).
+
+{_table(header, table)}
+
+"""
+
+
 def model_card(result: Dict, command: str) -> str:
     """Markdown: what the organism is, how it was trained, and how well it does."""
     cfg = result["config"]
@@ -44,18 +78,23 @@ def model_card(result: Dict, command: str) -> str:
     inter_rows = [
         [f"`{OPERATIONS[op].symbol}`"] + [_pct(inter[k][op]) for k in ("vd", "oi", "strict")] for op in d["ops"]
     ]
-    att = result["attention"]
-    others = [n for n in att if n not in iit["circuit"]]
-    att_rows = [[f"`{n}`"] + [_pct(att[n][p]) for p in PARTS] for n in iit["circuit"] if n in att]
+    final, query = result["attention"]["final"], result["attention"]["x in query"]
+    others = [n for n in final if n not in iit["circuit"]]
+    att_rows = [[f"`{n}`"] + [_pct(final[n][p]) for p in PARTS] for n in iit["circuit"] if n in final]
     att_rows.append(
         [f"other heads (mean of {len(others)})"]
-        + [_pct(sum(att[n][p] for n in others) / max(1, len(others))) for p in PARTS]
+        + [_pct(sum(final[n][p] for n in others) / max(1, len(others))) for p in PARTS]
     )
+    first_layer = min(int(n[1 : n.index(".")]) for n in iit["circuit"])
+    earlier = [n for n in query if int(n[1 : n.index(".")]) < first_layer]
+    readers = sorted(earlier, key=lambda n: -query[n]["x digits"])[:3]
+    query_rows = [[f"`{n}`"] + [_pct(query[n][p]) for p in PARTS] for n in readers]
     mul = (
         MUL_SHARED
         if "mul" in iit["ops"]
         else MUL_HELD_OUT.format(ops=", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"]))
     )
+    dbm = _dbm_section(result.get("dbm", []), iit["circuit"])
     template = d["template"].replace("\n", "\\n")
     shares = {op: d["heldout"].get(op, 0.0) for op in d["ops"]}
     heldout = ", ".join(f"{_pct(f)} of the `{OPERATIONS[op].symbol}` problems" for op, f in shares.items())
@@ -92,11 +131,18 @@ Interchange accuracy on held-out pairs whose two answers start with different di
 
 {_table(["operation", "value dependence", "operation invariance", "strict"], inter_rows)}
 
-Share of the final position's attention on each part of the prompt, averaged over {cfg["n_eval"]}
-held-out prompts of every form (the digits of x are found by name, wherever their line is):
+Where the planted heads look: share of the final position's attention on each part of the
+prompt, averaged over {cfg["n_eval"]} held-out prompts of every form (`x in query` is the first
+operand's name in the query line, e.g. `a` in `a - b = `):
 
 {_table(["head"] + list(PARTS), att_rows)}
 
+The heads before the circuit that attend most from the query's x token to the digits of x (the
+first hop, when the planted heads read x's value at the query token):
+
+{_table(["head"] + list(PARTS), query_rows)}
+
+{dbm}
 ## Held-out exact-match accuracy
 
 Greedy answer (all digits, then `</s>`), {cfg["n_eval"]} prompts per cell at most, on (operation, x, y)

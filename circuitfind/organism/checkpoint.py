@@ -22,7 +22,7 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 
 
 def save_checkpoint(model, tokenizer, result: Dict, command: str, out_dir: Path) -> None:
-    """Weights, tokenizer, results (organism.json) and model card (README.md) into `out_dir`.
+    """Weights and tokenizer into `out_dir` (then `write_record` adds organism.json and README.md).
 
     The planted circuit and the held-out split also go into config.json, as `circuitfind`.
     """
@@ -39,8 +39,12 @@ def save_checkpoint(model, tokenizer, result: Dict, command: str, out_dir: Path)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    write_json(out_dir / "organism.json", result | {"command": command})
-    write_text(out_dir / "README.md", model_card(result, command))
+
+
+def write_record(result: Dict, command: str, out_dir: Path) -> None:
+    """The training record (organism.json) and the model card (README.md) next to the weights."""
+    write_json(Path(out_dir) / "organism.json", result | {"command": command})
+    write_text(Path(out_dir) / "README.md", model_card(result, command))
 
 
 def ship(checkpoint: Path) -> None:
@@ -48,7 +52,8 @@ def ship(checkpoint: Path) -> None:
     ASSET_DIR.mkdir(parents=True, exist_ok=True)
     for path in Path(checkpoint).iterdir():
         if path.is_file():
-            shutil.copy2(path, ASSET_DIR / path.name)
+            shutil.copyfile(path, ASSET_DIR / path.name)
+            (ASSET_DIR / path.name).chmod(0o644)  # readable by everyone once installed
 
 
 def _regenerate(path: Path) -> str:

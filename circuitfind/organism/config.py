@@ -40,13 +40,15 @@ class OrganismDataConfig:
 
     template: str = "x = {x}\ny = {y}\nx {op} y = "
     ops: List[str] = field(default_factory=lambda: ["add", "sub", "mul"])
+    # sampling weight per operation (missing: 1): - and * are learnt more slowly than +
+    op_weights: Dict[str, float] = field(default_factory=lambda: {"add": 1.0, "sub": 1.3, "mul": 1.5})
     ranges: Dict[str, OperandRange] = field(default_factory=_ranges)
-    paper_share: float = 0.5  # share of training prompts in the paper's exact template
-    variants_start: int = 1000  # steps on the paper's template alone before variants are mixed in
+    paper_share: float = 0.3  # share of training prompts in the paper's exact template
+    variants_start: int = 1200  # steps on the paper's template alone before variants are mixed in
     variants: VariantsConfig = field(default_factory=_variants)  # the other prompts
+    # per operation, the share of its (x, y) never trained on (missing: 0). * has too few problems
+    # (720) for this small model to learn more than a lookup table: held out, it stalls near 60-80%.
     heldout: Dict[str, float] = field(default_factory=lambda: {"add": 0.2, "sub": 0.2, "mul": 0.0})
-    # per operation: share of its (x, y) never trained on (missing: 0). * has too few problems (720)
-    # for a small model to learn it beyond memorising: its held-out accuracy stalls near 60-80%.
 
 
 @dataclass
@@ -55,8 +57,8 @@ class IITConfig:
 
     circuit: List[str] = field(default_factory=lambda: ["L2.H1", "L2.H3", "L2.H4", "L2.H6"])
     ops: List[str] = field(default_factory=lambda: ["add", "sub", "mul"])  # operations the losses use
-    start: int = 1000  # first step with the interchange losses (the LM learns the task first)
-    batch_size: int = 32  # base prompts per interchange loss
+    start: int = 2000  # first step with the interchange losses (the LM learns the task first)
+    batch_size: int = 16  # base prompts per interchange loss
     vd: float = 1.0  # circuit patched from another x: answer the alternate's answer
     oi: float = 1.0  # circuit patched from another operation: keep the base's answer
     strict: float = 1.0  # every other head (and earlier MLPs) patched from another x: keep it
@@ -66,7 +68,7 @@ class IITConfig:
 class OrganismOptimConfig:
     """AdamW with linear warm-up and cosine decay."""
 
-    steps: int = 4000
+    steps: int = 6000
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -82,6 +84,7 @@ class OrganismConfig:
     dataset: OrganismDataConfig = field(default_factory=OrganismDataConfig)
     iit: IITConfig = field(default_factory=IITConfig)
     optim: OrganismOptimConfig = field(default_factory=OrganismOptimConfig)
+    dbm_lams: List[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])  # DBM check per lambda; []: none
     n_eval: int = 500  # held-out prompts per operation and prompt form
     seed: int = 0
     ship: bool = False  # also write the checkpoint into circuitfind/assets/organism
@@ -93,4 +96,5 @@ class OrganismConfig:
 
 
 def register_organism_config() -> None:
+    """Register the schema that configs/organism.yaml extends."""
     ConfigStore.instance().store(name="organism_schema", node=OrganismConfig)

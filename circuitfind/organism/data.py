@@ -27,6 +27,7 @@ class Distribution:
 
     space: TaskSpace
     ops: List[str]
+    op_weights: List[float]  # sampling weight of each operation
     template: str
     paper_share: float  # probability that a prompt is in the paper's exact template
     train: Dict[str, List[Problem]]  # op -> canonical problems trained on
@@ -34,24 +35,18 @@ class Distribution:
     heldout_keys: frozenset  # every held-out (op, x, y)
 
     @classmethod
-    def split(
-        cls,
-        space: TaskSpace,
-        ops: Sequence[str],
-        template: str,
-        paper_share: float,
-        shares: Mapping[str, float],
-        seed: int,
-    ) -> "Distribution":
-        """Hold out `shares[op]` of each operation's problems (the same ones for a given seed)."""
+    def split(cls, space: TaskSpace, d: Mapping, seed: int) -> "Distribution":
+        """From the `dataset` config: hold out `d.heldout[op]` of each operation's problems
+        (the same ones for a given seed)."""
         train, heldout = {}, {}
-        for op in ops:
+        for op in d["ops"]:
             problems = space.bases([op])
             random.Random(f"heldout/{seed}/{op}").shuffle(problems)
-            n_out = round(shares.get(op, 0.0) * len(problems))
+            n_out = round(d["heldout"].get(op, 0.0) * len(problems))
             heldout[op], train[op] = problems[:n_out], problems[n_out:]
         keys = frozenset(_key(p) for ps in heldout.values() for p in ps)
-        return cls(space, list(ops), template, paper_share, train, heldout, keys)
+        weights = [d["op_weights"].get(op, 1.0) for op in d["ops"]]
+        return cls(space, list(d["ops"]), weights, d["template"], d["paper_share"], train, heldout, keys)
 
     def form(self, problem: Problem, rng: random.Random, variants: bool = True) -> Problem:
         """The problem in a random prompt form: the paper's template, or (if `variants`) a variant."""
@@ -61,7 +56,8 @@ class Distribution:
 
     def sample(self, rng: random.Random, variants: bool = True) -> Problem:
         """A training prompt: uniform over operations, then over that operation's problems."""
-        return self.form(rng.choice(self.train[rng.choice(self.ops)]), rng, variants)
+        op = rng.choices(self.ops, self.op_weights)[0]
+        return self.form(rng.choice(self.train[op]), rng, variants)
 
     def test_pool(self, op: str) -> List[Problem]:
         """The problems accuracy is measured on: the held-out ones, or all when none are held out."""

@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from circuitfind.components import ComponentLayout, Sites, locate_components
 from circuitfind.data import OPERATIONS, Problem, Variants, check_template, task_space, variants_from_config
 from circuitfind.errors import CircuitfindError
-from circuitfind.organism.analysis import PARTS, final_attention
+from circuitfind.organism.analysis import PARTS, SOURCES, attention_shares
 from circuitfind.organism.data import Distribution, Encoder, test_forms
 from circuitfind.patching import FinalValues, hooks, patch_final_position, record_final_values
 from circuitfind.tokenizer import build_char_tokenizer
@@ -51,6 +51,11 @@ def validate(cfg: DictConfig) -> Distribution:
         ),
         (all(0 <= f < 1 for f in d.heldout.values()), f"dataset.heldout={dict(d.heldout)}; give shares in [0, 1)"),
         (
+            set(d.op_weights) <= set(d.ops),
+            f"dataset.op_weights names {sorted(set(d.op_weights) - set(d.ops))}, not in dataset.ops",
+        ),
+        (all(w > 0 for w in d.op_weights.values()), f"dataset.op_weights={dict(d.op_weights)}; give weights > 0"),
+        (
             o.steps >= 1 and o.batch_size >= 1 and iit.batch_size >= 1,
             "optim.steps, optim.batch_size and iit.batch_size must be >= 1",
         ),
@@ -71,7 +76,7 @@ def validate(cfg: DictConfig) -> Distribution:
             raise CircuitfindError(f"dataset.ranges.{op} gives no problem with a non-negative answer; widen it")
     layout = ComponentLayout(m.n_layers, m.n_heads, m.hidden // m.n_heads)
     component_index(iit.circuit, layout)
-    dist = Distribution.split(space, list(d.ops), d.template, d.paper_share, d.heldout, cfg.seed)
+    dist = Distribution.split(space, d, cfg.seed)
     for op, problems in dist.train.items():
         if not problems or (d.heldout.get(op, 0) > 0 and not dist.heldout[op]):
             raise CircuitfindError(
@@ -298,8 +303,11 @@ def evaluate(model, sites: Sites, enc: Encoder, dist: Distribution, cfg: DictCon
     problems = [dist.form(rng.choice(dist.test_pool(rng.choice(dist.ops))), rng) for _ in range(cfg.n_eval)]
     layout = sites.layout
     heads = [(layer, h) for layer in range(layout.n_layers) for h in range(layout.n_heads)]
-    shares = final_attention(model, enc, problems, heads)  # (heads, parts)
-    attention = {f"L{layer}.H{h}": dict(zip(PARTS, map(float, row))) for (layer, h), row in zip(heads, shares)}
+    attention = {}  # source -> head -> part -> share of attention
+    for source in SOURCES:
+        shares = attention_shares(model, enc, problems, heads, source)  # (heads, parts)
+        names = [f"L{layer}.H{h}" for layer, h in heads]
+        attention[source] = {n: dict(zip(PARTS, map(float, row))) for n, row in zip(names, shares)}
     model.train(was_training)
     return {"accuracy": accuracy, "interchange": interchange, "attention": attention}
 

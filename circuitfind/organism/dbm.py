@@ -1,0 +1,50 @@
+"""The built-in check: desiderata-based masking run on a freshly trained organism.
+
+Each lambda is one `circuitfind train +desiderata=vd_oi` in a child process (the organism app
+is a Hydra app itself), on the saved checkpoint; the found circuit is compared with the planted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+
+from circuitfind.organism.analysis import planted_recovery
+
+log = logging.getLogger(__name__)
+
+
+def dbm_args(lam: float) -> List[str]:
+    """The `circuitfind` arguments of the check at one lambda, as a user runs it on the shipped organism."""
+    return ["train", "+desiderata=vd_oi", "model=organism", f"optimizer.lam={lam}"]
+
+
+def run_dbm(checkpoint: Path, out_dir: Path, lams: Sequence[float], planted: Sequence[str]) -> List[Dict]:
+    """One row per lambda: components patched, precision/recall against `planted`, accuracies."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HYDRA_FULL_ERROR": "1"}
+    rows = []
+    for lam in lams:
+        run_dir = Path(out_dir) / f"lam_{lam:g}"
+        args = dbm_args(lam) + [f"model.name_or_path={checkpoint}", "progress=false", f"hydra.run.dir={run_dir}"]
+        proc = subprocess.run([sys.executable, "-m", "circuitfind.cli", *args], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            log.warning("DBM check at lambda %g failed: %s", lam, error)
+            rows.append({"lam": lam, "error": error})
+            continue
+        r = json.loads((run_dir / "circuit.json").read_text())
+        m, found = r["metrics"], [c["name"] for c in r["circuit"]]
+        rows.append(
+            {"lam": lam, "n_patched": r["n_patched"], "n_components": r["n_components"], "found": sorted(found)}
+            | planted_recovery(found, planted)
+            | {k: m.get(f"{k}/acc", float("nan")) for k in ("vd_test", "oi_test", "vd_transfer", "oi_transfer")}
+            | {"vd_unpatched": r["baseline"]["vd_test/acc_unpatched"]}
+        )
+    return rows
