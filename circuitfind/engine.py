@@ -8,8 +8,9 @@ is the plain reference the cached engine is tested against.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -18,6 +19,22 @@ from circuitfind.components import Sites, device_of
 from circuitfind.errors import CircuitfindError
 from circuitfind.patching import FinalValues, patch_final_position, record_final_values
 from circuitfind.tokens import EncodedPairs, position_ids
+
+
+def with_cache(body: torch.nn.Module, cache: Optional[Cache]) -> Dict[str, Any]:
+    """Keyword arguments that hand `cache` to `body` and ask for one back.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40); both
+    are in the supported range, so the name is read off the model's own signature.
+    """
+    name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def returned_cache(out) -> Cache:
+    """The key/value cache a forward returned, under either name (see `with_cache`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 @dataclass
@@ -191,8 +208,8 @@ class CachedEngine(FullEngine):
     def _prefix_kv(self, pairs: EncodedPairs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         # A plain DynamicCache keeps every prefix position, even past a sliding window; the
         # final token's attention mask then applies the window as the full prompt would.
-        out = self._run(pairs.base_ids[:, :-1], pairs.base_attn[:, :-1], use_cache=True, past_key_values=DynamicCache())
-        return [(layer[0], layer[1]) for layer in out.past_key_values]  # per layer (B, kvH, T-1, D)
+        out = self._run(pairs.base_ids[:, :-1], pairs.base_attn[:, :-1], **with_cache(self.body, DynamicCache()))
+        return [(layer[0], layer[1]) for layer in returned_cache(out)]  # per layer (B, kvH, T-1, D)
 
     @torch.no_grad()
     def prepare(self, pairs: EncodedPairs) -> Prepared:
@@ -213,8 +230,7 @@ class CachedEngine(FullEngine):
                 input_ids=prep.pairs.base_ids[:, -1:].repeat(k, 1).to(self.device),
                 attention_mask=attn.to(self.device),
                 position_ids=position_ids(attn)[:, -1:].to(self.device),
-                past_key_values=cache,
-                use_cache=True,
+                **with_cache(self.body, cache),
             )
         return out.last_hidden_state[:, -1].view(k, b, -1)
 

@@ -35,7 +35,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from circuitfind.components import locate_components
 from circuitfind.data import make_pairs, task_space
 from circuitfind.desiderata import get_desideratum
-from circuitfind.engine import Readout, final_slot_cache, make_engine, prefix_buffers
+from circuitfind.engine import Readout, final_slot_cache, make_engine, prefix_buffers, returned_cache, with_cache
 from circuitfind.models import DTYPES
 from circuitfind.patching import FinalValues, record_final_values
 from circuitfind.tokenizer import build_char_tokenizer
@@ -130,8 +130,7 @@ def floor_step(model, prefix_kv, enc, readout) -> Callable[[], torch.Tensor]:
             inputs_embeds=x,
             attention_mask=enc.base_attn,
             position_ids=position_ids(enc.base_attn)[:, -1:],
-            past_key_values=final_slot_cache(buffers),
-            use_cache=True,
+            **with_cache(model.base_model, final_slot_cache(buffers)),
         )
         d = readout.logit_diff(out.last_hidden_state[:, -1][None], enc.alt_answer, enc.base_answer)
         d.mean().backward()
@@ -228,9 +227,9 @@ def bench_shape(shape: str, batch: int, repeats: int, device: str, dtype: torch.
             input_ids=enc.base_ids[:, :-1],
             attention_mask=enc.base_attn[:, :-1],
             position_ids=position_ids(enc.base_attn[:, :-1]),
-            use_cache=True,
+            **with_cache(model.base_model, None),
         )
-        prefix_kv = [(layer[0], layer[1]) for layer in out.past_key_values]
+        prefix_kv = [(layer[0], layer[1]) for layer in returned_cache(out)]
 
     k = 8
     big = PairEncoder(tok, TEMPLATE).encode(pairs * k).to(device)  # the batch (d) runs through the model
@@ -239,9 +238,9 @@ def bench_shape(shape: str, batch: int, repeats: int, device: str, dtype: torch.
             input_ids=big.base_ids[:, :-1],
             attention_mask=big.base_attn[:, :-1],
             position_ids=position_ids(big.base_attn[:, :-1]),
-            use_cache=True,
+            **with_cache(model.base_model, None),
         )
-        big_kv = [(layer[0], layer[1]) for layer in out.past_key_values]
+        big_kv = [(layer[0], layer[1]) for layer in returned_cache(out)]
     variants = {
         "(a) published style": (lambda: (-published.step(pub_mask).mean()).backward(), 1),
         "(b) engine=full": (engine_step("full", 1), 1),

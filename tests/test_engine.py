@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -27,6 +29,16 @@ def test_cache_policies_give_the_same_result(cache):
         d0 = unpatched_logit_diff(eng, readout, prep)
         out[policy] = patched_delta(eng, readout, prep, d0, mask)
     assert torch.allclose(out["device"], out[cache], atol=1e-6)
+
+
+def test_cached_engine_uses_no_deprecated_transformers_argument():
+    """transformers renamed past_key_values to cache (5.24) and drops the old name in 5.40."""
+    model, sites, enc = setup("gqa", padded=True)
+    eng = make_engine("cached", model, sites)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        prep = eng.prepare(enc)
+        eng.final_hidden(prep, torch.ones(1, *sites.layout.shape))
 
 
 def test_unknown_cache_policy():
