@@ -88,6 +88,11 @@ def test_shipped_organism_answers_heldout_prompts():
         assert exact_match(model, enc, list(prompts.values())) >= 0.99, op
 
 
+def test_the_organism_is_the_default_model():
+    cfg = train_cfg(["+desiderata=vd_oi"])
+    assert cfg.model.kind == "organism" and cfg.model.name_or_path is None  # the copy shipped in the package
+
+
 def test_dbm_on_the_organism_beats_the_unpatched_baseline(tmp_path):
     cfg = train_cfg(
         [

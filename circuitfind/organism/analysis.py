@@ -2,8 +2,9 @@
 
 A binding circuit must fetch the digits of x's definition, wherever that line is (first,
 second, after a distractor) and whatever x is called: either directly from the final
-position, or in two hops, first into the query's x token (`a` in `a - b = `), whose value the
-final position then reads.
+position, or in two hops, through a position that earlier heads copied them into. Two such
+carriers are named: the query's x token (`a` in `a - b = `), and the first space of the line
+after x's definition (3 to 4 tokens after its digits, a short hop for a positional head).
 """
 
 from __future__ import annotations
@@ -15,24 +16,29 @@ import torch
 from circuitfind.data import Problem
 from circuitfind.organism.data import Encoder
 
-PARTS = ("x digits", "y digits", "distractor digits", "x in query", "y in query", "rest")
-SOURCES = ("final", "x in query")  # where the attention is read from
+PARTS = ("x digits", "y digits", "distractor digits", "x in query", "y in query", "x carrier", "y carrier", "rest")
+SOURCES = ("final", "x carrier")  # where the attention is read from
 
 
 def part_positions(problem: Problem, template: str) -> Dict[str, List[int]]:
     """Token positions (after <s>, one token per character) of each part of the prompt but the rest."""
     text = problem.render(template)
-    digits_of = {}
-    offset = 1  # <s>
-    for line in text.split("\n")[:-1]:  # definition lines `name = value`; the last is the query
+    lines = text.split("\n")  # definition lines `name = value`, then the query `x op y = `
+    starts = [1]  # after <s>
+    for line in lines:
+        starts.append(starts[-1] + len(line) + 1)
+    digits_of, carrier_of = {}, {}
+    for k, line in enumerate(lines[:-1]):
         name, _, value = line.partition(" = ")
-        start = offset + len(name) + 3
-        digits_of[name] = list(range(start, start + len(value)))
-        offset += len(line) + 1
+        first = starts[k] + len(name) + 3
+        digits_of[name] = list(range(first, first + len(value)))
+        carrier_of[name] = [starts[k + 1] + 1]  # the first space of the next line
+    query = starts[len(lines) - 1]
     x_name, y_name = problem.names
     parts = {"x digits": digits_of.get(x_name, []), "y digits": digits_of.get(y_name, [])}
     parts["distractor digits"] = [p for n, ps in digits_of.items() if n not in (x_name, y_name) for p in ps]
-    parts["x in query"], parts["y in query"] = [offset], [offset + 4]  # the query line: `x op y = `
+    parts["x in query"], parts["y in query"] = [query], [query + 4]
+    parts["x carrier"], parts["y carrier"] = carrier_of.get(x_name, []), carrier_of.get(y_name, [])
     return parts
 
 
@@ -61,7 +67,7 @@ def attention_shares(
     for b, problem in enumerate(problems):
         pad = int((attn[b] == 0).sum())
         parts = part_positions(problem, enc.template)
-        query = -1 if source == "final" else pad + parts["x in query"][0]
+        query = -1 if source == "final" else pad + parts[source][0]
         for i, (layer, head) in enumerate(heads):
             row = out.attentions[layer][b, head, query]  # (T,) attention of the source position
             for j, part in enumerate(PARTS[:-1]):
@@ -69,12 +75,3 @@ def attention_shares(
     shares /= len(problems)
     shares[:, -1] = 1 - shares[:, :-1].sum(dim=1)
     return shares
-
-
-def planted_recovery(found: Sequence[str], planted: Sequence[str]) -> Dict[str, float]:
-    """Precision and recall of a found circuit (component names) against the planted one."""
-    hits = len(set(found) & set(planted))
-    return {
-        "precision": hits / len(set(found)) if found else float("nan"),
-        "recall": hits / len(set(planted)) if planted else float("nan"),
-    }

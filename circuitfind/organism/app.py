@@ -29,7 +29,7 @@ def run_organism(cfg: DictConfig, run_dir: Path, command: str = "circuitfind org
     checkpoint = Path(cfg.out_dir) if cfg.out_dir else Path(run_dir) / "checkpoint"
     save_checkpoint(model, tokenizer, result, command, checkpoint)
     if cfg.dbm_lams:
-        result["dbm"] = run_dbm(checkpoint.resolve(), Path(run_dir) / "dbm", cfg.dbm_lams, cfg.iit.circuit)
+        result["dbm"] = run_dbm(checkpoint.resolve(), Path(run_dir) / "dbm", cfg.dbm_lams)
     write_record(result, command, checkpoint)
     if cfg.ship:
         ship(checkpoint)

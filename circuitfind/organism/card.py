@@ -78,7 +78,7 @@ def model_card(result: Dict, command: str) -> str:
     inter_rows = [
         [f"`{OPERATIONS[op].symbol}`"] + [_pct(inter[k][op]) for k in ("vd", "oi", "strict")] for op in d["ops"]
     ]
-    final, query = result["attention"]["final"], result["attention"]["x in query"]
+    final, carrier = result["attention"]["final"], result["attention"]["x carrier"]
     others = [n for n in final if n not in iit["circuit"]]
     att_rows = [[f"`{n}`"] + [_pct(final[n][p]) for p in PARTS] for n in iit["circuit"] if n in final]
     att_rows.append(
@@ -86,14 +86,15 @@ def model_card(result: Dict, command: str) -> str:
         + [_pct(sum(final[n][p] for n in others) / max(1, len(others))) for p in PARTS]
     )
     first_layer = min(int(n[1 : n.index(".")]) for n in iit["circuit"])
-    earlier = [n for n in query if int(n[1 : n.index(".")]) < first_layer]
-    readers = sorted(earlier, key=lambda n: -query[n]["x digits"])[:3]
-    query_rows = [[f"`{n}`"] + [_pct(query[n][p]) for p in PARTS] for n in readers]
+    earlier = [n for n in carrier if int(n[1 : n.index(".")]) < first_layer]
+    copiers = sorted(earlier, key=lambda n: -carrier[n]["x digits"])[:4]
+    carrier_rows = [[f"`{n}`"] + [_pct(carrier[n][p]) for p in PARTS] for n in copiers]
     mul = (
         MUL_SHARED
         if "mul" in iit["ops"]
         else MUL_HELD_OUT.format(ops=", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"]))
     )
+    weights = ", ".join(f"`{OPERATIONS[op].symbol}` {d['op_weights'].get(op, 1.0):g}" for op in d["ops"])
     dbm = _dbm_section(result.get("dbm", []), iit["circuit"])
     template = d["template"].replace("\n", "\\n")
     shares = {op: d["heldout"].get(op, 0.0) for op in d["ops"]}
@@ -132,15 +133,17 @@ Interchange accuracy on held-out pairs whose two answers start with different di
 {_table(["operation", "value dependence", "operation invariance", "strict"], inter_rows)}
 
 Where the planted heads look: share of the final position's attention on each part of the
-prompt, averaged over {cfg["n_eval"]} held-out prompts of every form (`x in query` is the first
-operand's name in the query line, e.g. `a` in `a - b = `):
+prompt, averaged over {cfg["n_eval"]} held-out prompts of every form. `x in query` is the first
+operand's name in the query line (`a` in `a - b = `); `x carrier` is the first space of the
+line after x's definition (or of the query line), a position that earlier heads can copy x's
+digits into with a short positional hop:
 
 {_table(["head"] + list(PARTS), att_rows)}
 
-The heads before the circuit that attend most from the query's x token to the digits of x (the
-first hop, when the planted heads read x's value at the query token):
+The heads before the circuit that attend most from the x carrier to the digits of x (the first
+hop, when the planted heads read x's value at the carrier):
 
-{_table(["head"] + list(PARTS), query_rows)}
+{_table(["head"] + list(PARTS), carrier_rows)}
 
 {dbm}
 ## Held-out exact-match accuracy
@@ -160,8 +163,9 @@ definition of another variable ({", ".join(v["distractor_names"])}) that the ans
 - Seed {cfg["seed"]}; {o["steps"]} steps of AdamW (batch {o["batch_size"]}, lr {o["lr"]} with {o["warmup"]} warm-up steps and
   cosine decay, weight decay {o["weight_decay"]}); interchange batch {iit["batch_size"]}.
 - Training took {result["train_seconds"] / 60:.1f} minutes on CPU with {result["threads"]} torch thread(s).
-- Data: operations {symbols} ({ranges}); {_pct(d["paper_share"])} of prompts in the paper's template,
-  the rest in variant forms (other names drawn uniformly; y first with probability {v["y_first"]}; a
+- Data: operations {symbols} ({ranges}), drawn with weights {weights}; the paper's template alone
+  for the first {d["variants_start"]} steps (binding by name is learnt much faster on top of the task), then
+  {_pct(d["paper_share"])} of prompts in the paper's template, the rest in variant forms (other names drawn uniformly; y first with probability {v["y_first"]}; a
   distractor with probability {v["distractor"]}). Held out (never trained on, in any form, nor used as an
   interchange alternate): {heldout}.
 - `organism.json` holds the full training record (config, loss history, every accuracy).

@@ -16,8 +16,6 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from circuitfind.organism.analysis import planted_recovery
-
 log = logging.getLogger(__name__)
 
 
@@ -26,8 +24,8 @@ def dbm_args(lam: float) -> List[str]:
     return ["train", "+desiderata=vd_oi", "model=organism", f"optimizer.lam={lam}"]
 
 
-def run_dbm(checkpoint: Path, out_dir: Path, lams: Sequence[float], planted: Sequence[str]) -> List[Dict]:
-    """One row per lambda: components patched, precision/recall against `planted`, accuracies."""
+def run_dbm(checkpoint: Path, out_dir: Path, lams: Sequence[float]) -> List[Dict]:
+    """One row per lambda: components patched, precision/recall against the checkpoint's planted circuit, accuracies."""
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HYDRA_FULL_ERROR": "1"}
     rows = []
     for lam in lams:
@@ -43,7 +41,7 @@ def run_dbm(checkpoint: Path, out_dir: Path, lams: Sequence[float], planted: Seq
         m, found = r["metrics"], [c["name"] for c in r["circuit"]]
         rows.append(
             {"lam": lam, "n_patched": r["n_patched"], "n_components": r["n_components"], "found": sorted(found)}
-            | planted_recovery(found, planted)
+            | {k: r["planted"][k] for k in ("precision", "recall")}
             | {k: m.get(f"{k}/acc", float("nan")) for k in ("vd_test", "oi_test", "vd_transfer", "oi_transfer")}
             | {"vd_unpatched": r["baseline"]["vd_test/acc_unpatched"]}
         )
