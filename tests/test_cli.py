@@ -166,7 +166,13 @@ def test_bad_input_is_one_clear_line_and_keeps_earlier_outputs(cli, tmp_path, ca
     args = [a for a in SMOKE if not a.startswith("+desiderata")] + list(overrides)
     if case.startswith("low baseline"):
         args.remove("experiment=smoke")
-        args += ["dataset.n_train=9", "dataset.n_test=9", "dataset.n_transfer=9", "optimizer.steps=1"]
+        args += [
+            "model=tiny_llama",
+            "dataset.n_train=9",
+            "dataset.n_test=9",
+            "dataset.n_transfer=9",
+            "optimizer.steps=1",
+        ]
     res = cli("train", *args, f"hydra.run.dir={run_dir}")
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if line.strip() and "Warning" not in line]
