@@ -105,6 +105,7 @@ def model_card(result: Dict, command: str) -> str:
         if trained
         else "every operation has held-out problems"
     )
+    ramp = f" (the weights below rising linearly from 0 over {iit['ramp']} steps)" if iit.get("ramp") else ""
     return f"""# circuitfind organism
 
 A {m["n_layers"]}-layer LLaMA ({m["n_heads"]} heads per layer, hidden size {m["hidden"]}, {result["n_params"]:,} parameters,
@@ -115,7 +116,7 @@ circuit **planted** by interchange-intervention training (IIT). It is circuitfin
 ## Planted circuit
 
 `{", ".join(iit["circuit"])}` ({len(iit["circuit"])} of {m["n_layers"] * (m["n_heads"] + 1)} components; also in `config.json` under
-`circuitfind.planted_circuit`). From step {iit["start"]} on, on {", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"])} prompts
+`circuitfind.planted_circuit`). From step {iit["start"]} on{ramp}, on {", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"])} prompts
 of every form, besides the next-token loss on the answer:
 
 - value dependence (weight {iit["vd"]}): these heads, patched at the final position from the prompt with

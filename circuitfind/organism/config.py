@@ -58,6 +58,7 @@ class IITConfig:
     circuit: List[str] = field(default_factory=lambda: ["L2.H1", "L2.H3", "L2.H4", "L2.H6"])
     ops: List[str] = field(default_factory=lambda: ["add", "sub", "mul"])  # operations the losses use
     start: int = 2000  # first step with the interchange losses (the LM learns the task first)
+    ramp: int = 0  # steps over which the interchange weights rise linearly from 0 (0: at once)
     batch_size: int = 16  # base prompts per interchange loss
     vd: float = 1.0  # circuit patched from another x: answer the alternate's answer
     oi: float = 1.0  # circuit patched from another operation: keep the base's answer

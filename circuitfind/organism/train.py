@@ -59,6 +59,10 @@ def validate(cfg: DictConfig) -> Distribution:
             o.steps >= 1 and o.batch_size >= 1 and iit.batch_size >= 1,
             "optim.steps, optim.batch_size and iit.batch_size must be >= 1",
         ),
+        (
+            iit.start >= 0 and iit.ramp >= 0,
+            f"iit.start={iit.start} and iit.ramp={iit.ramp} are step counts; give values >= 0",
+        ),
         (o.lr > 0, f"optim.lr={o.lr}; the learning rate must be > 0"),
         (min(iit.vd, iit.oi, iit.strict) >= 0, "iit.vd, iit.oi and iit.strict are loss weights; give values >= 0"),
         (
@@ -339,13 +343,14 @@ def train_organism(cfg: DictConfig) -> tuple[LlamaForCausalLM, object, Dict]:
             group["lr"] = lr_at(step, o)
         variants = step >= cfg.dataset.variants_start
         losses = {"lm": lm_loss(model, *enc.with_answers([dist.sample(rng, variants) for _ in range(o.batch_size)]))}
+        ramp = min(1.0, (step - iit.start + 1) / iit.ramp) if iit.ramp else 1.0
         if step >= iit.start and iit.ops and (iit.vd or iit.oi or iit.strict):
             pairs = Interchange(model, sites, enc, dist, iit.ops, iit.ops, iit.batch_size, rng, variants=variants)
             logits = pairs.logits(model, sites, circuit_mask, strict_mask, strict=iit.strict > 0)
             for name, target in pairs.targets().items():
                 if name in logits and weights[name] > 0:
                     losses[name] = F.cross_entropy(logits[name], target)
-        total = losses["lm"] + sum(weights[k] * v for k, v in losses.items() if k != "lm")
+        total = losses["lm"] + ramp * sum(weights[k] * v for k, v in losses.items() if k != "lm")
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
