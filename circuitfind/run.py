@@ -539,4 +539,9 @@ def write_outputs(
         f"OI acc {m.get('oi_test/acc', float('nan')):.2f}, VD transfer {m.get('vd_transfer/acc', float('nan')):.2f}; "
         f"written to {out_dir}"
     )
+    if planted:
+        log.info(
+            f"λ={lam:g}: against the circuit planted in the model {planted['planted']}: "
+            f"precision {planted['precision']:.2f}, recall {planted['recall']:.2f}"
+        )
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ TINY = [
     "optim.lr=0.01",
     "dataset.variants_start=20",
     "iit.start=30",
+    "iit.ramp=10",
     "iit.batch_size=8",
     "iit.circuit=[L1.H0]",
     "iit.strict=1.0",
@@ -93,24 +95,18 @@ def test_the_organism_is_the_default_model():
     assert cfg.model.kind == "organism" and cfg.model.name_or_path is None  # the copy shipped in the package
 
 
-def test_dbm_on_the_organism_beats_the_unpatched_baseline(tmp_path):
-    cfg = train_cfg(
-        [
-            "+desiderata=vd_oi",
-            "model=organism",
-            "progress=false",
-            "plots=false",
-            "dataset.n_train=27",
-            "dataset.n_test=27",
-            "dataset.n_transfer=9",
-            "optimizer.steps=40",
-            "optimizer.eval_every=40",
-        ]
-    )
-    run_training(cfg, tmp_path)
+def test_the_default_run_finds_the_planted_circuit(tmp_path, caplog):
+    """`circuitfind train +desiderata=vd_oi` as shipped: the issue's bar on the default model."""
+    cfg = train_cfg(["+desiderata=vd_oi", "progress=false", "plots=false"])
+    with caplog.at_level(logging.INFO):
+        run_training(cfg, tmp_path)
     result = json.loads((tmp_path / "circuit.json").read_text())
-    assert result["metrics"]["vd_test/acc"] >= result["baseline"]["vd_test/acc_unpatched"] + 0.5
-    assert result["metrics"]["oi_test/acc"] >= 0.8
+    metrics, baseline = result["metrics"], result["baseline"]
+    assert metrics["vd_test/acc"] >= baseline["vd_test/acc_unpatched"] + 0.5
+    assert metrics["vd_test/acc"] >= 0.9 and metrics["oi_test/acc"] >= 0.9
+    assert result["fraction_patched"] <= 0.25
+    assert result["planted"]["recall"] == 1.0 and result["planted"]["precision"] >= 0.5
+    assert "against the circuit planted in the model" in caplog.text
 
 
 @pytest.fixture
@@ -146,6 +142,7 @@ def test_corrupt_checkpoint_file_is_named_with_the_fix(copied_organism, name):
         ("dataset.ranges.mul.y=[9,2]", "dataset.ranges.mul"),
         ("dataset.ops=[add,pow]", "unknown operations"),
         ("iit.circuit=[L7.H0]", "L7.H0"),
+        ("iit.ramp=-1", "iit.ramp=-1"),
     ],
 )
 def test_impossible_organism_config_fails_before_training(tmp_path, monkeypatch, override, words):
