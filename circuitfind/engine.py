@@ -8,6 +8,7 @@ is the plain reference the cached engine is tested against.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,14 +22,16 @@ from circuitfind.patching import FinalValues, patch_final_position, record_final
 from circuitfind.tokens import EncodedPairs, position_ids
 
 
-def with_cache(body: torch.nn.Module, cache: Optional[Cache]) -> Dict[str, Any]:
-    """Keyword arguments that hand `cache` to `body` and ask for one back.
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40); both
+    are in the supported range, so the name is read off the model's own signature, once per class."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
-    transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40); both
-    are in the supported range, so the name is read off the model's own signature.
-    """
-    name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-    return {name: cache, "use_cache": True}
+
+def with_cache(body: torch.nn.Module, cache: Optional[Cache]) -> Dict[str, Any]:
+    """Keyword arguments that hand `cache` to `body` and ask for one back."""
+    return {_cache_argument(type(body)): cache, "use_cache": True}
 
 
 def returned_cache(out) -> Cache:
