@@ -6,6 +6,7 @@ line naming the problem and the fix; anything else keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Callable, Dict
@@ -32,23 +33,11 @@ USAGE = (
 
 
 def _app(command: str) -> Callable[[], None]:
-    if command == "train":
-        from circuitfind.train import main
-
-        return main
-    if command == "organism":
-        from circuitfind.organism.app import main
-
-        return main
-    if command == "optimum":
-        from circuitfind.optimum import main
-
-        return lambda: main(sys.argv[1:])
-    if command == "report":
-        from circuitfind.report import main
-
-        return lambda: main(sys.argv[1:])
-    raise KeyError(command)
+    """The entry point of a command, imported only when it runs (circuitfind/apps/<command>.py)."""
+    module = importlib.import_module(f"circuitfind.apps.{command}")
+    if command in HYDRA_APPS:
+        return module.main  # Hydra reads sys.argv itself
+    return lambda: module.main(sys.argv[1:])
 
 
 def one_line(exc: BaseException) -> str:

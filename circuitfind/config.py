@@ -71,7 +71,7 @@ class DatasetConfig:
     """Prompts, operations and split sizes (method.md, 'Data')."""
 
     template: str = "x = {x}\ny = {y}\nx {op} y = "
-    train_ops: List[str] = field(default_factory=lambda: ["add", "sub"])  # see data.OPERATIONS
+    train_ops: List[str] = field(default_factory=lambda: ["add", "sub"])  # see task/prompts.py OPERATIONS
     transfer_ops: List[str] = field(default_factory=lambda: ["mul"])
     ranges: Dict[str, OperandRange] = field(default_factory=_default_ranges)  # per operation
     n_train: int = 50  # pairs per desideratum
@@ -84,7 +84,7 @@ class DatasetConfig:
 class DesideratumTerm:
     """One desideratum and the optimisation step it gets in each iteration."""
 
-    name: str = MISSING  # a registered desideratum: vd | oi
+    name: str = MISSING  # a registered desideratum (circuitfind/task/desiderata/): vd | oi
     weight: float = 1.0
     with_sparsity: bool = False  # add the sparsity penalty to this step's loss
 
@@ -95,7 +95,7 @@ class DesiderataConfig:
 
     name: str = MISSING
     terms: List[DesideratumTerm] = field(default_factory=list)
-    evaluate: List[str] = field(default_factory=lambda: ["vd", "oi"])  # held-out metrics reported
+    evaluate: List[str] = field(default_factory=list)  # desiderata evaluated on held-out pairs besides the terms
 
 
 @dataclass

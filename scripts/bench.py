@@ -32,15 +32,17 @@ from typing import Callable, Dict, List
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from circuitfind.components import locate_components
-from circuitfind.data import make_pairs, task_space
-from circuitfind.desiderata import get_desideratum
-from circuitfind.engine import Readout, final_slot_cache, make_engine, prefix_buffers, returned_cache, with_cache
-from circuitfind.models import DTYPES
-from circuitfind.patching import FinalValues, record_final_values
-from circuitfind.tokenizer import build_char_tokenizer
-from circuitfind.tokens import PairEncoder, position_ids
-from circuitfind.train_loop import patched_delta, unpatched_logit_diff
+from circuitfind.methods.objective import patched_delta, unpatched_logit_diff
+from circuitfind.model.builtin import build_char_tokenizer
+from circuitfind.model.components import locate_components
+from circuitfind.model.engine import final_slot_cache, make_engine, prefix_buffers, returned_cache, with_cache
+from circuitfind.model.hooks import FinalValues, record_final_values
+from circuitfind.model.loading import DTYPES
+from circuitfind.model.readout import Readout
+from circuitfind.task.desiderata import get_desideratum
+from circuitfind.task.encoding import PairEncoder, position_ids
+from circuitfind.task.pairs import make_pairs
+from circuitfind.task.prompts import task_space
 
 SHAPES = {
     # name: (layers, heads, kv heads, hidden, intermediate, vocab)
@@ -78,15 +80,15 @@ class PublishedStyle:
         self.readout = Readout(model)
 
     def step(self, mask: torch.Tensor) -> torch.Tensor:
-        layout = self.sites.layout
-        hd = layout.head_dim
+        space = self.sites.space
+        hd = space.head_dim
         handles = []
 
         def head_hook(layer):
             def hook(module, args, output):
                 x = args[0][:, -1]  # (B, H*D)
                 new_last = 0
-                for h in range(layout.n_heads):  # one einsum per head re-computes o_proj's share
+                for h in range(space.n_heads):  # one einsum per head re-computes o_proj's share
                     w_h = module.weight[:, h * hd : (h + 1) * hd]
                     base = torch.einsum("bd,od->bo", x[:, h * hd : (h + 1) * hd], w_h)
                     alt = torch.einsum("bd,od->bo", self.alt.heads[layer][:, h * hd : (h + 1) * hd], w_h)
@@ -97,7 +99,7 @@ class PublishedStyle:
 
         def mlp_hook(layer):
             def hook(module, args, output):
-                w = mask[0, layer, layout.n_heads]
+                w = mask[0, layer, space.n_heads]
                 mixed = w * output[:, -1] + (1 - w) * self.alt.mlps[layer]
                 return torch.cat([output[:, :-1], mixed[:, None].to(output.dtype)], dim=1)
 
@@ -214,14 +216,14 @@ def bench_shape(shape: str, batch: int, repeats: int, device: str, dtype: torch.
     def engine_step(name: str, k: int) -> Callable[[], None]:
         eng = make_engine(name, model, sites)
         prep = eng.prepare(enc)
-        d0 = unpatched_logit_diff(eng, readout, prep)
-        mask = torch.full((k, *sites.layout.shape), 0.7, device=device, requires_grad=True)
-        return lambda: vd.loss(patched_delta(eng, readout, prep, d0, mask)).sum().backward()
+        d0 = unpatched_logit_diff(eng, prep)
+        mask = torch.full((k, *sites.space.shape), 0.7, device=device, requires_grad=True)
+        return lambda: vd.loss(patched_delta(eng, prep, d0, mask)).sum().backward()
 
     with torch.no_grad(), record_final_values(sites) as alt_values:
         model.base_model(input_ids=enc.alt_ids, attention_mask=enc.alt_attn, position_ids=position_ids(enc.alt_attn))
     published = PublishedStyle(model, sites, enc, alt_values)
-    pub_mask = torch.full((1, *sites.layout.shape), 0.7, device=device, requires_grad=True)
+    pub_mask = torch.full((1, *sites.space.shape), 0.7, device=device, requires_grad=True)
     with torch.no_grad():
         out = model.base_model(
             input_ids=enc.base_ids[:, :-1],

@@ -13,8 +13,8 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
 
 from circuitfind.config import ModelConfig
-from circuitfind.models import load_model
-from circuitfind.tokenizer import build_char_tokenizer
+from circuitfind.model.builtin import build_char_tokenizer
+from circuitfind.model.loading import load_model
 
 SMOKE = ("+desiderata=vd_oi", "experiment=smoke", "progress=false")
 OUTPUTS = [
@@ -116,7 +116,8 @@ def save_tiny_bloom(path: Path) -> None:
 
 
 def save_tiny_llama(path: Path, tokenizer=None, poison: bool = False) -> None:
-    model, tok = load_model(ModelConfig(kind="tiny_llama"))
+    loaded = load_model(ModelConfig(kind="tiny_llama"))
+    model, tok = loaded.model, loaded.tokenizer
     if poison:
         with torch.no_grad():
             model.lm_head.weight[:] = float("nan")

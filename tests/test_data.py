@@ -7,11 +7,12 @@ from collections import Counter
 
 import pytest
 
-from circuitfind.data import Problem, Variants, balanced_counts, check_template, first_digit, make_pairs, task_space
-from circuitfind.desiderata import get_desideratum
 from circuitfind.errors import CircuitfindError
-from circuitfind.tokenizer import build_char_tokenizer
-from circuitfind.tokens import PairEncoder
+from circuitfind.model.builtin import build_char_tokenizer
+from circuitfind.task.desiderata import get_desideratum
+from circuitfind.task.encoding import PairEncoder
+from circuitfind.task.pairs import balanced_counts, make_pairs
+from circuitfind.task.prompts import Problem, Variants, check_template, first_digit, task_space
 
 RANGES = {
     "add": {"x": [10, 99], "y": [10, 99]},

@@ -7,10 +7,12 @@ import warnings
 import pytest
 import torch
 
-from circuitfind.desiderata import get_desideratum
-from circuitfind.engine import Readout, make_engine
+from circuitfind.config import OptimizerConfig
 from circuitfind.errors import CircuitfindError
-from circuitfind.train_loop import Objective, patched_delta, train_mask, unpatched_logit_diff
+from circuitfind.methods.dbm import train_mask
+from circuitfind.methods.objective import Objective, patched_delta, unpatched_logit_diff
+from circuitfind.model.engine import make_engine
+from circuitfind.task.desiderata import get_desideratum
 
 from test_patching import setup
 
@@ -19,15 +21,14 @@ from test_patching import setup
 def test_cache_policies_give_the_same_result(cache):
     torch.manual_seed(0)
     model, sites, enc = setup("gqa", padded=True)
-    readout = Readout(model)
-    mask = torch.rand(2, *sites.layout.shape)
+    mask = torch.rand(2, *sites.space.shape)
     out = {}
     for policy in ("device", cache):
         eng = make_engine("cached", model, sites, policy)
         prep = eng.prepare(enc)
         assert (prep.prefix_kv is None) == (policy == "recompute")
-        d0 = unpatched_logit_diff(eng, readout, prep)
-        out[policy] = patched_delta(eng, readout, prep, d0, mask)
+        d0 = unpatched_logit_diff(eng, prep)
+        out[policy] = patched_delta(eng, prep, d0, mask)
     assert torch.allclose(out["device"], out[cache], atol=1e-6)
 
 
@@ -38,7 +39,7 @@ def test_cached_engine_uses_no_deprecated_transformers_argument():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         prep = eng.prepare(enc)
-        eng.final_hidden(prep, torch.ones(1, *sites.layout.shape))
+        eng.final_hidden(prep, torch.ones(1, *sites.space.shape))
 
 
 def test_unknown_cache_policy():
@@ -48,22 +49,20 @@ def test_unknown_cache_policy():
 
 
 def objectives(model, sites, enc_vd, enc_oi, engine="cached", batch_size=None):
-    eng, readout = make_engine(engine, model, sites), Readout(model)
+    eng = make_engine(engine, model, sites)
     objs = []
     for name, enc, weight, sparse in (("vd", enc_vd, 5.0, True), ("oi", enc_oi, 1.0, False)):
         batches = [eng.prepare(c) for c in enc.chunks(batch_size)]
-        d0 = [unpatched_logit_diff(eng, readout, b) for b in batches]
+        d0 = [unpatched_logit_diff(eng, b) for b in batches]
         objs.append(Objective(get_desideratum(name), batches, d0, weight, sparse))
-    return eng, readout, objs
+    return eng, objs
 
 
 def trained(lams, engine="cached", batch_size=None, steps=8):
     model, sites, enc_vd = setup("gqa", padded=True, n=12, name="vd")
     _, _, enc_oi = setup("gqa", padded=True, n=12, name="oi")
-    eng, readout, objs = objectives(model, sites, enc_vd, enc_oi, engine, batch_size)
-    return train_mask(
-        eng, readout, objs, torch.tensor(lams), sites.layout.shape, lr=0.1, steps=steps, eps=1e-3, progress=False
-    )
+    eng, objs = objectives(model, sites, enc_vd, enc_oi, engine, batch_size)
+    return train_mask(eng, objs, torch.tensor(lams), OptimizerConfig(lr=0.1, steps=steps, eps=1e-3), progress=False)
 
 
 def test_k_lambdas_at_once_equal_k_single_runs():
@@ -82,7 +81,7 @@ def test_sub_batches_and_the_full_engine_give_the_same_masks():
 
 
 def test_nan_loss_stops_with_the_last_good_mask(monkeypatch):
-    from circuitfind.desiderata.oi import OperationInvariance
+    from circuitfind.task.desiderata.oi import OperationInvariance
 
     calls = {"n": 0}
     original = OperationInvariance.loss
@@ -93,7 +92,7 @@ def test_nan_loss_stops_with_the_last_good_mask(monkeypatch):
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(OperationInvariance, "loss", flaky)
-    from circuitfind.train_loop import NonFiniteLoss
+    from circuitfind.methods.dbm import NonFiniteLoss
 
     with pytest.raises(NonFiniteLoss, match="non-finite at step 2") as err:
         trained([0.0], steps=5)
@@ -102,8 +101,8 @@ def test_nan_loss_stops_with_the_last_good_mask(monkeypatch):
 
 
 def test_out_of_memory_is_a_clear_error(monkeypatch, tmp_path):
-    from circuitfind.engine import CachedEngine
-    from circuitfind.run import run_training
+    from circuitfind.model.engine import CachedEngine
+    from circuitfind.study.run import run_search
 
     from conftest import compose
 
@@ -113,4 +112,4 @@ def test_out_of_memory_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(CachedEngine, "prepare", oom)
     cfg = compose("+desiderata=vd_oi", "experiment=smoke", "progress=false")
     with pytest.raises(CircuitfindError, match="optimizer.batch_size smaller"):
-        run_training(cfg, tmp_path)
+        run_search(cfg, tmp_path)

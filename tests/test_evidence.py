@@ -10,12 +10,13 @@ import subprocess
 import pytest
 import torch
 
-from circuitfind.curves import curve_sizes, faithfulness_curve, prefix_masks
 from circuitfind.errors import CircuitfindError
-from circuitfind.evidence import jaccard, stability
-from circuitfind.methods import attribution_scores, objective_of_masks, single_masks, single_patch_scores, top_k_mask
-from circuitfind.optimum import check_size, feasible_k, n_subsets
-from circuitfind.run import Job
+from circuitfind.methods.baselines import attribution_scores, single_masks, single_patch_scores, top_k_mask
+from circuitfind.methods.objective import objective_of_masks
+from circuitfind.study.curves import curve_sizes, faithfulness_curve, prefix_masks
+from circuitfind.study.evidence import jaccard, stability
+from circuitfind.study.optimum import check_size, feasible_k, n_subsets
+from circuitfind.study.run import Job
 
 from conftest import compose
 
@@ -28,28 +29,26 @@ def job():
 
 
 def test_single_patch_scores_are_the_objective_improvement(job):
-    objectives, shape = job.objectives(), job.layout.shape
-    scores = single_patch_scores(job.engine, job.readout, objectives, shape, job.device)
+    objectives, shape = job.objectives(), job.space.shape
+    scores = single_patch_scores(job.engine, objectives, job.device)
     ones = torch.ones(1, *shape)
     for flat in (0, 3, 7):
         mask = single_masks(shape, "cpu")[flat : flat + 1]
-        expected = objective_of_masks(job.engine, job.readout, objectives, ones) - objective_of_masks(
-            job.engine, job.readout, objectives, mask
-        )
+        expected = objective_of_masks(job.engine, objectives, ones) - objective_of_masks(job.engine, objectives, mask)
         assert torch.allclose(scores.flatten()[flat], expected[0], atol=1e-6)
         assert (mask == 0).sum() == 1
 
 
 def test_attribution_is_the_first_order_estimate(job):
-    objectives, shape = job.objectives(), job.layout.shape
-    scores = attribution_scores(job.engine, job.readout, objectives, shape, job.device)
+    objectives, shape = job.objectives(), job.space.shape
+    scores = attribution_scores(job.engine, objectives, job.device)
     ones = torch.ones(1, *shape)
     eps = 1e-3  # move one weight a little below 1: the change is -eps * gradient
     for flat in (1, 4):
         bumped = ones.clone().view(-1)
         bumped[flat] -= eps
-        change = objective_of_masks(job.engine, job.readout, objectives, bumped.view(1, *shape)) - objective_of_masks(
-            job.engine, job.readout, objectives, ones
+        change = objective_of_masks(job.engine, objectives, bumped.view(1, *shape)) - objective_of_masks(
+            job.engine, objectives, ones
         )
         assert torch.allclose(-change[0] / eps, scores.flatten()[flat], rtol=0.05, atol=1e-5)
 
@@ -64,10 +63,10 @@ def test_top_k_and_prefix_masks():
 
 def test_faithfulness_curve_ends_at_full_effect(job):
     splits = [s for s in job.eval_splits() if s.name == "vd_test"]
-    order = torch.randperm(job.layout.n_components, generator=torch.Generator().manual_seed(0))
-    curve = faithfulness_curve(order, splits, job.engine, job.readout, job.layout.shape)
+    order = torch.randperm(job.space.n_components, generator=torch.Generator().manual_seed(0))
+    curve = faithfulness_curve(order, splits, job.engine)
     values = curve["curve"]["vd_test/logit_diff_norm"]
-    assert curve["sizes"][0] == 0 and curve["sizes"][-1] == job.layout.n_components
+    assert curve["sizes"][0] == 0 and curve["sizes"][-1] == job.space.n_components
     assert abs(values[0]) < 1e-5 and abs(values[-1] - 1) < 1e-4  # nothing patched: no effect; all: the full effect
     assert curve["ranked_by"] == "signed score" and "vd_test/acc" in curve["auc"]
 

@@ -15,13 +15,14 @@ import pytest
 import torch
 import transformers as tf
 
-from circuitfind.components import ADAPTERS, locate_components
-from circuitfind.data import Variants, make_pairs, task_space
-from circuitfind.desiderata import get_desideratum
-from circuitfind.engine import Readout, make_engine
 from circuitfind.errors import CircuitfindError
-from circuitfind.tokenizer import build_char_tokenizer
-from circuitfind.tokens import PairEncoder, position_ids
+from circuitfind.model.builtin import build_char_tokenizer
+from circuitfind.model.components import ADAPTERS, locate_components
+from circuitfind.model.engine import make_engine
+from circuitfind.task.desiderata import get_desideratum
+from circuitfind.task.encoding import PairEncoder, position_ids
+from circuitfind.task.pairs import make_pairs
+from circuitfind.task.prompts import Variants, task_space
 
 TEMPLATE = "x = {x}\ny = {y}\nx {op} y = "
 RANGES = {
@@ -94,7 +95,7 @@ def test_every_required_family_has_an_adapter_and_a_test():
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_layout_matches_the_config(family):
     model, _ = tiny_model(family)
-    layout = locate_components(model).layout
+    layout = locate_components(model).space
     expected_dim = {"qwen3": 16, "gemma": 16, "gemma2": 16}.get(family, 8)
     assert (layout.n_layers, layout.n_heads, layout.head_dim) == (2, 4, expected_dim)
     assert model.config.model_type == family
@@ -106,11 +107,11 @@ def test_all_ones_is_clean_and_all_zeros_is_the_alternate(family, engine):
     model, tok = tiny_model(family)
     enc = encoded_pairs(tok)
     sites = locate_components(model)
-    eng, readout = make_engine(engine, model, sites), Readout(model)
+    eng = make_engine(engine, model, sites)
     prep = eng.prepare(enc)
     with torch.no_grad():
-        patched_clean = readout.logits(eng.final_hidden(prep, torch.ones(1, *sites.layout.shape))[0])
-        patched_alt = readout.logits(eng.final_hidden(prep, torch.zeros(1, *sites.layout.shape))[0])
+        patched_clean = eng.readout.logits(eng.final_hidden(prep, torch.ones(1, *sites.space.shape))[0])
+        patched_alt = eng.readout.logits(eng.final_hidden(prep, torch.zeros(1, *sites.space.shape))[0])
     clean = clean_logits(model, enc.base_ids, enc.base_attn)
     alt = clean_logits(model, enc.alt_ids, enc.alt_attn)
     assert not torch.allclose(clean, alt, atol=1e-3), "base and alternate differ, so the checks mean something"
@@ -123,15 +124,14 @@ def test_cached_engine_equals_full_engine_under_a_random_mask(family):
     model, tok = tiny_model(family)
     enc = encoded_pairs(tok)
     sites = locate_components(model)
-    readout = Readout(model)
     torch.manual_seed(0)
-    mask_init = torch.rand(2, *sites.layout.shape)
+    mask_init = torch.rand(2, *sites.space.shape)
     out = {}
     for engine in ("full", "cached"):
         eng = make_engine(engine, model, sites)
         prep = eng.prepare(enc)
         mask = mask_init.clone().requires_grad_(True)
-        logits = readout.logits(eng.final_hidden(prep, mask))
+        logits = eng.readout.logits(eng.final_hidden(prep, mask))
         logits[..., 10:20].sum().backward()
         out[engine] = (logits.detach(), mask.grad)
     (lf, gf), (lc, gc) = out["full"], out["cached"]
@@ -145,13 +145,12 @@ def test_cached_engine_with_a_sliding_window_shorter_than_the_prompt(family):
     enc = encoded_pairs(tok)
     assert enc.base_ids.shape[1] > 8
     sites = locate_components(model)
-    readout = Readout(model)
-    mask = torch.rand(1, *sites.layout.shape, generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(1, *sites.space.shape, generator=torch.Generator().manual_seed(0))
     out = []
     for engine in ("full", "cached"):
         eng = make_engine(engine, model, sites)
         with torch.no_grad():
-            out.append(readout.logits(eng.final_hidden(eng.prepare(enc), mask)))
+            out.append(eng.readout.logits(eng.final_hidden(eng.prepare(enc), mask)))
     assert torch.allclose(out[0], out[1], atol=1e-5, rtol=0)
 
 
@@ -167,7 +166,7 @@ def test_unsupported_family_is_one_line_listing_the_supported_ones():
 
 
 def test_wrong_adapter_is_a_clear_error(monkeypatch):
-    from circuitfind import components
+    from circuitfind.model import components
 
     model, _ = tiny_model("llama")
     monkeypatch.setitem(components.ADAPTERS, "llama", components.Adapter("model.blocks", "self_attn.o_proj", "mlp"))

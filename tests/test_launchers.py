@@ -14,7 +14,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from circuitfind.train import clear_unfinished, finished
+from circuitfind.apps.train import clear_unfinished, finished
+from circuitfind.records.circuit import CircuitRecord, write_record
 
 SMOKE = ("+desiderata=vd_oi", "experiment=smoke", "progress=false", "plots=false")
 needs_submitit = pytest.mark.skipif(
@@ -72,7 +73,7 @@ def test_submitit_slurm_config_has_the_cluster_settings(cli):
         240,
         128,
     )
-    assert h["callbacks"]["job_threads"]["_target_"] == "circuitfind.launchers.JobThreads"
+    assert h["callbacks"]["job_threads"]["_target_"] == "circuitfind.apps.callbacks.JobThreads"
     assert h["callbacks"]["job_threads"]["num_threads"] == "${hydra.launcher.cpus_per_task}"
     assert "sweep_summary" in h["callbacks"], "the sweep summary still runs"
 
@@ -87,7 +88,7 @@ def test_joblib_config_runs_one_thread_jobs(cli):
 def test_job_threads_callback_sets_torch_threads():
     import torch
 
-    from circuitfind.launchers import JobThreads
+    from circuitfind.apps.callbacks import JobThreads
 
     before = torch.get_num_threads()
     try:
@@ -97,15 +98,23 @@ def test_job_threads_callback_sets_torch_threads():
         torch.set_num_threads(before)
 
 
+def write_complete_record(out_dir, lam: float) -> None:
+    empty = dict(method={}, metrics={}, baseline={}, planted=None, warnings=[], model={}, data={})
+    record = CircuitRecord([], 0, 36, 0.0, lam, **empty, desiderata={}, optimizer={}, engine={})
+    write_record(out_dir, record)
+
+
 def test_finished_needs_every_lambda_result(tmp_path):
     cfg = OmegaConf.create({"optimizer": {"lam": 0.1, "lams": [0.1, 0.2]}})
     for lam in ("0.1", "0.2"):
         (tmp_path / f"lam={lam}").mkdir()
-    (tmp_path / "lam=0.1" / "circuit.json").write_text('{"status": "complete"}')
+    write_complete_record(tmp_path / "lam=0.1", 0.1)
     assert not finished(tmp_path, cfg)
     (tmp_path / "lam=0.2" / "circuit.json").write_text('{"status": "comp')  # torn write: not finished
     assert not finished(tmp_path, cfg)
-    (tmp_path / "lam=0.2" / "circuit.json").write_text('{"status": "complete"}')
+    (tmp_path / "lam=0.2" / "circuit.json").write_text('{"status": "complete"}')  # not a whole record
+    assert not finished(tmp_path, cfg)
+    write_complete_record(tmp_path / "lam=0.2", 0.2)
     assert finished(tmp_path, cfg)
     single = OmegaConf.create({"optimizer": {"lam": 0.1, "lams": None}})
     assert not finished(tmp_path, single)

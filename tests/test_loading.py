@@ -17,14 +17,15 @@ import torch
 from test_families import encoded_pairs
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from circuitfind.components import locate_components
-from circuitfind.config import ModelConfig
-from circuitfind.engine import Readout, make_engine
+from circuitfind.config import ModelConfig, OptimizerConfig
 from circuitfind.errors import CircuitfindError
-from circuitfind.models import load_model
-from circuitfind.tokenizer import build_char_tokenizer
-from circuitfind.tokens import position_ids
-from circuitfind.train_loop import NonFiniteLoss, Objective, patched_delta, train_mask, unpatched_logit_diff
+from circuitfind.methods.dbm import NonFiniteLoss, train_mask
+from circuitfind.methods.objective import Objective, patched_delta, unpatched_logit_diff
+from circuitfind.model.builtin import build_char_tokenizer
+from circuitfind.model.components import locate_components
+from circuitfind.model.engine import make_engine
+from circuitfind.model.loading import load_model
+from circuitfind.task.encoding import position_ids
 
 SMOKE = ("+desiderata=vd_oi", "experiment=smoke", "progress=false", "plots=false")
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
@@ -37,7 +38,8 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU
 def llama_dir(tmp_path_factory) -> Path:
     """A tiny random LLaMA (hidden 64: bitsandbytes' 4-bit blocks need a multiple of 64) and its tokenizer."""
     path = tmp_path_factory.mktemp("llama")
-    model, tok = load_model(ModelConfig(kind="tiny_llama"))
+    loaded = load_model(ModelConfig(kind="tiny_llama"))
+    model, tok = loaded.model, loaded.tokenizer
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -51,12 +53,12 @@ def ones_zeros_check(model, tok, atol: float) -> None:
     """All weights 1 give the clean logits, all 0 the alternate's, on the cached engine."""
     enc = encoded_pairs(tok)
     sites = locate_components(model)
-    eng, readout = make_engine("cached", model, sites), Readout(model)
+    eng = make_engine("cached", model, sites)
     prep = eng.prepare(enc)
-    dev = readout.weight.device
+    dev = eng.readout.weight.device
     with torch.no_grad():
-        ones = readout.logits(eng.final_hidden(prep, torch.ones(1, *sites.layout.shape))[0])
-        zeros = readout.logits(eng.final_hidden(prep, torch.zeros(1, *sites.layout.shape))[0])
+        ones = eng.readout.logits(eng.final_hidden(prep, torch.ones(1, *sites.space.shape))[0])
+        zeros = eng.readout.logits(eng.final_hidden(prep, torch.zeros(1, *sites.space.shape))[0])
         clean = model(
             input_ids=enc.base_ids.to(dev),
             attention_mask=enc.base_attn.to(dev),
@@ -75,7 +77,8 @@ def ones_zeros_check(model, tok, atol: float) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_dtype(llama_dir, dtype):
-    model, tok = load_model(hf(llama_dir, dtype=dtype))
+    loaded = load_model(hf(llama_dir, dtype=dtype))
+    model, tok = loaded.model, loaded.tokenizer
     assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     ones_zeros_check(model, tok, atol=1e-5 if dtype == "float32" else 2e-2)
@@ -83,9 +86,10 @@ def test_dtype(llama_dir, dtype):
 
 def test_device_auto_becomes_a_real_device(llama_dir):
     cfg = hf(llama_dir, device="auto")
-    model, _ = load_model(cfg)
+    loaded = load_model(cfg)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert cfg.device == expected and next(model.parameters()).device.type == expected
+    assert loaded.device.type == expected and next(loaded.model.parameters()).device.type == expected
+    assert cfg.device == "auto"  # the config is left as given: the loaded model says where it is
 
 
 BAD = {
@@ -156,11 +160,12 @@ def test_model_that_needs_its_own_code(tmp_path):
 @needs_accelerate
 def test_device_map_auto_dispatches_through_accelerate(llama_dir):
     cfg = hf(llama_dir, device_map="auto", device="auto")
-    model, tok = load_model(cfg)
+    loaded = load_model(cfg)
+    model, tok = loaded.model, loaded.tokenizer
     # transformers dispatches (accelerate hooks, hf_device_map) only over more than one device.
     devices = {p.device for p in model.parameters()}
     assert len(devices) > 1 or devices == {torch.device("cuda:0" if torch.cuda.is_available() else "cpu")}
-    assert cfg.device == str(model.get_input_embeddings().weight.device)
+    assert loaded.device == model.get_input_embeddings().weight.device
     ones_zeros_check(model, tok, atol=1e-5)
 
 
@@ -180,18 +185,19 @@ def test_device_map_auto_through_the_cli(cli, tmp_path, llama_dir):
 @needs_bnb
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
 def test_quantised_model_trains_a_mask_with_finite_gradients(llama_dir, bits):
-    model, tok = load_model(hf(llama_dir, quantization=bits))
+    loaded = load_model(hf(llama_dir, quantization=bits))
+    model, tok = loaded.model, loaded.tokenizer
     assert model.is_quantized
     proj = locate_components(model).head_projs[0]
     assert "Linear8bitLt" in type(proj).__name__ or "Linear4bit" in type(proj).__name__
     enc = encoded_pairs(tok)
     sites = locate_components(model)
-    eng, readout = make_engine("cached", model, sites), Readout(model)
+    eng = make_engine("cached", model, sites)
     prep = eng.prepare(enc)
-    from circuitfind.desiderata import get_desideratum
+    from circuitfind.task.desiderata import get_desideratum
 
-    obj = Objective(get_desideratum("vd"), [prep], [unpatched_logit_diff(eng, readout, prep)], 1.0, True)
-    mask = train_mask(eng, readout, [obj], torch.tensor([0.0]), sites.layout.shape, 0.2, 3, 1e-3, progress=False)
+    obj = Objective(get_desideratum("vd"), [prep], [unpatched_logit_diff(eng, prep)], 1.0, True)
+    mask = train_mask(eng, [obj], torch.tensor([0.0]), OptimizerConfig(lr=0.2, steps=3, eps=1e-3), progress=False)
     assert torch.isfinite(mask).all() and (mask < 1).any(), "the mask moved under finite gradients"
     ones_zeros_check(model, tok, atol=1e-4)  # quantised weights, same patching identities
 
@@ -199,11 +205,11 @@ def test_quantised_model_trains_a_mask_with_finite_gradients(llama_dir, bits):
 def mask_gradient(model, tok, mask_init: torch.Tensor):
     """d/dw of a VD-style loss at mask_init, on the cached engine, and the loss function itself."""
     sites = locate_components(model)
-    eng, readout = make_engine("cached", model, sites), Readout(model)
+    eng = make_engine("cached", model, sites)
     prep = eng.prepare(encoded_pairs(tok))  # a no-grad forward first, as in training
 
     def loss(m):
-        return patched_delta(eng, readout, prep, unpatched_logit_diff(eng, readout, prep), m).pow(2).mean()
+        return patched_delta(eng, prep, unpatched_logit_diff(eng, prep), m).pow(2).mean()
 
     mask = mask_init.clone().requires_grad_(True)
     loss(mask).backward()
@@ -216,7 +222,8 @@ PROBES = [(0, 0), (0, 2), (0, 4), (1, 1), (1, 3), (1, 4)]  # heads and MLPs of b
 @needs_bnb
 def test_4bit_mask_gradient_matches_finite_differences(llama_dir):
     """bitsandbytes' CPU 4-bit kernel has no backward; the loader must keep the differentiable path."""
-    model, tok = load_model(hf(llama_dir, quantization="4bit"))
+    loaded = load_model(hf(llama_dir, quantization="4bit"))
+    model, tok = loaded.model, loaded.tokenizer
     mask_init = 0.3 + 0.4 * torch.rand(1, 2, 5, generator=torch.Generator().manual_seed(0))
     grad, loss = mask_gradient(model, tok, mask_init)
     h = 1e-2
@@ -235,8 +242,9 @@ def test_4bit_mask_gradient_matches_finite_differences(llama_dir):
 @needs_bnb
 def test_8bit_mask_gradient_matches_the_dequantised_model(llama_dir):
     """LLM.int8 quantises activations too, so its gradient is compared with the float model of its weights."""
-    model, tok = load_model(hf(llama_dir, quantization="8bit"))
-    reference, _ = load_model(hf(llama_dir))
+    loaded = load_model(hf(llama_dir, quantization="8bit"))
+    model, tok = loaded.model, loaded.tokenizer
+    reference = load_model(hf(llama_dir)).model
     quantised = dict(model.named_modules())
     with torch.no_grad():
         for name, module in reference.named_modules():
@@ -264,7 +272,8 @@ def test_quantised_8bit_through_the_cli(cli, tmp_path, llama_dir):
 
 def test_nan_mask_gradient_stops_training_with_a_clear_error(llama_dir):
     """A NaN that appears only in the backward pass (int8 models in peer tools) is caught."""
-    model, tok = load_model(hf(llama_dir))
+    loaded = load_model(hf(llama_dir))
+    model, tok = loaded.model, loaded.tokenizer
     sites = locate_components(model)
 
     class NanGrad(torch.autograd.Function):
@@ -279,13 +288,13 @@ def test_nan_mask_gradient_stops_training_with_a_clear_error(llama_dir):
     handle = sites.mlps[0].register_forward_hook(lambda m, a, out: NanGrad.apply(out))
     try:
         enc = encoded_pairs(tok)
-        eng, readout = make_engine("cached", model, sites), Readout(model)
+        eng = make_engine("cached", model, sites)
         prep = eng.prepare(enc)
-        from circuitfind.desiderata import get_desideratum
+        from circuitfind.task.desiderata import get_desideratum
 
-        obj = Objective(get_desideratum("vd"), [prep], [unpatched_logit_diff(eng, readout, prep)], 1.0, True)
+        obj = Objective(get_desideratum("vd"), [prep], [unpatched_logit_diff(eng, prep)], 1.0, True)
         with pytest.raises(NonFiniteLoss, match="loss or its gradient became non-finite at step 0") as e:
-            train_mask(eng, readout, [obj], torch.tensor([0.1]), sites.layout.shape, 0.01, 3, 1e-3, progress=False)
+            train_mask(eng, [obj], torch.tensor([0.1]), OptimizerConfig(lr=0.01, steps=3, eps=1e-3), progress=False)
         assert torch.isfinite(e.value.last_good).all()
     finally:
         handle.remove()
@@ -369,13 +378,14 @@ def write_tiny_gguf(path: Path) -> LlamaForCausalLM:
 def test_gguf_file_loads_the_same_model(tmp_path):
     source = write_tiny_gguf(tmp_path / "tiny.gguf")
     cfg = ModelConfig(kind="hf", gguf_file=str(tmp_path / "tiny.gguf"))
-    model, tok = load_model(cfg)
+    loaded = load_model(cfg)
+    model, tok = loaded.model, loaded.tokenizer
     ids = torch.tensor([tok("x = 12\ny = 34\nx + y = ")["input_ids"]])
     assert ids[0, 0] == 0 and ids.shape[1] == 23, "one token per character after <s>"
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, source(ids).logits, atol=1e-5)
     # The same file named inside model.name_or_path.
-    model2, _ = load_model(ModelConfig(kind="hf", name_or_path=str(tmp_path), gguf_file="tiny.gguf"))
+    model2 = load_model(ModelConfig(kind="hf", name_or_path=str(tmp_path), gguf_file="tiny.gguf")).model
     assert torch.equal(model2.lm_head.weight, model.lm_head.weight)
 
 
@@ -424,8 +434,9 @@ needs_smollm2 = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_loads_as_a_30_layer_llama():
-    model, tok = load_model(ModelConfig(kind="smollm2"))
-    layout = locate_components(model).layout
+    loaded = load_model(ModelConfig(kind="smollm2"))
+    model, tok = loaded.model, loaded.tokenizer
+    layout = locate_components(model).space
     assert model.config.model_type == "llama" and (layout.n_layers, layout.n_heads, layout.head_dim) == (30, 9, 64)
     ids = tok("x = 3\ny = 5\nx = ", return_tensors="pt")
     assert tok.decode(model(**ids).logits[0, -1].argmax()).strip().isdigit(), "it answers with a digit"

@@ -15,16 +15,17 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import circuitfind.organism.app  # noqa: F401  (registers the organism schema)
-import circuitfind.train  # noqa: F401  (registers the train schema)
+import circuitfind.apps.organism  # noqa: F401  (registers the organism schema)
+import circuitfind.apps.train  # noqa: F401  (registers the train schema)
+from circuitfind.apps.organism import run_organism
 from circuitfind.config import ModelConfig
 from circuitfind.errors import CircuitfindError
-from circuitfind.models import load_model
-from circuitfind.organism.app import run_organism
+from circuitfind.model.loading import load_model
 from circuitfind.organism.checkpoint import ASSET_DIR, load_checkpoint
 from circuitfind.organism.data import Encoder
-from circuitfind.organism.train import exact_match, validate
-from circuitfind.run import run_training
+from circuitfind.organism.evaluate import exact_match
+from circuitfind.organism.train import validate
+from circuitfind.study.run import run_search
 
 TINY = [
     "model.n_layers=2",
@@ -99,7 +100,7 @@ def test_the_default_run_finds_the_planted_circuit(tmp_path, caplog):
     """`circuitfind train +desiderata=vd_oi` as shipped: the issue's bar on the default model."""
     cfg = train_cfg(["+desiderata=vd_oi", "progress=false", "plots=false"])
     with caplog.at_level(logging.INFO):
-        run_training(cfg, tmp_path)
+        run_search(cfg, tmp_path)
     result = json.loads((tmp_path / "circuit.json").read_text())
     metrics, baseline = result["metrics"], result["baseline"]
     assert metrics["vd_test/acc"] >= baseline["vd_test/acc_unpatched"] + 0.5

@@ -7,14 +7,15 @@ import random
 import pytest
 import torch
 
-from circuitfind.components import locate_components
 from circuitfind.config import ModelConfig, TinyLlamaConfig
-from circuitfind.data import Variants, make_pairs, task_space
-from circuitfind.desiderata import get_desideratum
-from circuitfind.engine import Readout, cached_prefix, make_engine
-from circuitfind.models import load_model
-from circuitfind.tokens import PairEncoder, position_ids
-from circuitfind.train_loop import patched_delta, unpatched_logit_diff
+from circuitfind.methods.objective import patched_delta, unpatched_logit_diff
+from circuitfind.model.components import locate_components
+from circuitfind.model.engine import cached_prefix, make_engine
+from circuitfind.model.loading import load_model
+from circuitfind.task.desiderata import get_desideratum
+from circuitfind.task.encoding import PairEncoder, position_ids
+from circuitfind.task.pairs import make_pairs
+from circuitfind.task.prompts import Variants, task_space
 
 TEMPLATE = "x = {x}\ny = {y}\nx {op} y = "
 RANGES = {
@@ -26,7 +27,8 @@ SHAPES = {"gqa": TinyLlamaConfig(n_kv_heads=2), "mha": TinyLlamaConfig(n_kv_head
 
 
 def setup(shape: str, padded: bool, n: int = 12, name: str = "vd"):
-    model, tok = load_model(ModelConfig(kind="tiny_llama", tiny=SHAPES[shape]))
+    loaded = load_model(ModelConfig(kind="tiny_llama", tiny=SHAPES[shape]))
+    model, tok = loaded.model, loaded.tokenizer
     variants = Variants(names=(("x", "y"), ("ab", "c")), distractor=0.5) if padded else Variants()
     space = task_space(RANGES, ["add", "sub", "mul"], ["add", "sub"], variants)
     ops = ["add", "mul"] if padded else ["add"]  # mul has one-digit y: prompts of other lengths
@@ -46,12 +48,12 @@ def clean_logits(model, ids, attn):
 @pytest.mark.parametrize("padded", [False, True])
 def test_all_ones_is_the_clean_run_and_all_zeros_the_alternate(engine, shape, padded):
     model, sites, enc = setup(shape, padded)
-    eng, readout = make_engine(engine, model, sites), Readout(model)
+    eng = make_engine(engine, model, sites)
     prep = eng.prepare(enc)
-    ones, zeros = torch.ones(1, *sites.layout.shape), torch.zeros(1, *sites.layout.shape)
+    ones, zeros = torch.ones(1, *sites.space.shape), torch.zeros(1, *sites.space.shape)
     with torch.no_grad():
-        patched_clean = readout.logits(eng.final_hidden(prep, ones)[0])
-        patched_alt = readout.logits(eng.final_hidden(prep, zeros)[0])
+        patched_clean = eng.readout.logits(eng.final_hidden(prep, ones)[0])
+        patched_alt = eng.readout.logits(eng.final_hidden(prep, zeros)[0])
         clean = clean_logits(model, enc.base_ids, enc.base_attn)
         alt = clean_logits(model, enc.alt_ids, enc.alt_attn)
     tol = 0 if engine == "full" and not padded else 1e-5
@@ -76,19 +78,19 @@ def test_mask_gradient_matches_finite_differences(engine):
     torch.manual_seed(0)
     model, sites, enc = setup("gqa", padded=False, n=9)
     model.double()
-    eng, readout = make_engine(engine, model, sites), Readout(model)
+    eng = make_engine(engine, model, sites)
     prep = eng.prepare(enc)
-    d0 = unpatched_logit_diff(eng, readout, prep).double()
-    mask = torch.rand(1, *sites.layout.shape, dtype=torch.float64, requires_grad=True)
+    d0 = unpatched_logit_diff(eng, prep).double()
+    mask = torch.rand(1, *sites.space.shape, dtype=torch.float64, requires_grad=True)
 
     def objective(m):
-        return patched_delta(eng, readout, prep, d0, m).pow(2).mean()
+        return patched_delta(eng, prep, d0, m).pow(2).mean()
 
     objective(mask).backward()
     # LLaMA's RMSNorm computes in float32 even in a float64 model, so the step cannot be tiny.
     h = 1e-3
     tol = 1e-3 * mask.grad.abs().max()
-    for layer, col in [(0, 0), (0, sites.layout.n_heads), (1, 2), (1, sites.layout.n_heads)]:
+    for layer, col in [(0, 0), (0, sites.space.n_heads), (1, 2), (1, sites.space.n_heads)]:
         bump = torch.zeros_like(mask)
         bump[0, layer, col] = h
         with torch.no_grad():
@@ -101,15 +103,14 @@ def test_mask_gradient_matches_finite_differences(engine):
 def test_cached_engine_equals_full_engine(shape, padded):
     torch.manual_seed(0)
     model, sites, enc = setup(shape, padded, n=10)
-    readout = Readout(model)
-    mask_init = torch.rand(3, *sites.layout.shape)
+    mask_init = torch.rand(3, *sites.space.shape)
     results = {}
     for engine in ("full", "cached"):
         eng = make_engine(engine, model, sites)
         prep = eng.prepare(enc)
-        d0 = unpatched_logit_diff(eng, readout, prep)
+        d0 = unpatched_logit_diff(eng, prep)
         mask = mask_init.clone().requires_grad_(True)
-        loss = get_desideratum("vd").loss(patched_delta(eng, readout, prep, d0, mask)).sum()
+        loss = get_desideratum("vd").loss(patched_delta(eng, prep, d0, mask)).sum()
         loss.backward()
         results[engine] = (loss.detach(), mask.grad)
     (loss_f, grad_f), (loss_c, grad_c) = results["full"], results["cached"]
@@ -123,7 +124,7 @@ def test_cached_prefix_is_not_mutated_by_steps():
     prep = eng.prepare(enc)
     before = [(k.clone(), v.clone()) for k, v in cached_prefix(prep)]
     for k in (2, 2, 3, 1):
-        eng.final_hidden(prep, torch.rand(k, *sites.layout.shape, requires_grad=True)).sum().backward()
+        eng.final_hidden(prep, torch.rand(k, *sites.space.shape, requires_grad=True)).sum().backward()
         for (k0, v0), (k1, v1) in zip(before, cached_prefix(prep)):
             assert torch.equal(k0, k1) and torch.equal(v0, v1) and k1.shape == k0.shape
         assert prep.buffers[1][0][0].shape[2] == enc.base_ids.shape[1], "the cache never grows"

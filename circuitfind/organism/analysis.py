@@ -13,8 +13,9 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from circuitfind.data import Problem
 from circuitfind.organism.data import Encoder
+from circuitfind.study.attention import attention_maps
+from circuitfind.task.prompts import Problem
 
 PARTS = ("x digits", "y digits", "distractor digits", "x in query", "y in query", "x carrier", "y carrier", "rest")
 SOURCES = ("final", "x carrier")  # where the attention is read from
@@ -50,26 +51,15 @@ def attention_shares(
 
     -> (len(heads), len(PARTS))
     """
-    implementation = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # only eager attention returns the weights
-    try:
-        ids, attn = enc.prompts(problems)
-        out = model.model(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-            output_attentions=True,
-            use_cache=False,
-        )
-    finally:
-        model.set_attn_implementation(implementation)
+    ids, attn = enc.prompts(problems)
+    attentions = attention_maps(model, ids, attn)
     shares = torch.zeros(len(heads), len(PARTS))
     for b, problem in enumerate(problems):
         pad = int((attn[b] == 0).sum())
         parts = part_positions(problem, enc.template)
         query = -1 if source == "final" else pad + parts[source][0]
         for i, (layer, head) in enumerate(heads):
-            row = out.attentions[layer][b, head, query]  # (T,) attention of the source position
+            row = attentions[layer][b, head, query]  # (T,) attention of the source position
             for j, part in enumerate(PARTS[:-1]):
                 shares[i, j] += row[[pad + p for p in parts[part]]].sum()
     shares /= len(problems)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from circuitfind.data import OPERATIONS
 from circuitfind.organism.analysis import PARTS
+from circuitfind.task.prompts import OPERATIONS
 
 MUL_SHARED = (
     "Multiplication shares the circuit: the interchange losses are applied to `*` prompts too, so the "

@@ -12,7 +12,9 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from circuitfind.data import Problem, TaskSpace, Variants
+from circuitfind.task.desiderata import get_desideratum
+from circuitfind.task.encoding import left_pad
+from circuitfind.task.prompts import Problem, TaskSpace, Variants
 
 Key = tuple[str, int, int]  # (op, x, y)
 
@@ -67,18 +69,16 @@ class Distribution:
         return _key(p) in self.heldout_keys
 
     def vd_alternate(self, base: Problem, rng: random.Random) -> Problem:
-        """The base with another x (same form, non-negative answer, never a held-out problem)."""
-        xs = [x for x in self.space.ranges[base.op][0] if x != base.x]
-        rng.shuffle(xs)
-        for x in xs:
-            alt = replace(base, x=x)
-            if alt.answer >= 0 and not self.is_heldout(alt):
-                return alt
-        return base  # no other x fits: the pair then asks for no change
+        """The base with another x, as Value Dependence draws it (same form, non-negative answer),
+        never a held-out problem."""
+        alts = get_desideratum("vd").alternates(base, self.space)
+        rng.shuffle(alts)
+        return next((a for a in alts if a.answer >= 0 and not self.is_heldout(a)), base)  # base: no change asked
 
     def oi_alternate(self, base: Problem, ops: Sequence[str], rng: random.Random) -> Problem:
-        """The base with another operation of `ops` (the same x and y, non-negative answer)."""
-        alts = [replace(base, op=op) for op in ops if op != base.op and replace(base, op=op).answer >= 0]
+        """The base with another operation of `ops`, as Operation Invariance draws it (non-negative answer)."""
+        alts = get_desideratum("oi").alternates(base, replace(self.space, alt_ops=list(ops)))
+        alts = [a for a in alts if a.answer >= 0]
         return rng.choice(alts) if alts else base
 
 
@@ -117,18 +117,9 @@ class Encoder:
     def _ids(self, texts: List[str]) -> List[List[int]]:
         return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
 
-    def _left_pad(self, seqs: List[List[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(s)
-            attn[i, width - len(s) :] = 1
-        return ids, attn
-
     def prompts(self, problems: Sequence[Problem]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt tokens only. -> ids, attention mask (B, T)"""
-        return self._left_pad(self._ids([p.render(self.template) for p in problems]))
+        return left_pad(self._ids([p.render(self.template) for p in problems]), self.pad_id)
 
     def first_digits(self, problems: Sequence[Problem]) -> torch.Tensor:
         """Token of each answer's first digit. (B,)"""
@@ -143,7 +134,7 @@ class Encoder:
         answers = self._ids([str(p.answer) for p in problems])
         bos = self.tokenizer.bos_token_id
         answers = [[t for t in a if t != bos] + [self.eos_id] for a in answers]
-        ids, attn = self._left_pad([p + a for p, a in zip(prompts, answers)])
+        ids, attn = left_pad([p + a for p, a in zip(prompts, answers)], self.pad_id)
         labels = torch.full_like(ids, -100)
         for i, a in enumerate(answers):
             labels[i, ids.shape[1] - len(a) :] = ids[i, ids.shape[1] - len(a) :]

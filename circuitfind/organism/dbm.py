@@ -6,7 +6,6 @@ is a Hydra app itself), on the saved checkpoint; the found circuit is compared w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
+
+from circuitfind.records.circuit import SPLIT_KINDS, metric_key, read_record
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,16 @@ def run_dbm(checkpoint: Path, out_dir: Path, lams: Sequence[float]) -> List[Dict
             log.warning("DBM check at lambda %g failed: %s", lam, error)
             rows.append({"lam": lam, "error": error})
             continue
-        r = json.loads((run_dir / "circuit.json").read_text())
-        m, found = r["metrics"], [c["name"] for c in r["circuit"]]
+        r = read_record(run_dir)
+        first = r.evaluated[0]
         rows.append(
-            {"lam": lam, "n_patched": r["n_patched"], "n_components": r["n_components"], "found": sorted(found)}
-            | {k: r["planted"][k] for k in ("precision", "recall")}
-            | {k: m.get(f"{k}/acc", float("nan")) for k in ("vd_test", "oi_test", "vd_transfer", "oi_transfer")}
-            | {"vd_unpatched": r["baseline"]["vd_test/acc_unpatched"]}
+            {"lam": lam, "n_patched": r.n_patched, "n_components": r.n_components, "found": sorted(r.names)}
+            | {k: r.planted[k] for k in ("precision", "recall")}
+            | {
+                f"{d}_{split}": r.metrics.get(metric_key(d, split, "acc"), float("nan"))
+                for split in SPLIT_KINDS
+                for d in r.evaluated
+            }
+            | {f"{first}_unpatched": r.baseline[metric_key(first, "test", "acc_unpatched")]}
         )
     return rows

@@ -1,0 +1,1 @@
+"""The `circuitfind` commands: train, organism (Hydra apps), optimum, report, and Hydra callbacks."""

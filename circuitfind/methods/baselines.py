@@ -1,0 +1,74 @@
+"""Baseline methods: rank the components, keep the top k.
+
+Every baseline scores each component by how much patching it (alone, or to first order)
+improves the desiderata objective on the training pairs, sum_terms weight * loss; higher
+is better, and components are ranked by this *signed* score. The circuit of size k is
+the top k.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+from circuitfind.methods.objective import Objective, objective_of_masks, objective_value
+from circuitfind.model.engine import FullEngine
+
+
+def single_masks(shape: tuple[int, int], device) -> torch.Tensor:
+    """One mask per component, patching that component alone. (L*(H+1), L, H+1)"""
+    n = shape[0] * shape[1]
+    return (1 - torch.eye(n, device=device)).view(n, *shape)
+
+
+def single_patch_scores(engine: FullEngine, objectives: Sequence[Objective], device) -> torch.Tensor:
+    """Improvement of the objective when each component alone is patched. (L, H+1)"""
+    shape = engine.space.shape
+    ones = torch.ones(1, *shape, device=device)
+    base = objective_of_masks(engine, objectives, ones)[0]
+    return (base - objective_of_masks(engine, objectives, single_masks(shape, device))).view(shape)
+
+
+def attribution_scores(engine: FullEngine, objectives: Sequence[Objective], device) -> torch.Tensor:
+    """First-order estimate of the same improvement, from one backward pass at w = 1.
+
+    d objective / d w_i is the gradient at the component's output times (base - alternate),
+    and patching moves w_i from 1 to 0, so the estimated improvement is the gradient itself.
+    (The OI loss is quadratic in the effect, so its gradient at w = 1 is zero: attribution
+    sees only the VD side.)
+    """
+    mask = torch.ones(1, *engine.space.shape, device=device, requires_grad=True)
+    objective_value(engine, objectives, mask).sum().backward()
+    return mask.grad[0].detach()
+
+
+def random_scores(shape, device, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape, generator=generator).to(device)
+
+
+SCORERS: Dict[str, Callable] = {
+    "single_patch": single_patch_scores,
+    "attribution": attribution_scores,
+}
+BASELINES: List[str] = ["single_patch", "attribution", "random"]
+METHODS: List[str] = ["dbm", *BASELINES]
+
+
+def component_scores(method: str, engine: FullEngine, objectives, device, seed: int) -> torch.Tensor:
+    """Scores of every component by a baseline method (higher = patch first). (L, H+1)"""
+    if method == "random":
+        return random_scores(engine.space.shape, device, torch.Generator().manual_seed(seed))
+    return SCORERS[method](engine, objectives, device)
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Binary mask patching the k best-scored components (0 = patched). (L, H+1) -> (L, H+1)"""
+    mask = torch.ones(scores.numel(), device=scores.device)
+    mask[ranking(scores)[:k]] = 0
+    return mask.view(scores.shape)
+
+
+def ranking(scores: torch.Tensor) -> torch.Tensor:
+    """Flat component indices, best first."""
+    return scores.flatten().argsort(descending=True, stable=True)

@@ -1,0 +1,79 @@
+"""The desiderata objective: each term's pairs, its unpatched reference, and its loss under a mask.
+
+For a pair, d = logit[alternate's answer] - logit[base's answer] at the final position; a
+desideratum's loss is a function of d(patched) - d(unpatched) over its pairs (method.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, List, Sequence
+
+import torch
+
+from circuitfind.model.engine import FullEngine, Prepared
+from circuitfind.task.desiderata import Desideratum
+from circuitfind.task.encoding import EncodedPairs
+
+MASK_CHUNK = 64  # masks evaluated together when scoring many candidate masks
+
+
+@dataclass
+class Objective:
+    """One desideratum's training pairs, prepared by the engine, and its step settings."""
+
+    desideratum: Desideratum
+    batches: List[Prepared]  # sub-batches of the training pairs
+    d0: List[torch.Tensor]  # per sub-batch (B,): logit difference of the unpatched base run
+    weight: float
+    with_sparsity: bool
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(len(p.pairs) for p in self.batches)
+
+
+def clean_logit_diff(engine: FullEngine, hidden: torch.Tensor, pairs: EncodedPairs) -> torch.Tensor:
+    """d = logit[alt answer] - logit[base answer] from unpatched final hidden states. (B, hidden) -> (B,)"""
+    return engine.readout.logit_diff(hidden[None], pairs.alt_answer, pairs.base_answer)[0]
+
+
+def unpatched_logit_diff(engine: FullEngine, prep: Prepared) -> torch.Tensor:
+    """d0: the logit difference on the clean base run. (B,)"""
+    with torch.no_grad():
+        return clean_logit_diff(engine, engine.clean_hidden(prep.pairs.base_ids, prep.pairs.base_attn), prep.pairs)
+
+
+def patched_delta(engine: FullEngine, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """d(patched) - d0 for each mask. mask (K, L, H+1) -> (K, B)"""
+    hidden = engine.final_hidden(prep, mask)  # (K, B, hidden)
+    d = engine.readout.logit_diff(hidden, prep.pairs.alt_answer, prep.pairs.base_answer)
+    return d - d0.to(d.device)
+
+
+def loss_parts(engine: FullEngine, obj: Objective, mask: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The term's loss per mask, one share per sub-batch; the shares add up to the loss. (K,) each
+
+    Desideratum losses are means over pairs: a size-weighted sum of sub-batch means is the
+    mean over all pairs, so sub-batching never changes the result.
+    """
+    for prep, d0 in zip(obj.batches, obj.d0):
+        share = len(prep.pairs) / obj.n_pairs
+        yield share * obj.desideratum.loss(patched_delta(engine, prep, d0, mask))
+
+
+def objective_value(engine: FullEngine, objectives: Sequence[Objective], mask: torch.Tensor) -> torch.Tensor:
+    """The desiderata objective (no sparsity term) of each of K masks. (K, L, H+1) -> (K,)"""
+    total = torch.zeros(mask.shape[0], device=mask.device)
+    for obj in objectives:
+        for part in loss_parts(engine, obj, mask):
+            total = total + obj.weight * part.to(total.device)
+    return total
+
+
+@torch.no_grad()
+def objective_of_masks(
+    engine: FullEngine, objectives: Sequence[Objective], masks: torch.Tensor, chunk: int = MASK_CHUNK
+) -> torch.Tensor:
+    """objective_value over many masks, `chunk` at a time. (N, L, H+1) -> (N,)"""
+    return torch.cat([objective_value(engine, objectives, m) for m in masks.split(chunk)])

@@ -1,0 +1,1 @@
+"""Model access: loading, where each family's components live, their names, hooks, engines."""

@@ -1,0 +1,224 @@
+"""Engines: the patched model's final-position hidden state, as cheaply as possible.
+
+Only the final position is patched, so nothing before it changes between optimisation
+steps. `CachedEngine` (the default) runs each batch's prefix once, keeps its KV cache, and
+then runs only the final token per step. `FullEngine` runs the whole prompt every step; it
+is the plain reference the cached engine is tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from circuitfind.errors import CircuitfindError
+from circuitfind.model.components import Sites, device_of
+from circuitfind.model.hooks import FinalValues, patch_final_position, record_final_values
+from circuitfind.model.readout import Readout
+from circuitfind.task.encoding import EncodedPairs, position_ids
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40); both
+    are in the supported range, so the name is read off the model's own signature, once per class."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def with_cache(body: torch.nn.Module, cache: Optional[Cache]) -> Dict[str, Any]:
+    """Keyword arguments that hand `cache` to `body` and ask for one back."""
+    return {_cache_argument(type(body)): cache, "use_cache": True}
+
+
+def returned_cache(out) -> Cache:
+    """The key/value cache a forward returned, under either name (see `with_cache`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@dataclass
+class Prepared:
+    """What the engine keeps of one batch for all optimisation steps."""
+
+    pairs: EncodedPairs
+    alt_values: FinalValues  # the alternate prompts' clean final-position values
+    prefix_kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per layer (B, kvH, T-1, D)
+    buffers: Optional[Tuple[int, list]] = None  # (K, per layer (K*B, kvH, T, D)): engine=cached, cache=device
+
+
+class FullEngine:
+    """Runs the whole prompt through the model at every step (the reference engine).
+
+    An engine gives the patched model's final hidden states and, through its `readout`,
+    their logits: every method and evaluation needs the two together.
+    """
+
+    name = "full"
+
+    def __init__(self, model: torch.nn.Module, sites: Sites):
+        self.model = model
+        self.sites = sites
+        self.space = sites.space
+        self.readout = Readout(model)
+        self.body = model.base_model  # decoder stack ending in the final norm
+        self.device = next(model.parameters()).device
+
+    def _run(self, ids, attn, **kw):
+        return self.body(
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            position_ids=position_ids(attn).to(self.device),
+            **kw,
+        )
+
+    @torch.no_grad()
+    def clean_hidden(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Unpatched final-position hidden state. (B, T) -> (B, hidden)"""
+        return self._run(ids, attn, use_cache=False).last_hidden_state[:, -1]
+
+    @torch.no_grad()
+    def prepare(self, pairs: EncodedPairs) -> Prepared:
+        with record_final_values(self.sites) as alt_values:
+            self._run(pairs.alt_ids, pairs.alt_attn, use_cache=False)
+        return Prepared(pairs=pairs, alt_values=alt_values)
+
+    def final_hidden(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
+        """Final-position hidden state of the base prompts patched under each of K masks.
+
+        mask (K, L, H+1) -> (K, B, hidden)
+        """
+        k, b = mask.shape[0], len(prep.pairs)
+        ids, attn = prep.pairs.base_ids.repeat(k, 1), prep.pairs.base_attn.repeat(k, 1)
+        with patch_final_position(self.sites, mask, prep.alt_values):
+            out = self._run(ids, attn, use_cache=False)
+        return out.last_hidden_state[:, -1].view(k, b, -1)
+
+
+class FinalSlotLayer(DynamicLayer):
+    """One layer's prefix keys/values plus a free slot that the final token writes in place.
+
+    The stock cache concatenates the new key/value onto the prefix, copying the whole
+    prefix every step. Here the prefix is written once into a buffer one position longer;
+    each step writes only the last position, through a fresh `detach()` view, so the
+    prefix positions are never touched and no step's graph reaches into another's.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):  # (N, kvH, T, D), T-1 filled
+        super().__init__()
+        self.buffers = (keys, values)
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self.prefix_len = keys.shape[-2] - 1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = (b.detach() for b in self.buffers)
+        keys[..., -1:, :] = key_states
+        values[..., -1:, :] = value_states
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.prefix_len  # the cached part; the final token is the query
+
+
+def prefix_buffers(prefix_kv, k: int, devices) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, K copies of the prefix in a buffer with one free final slot, on that layer's
+    device (a model sharded with device_map keeps each layer's cache beside it). (K*B, kvH, T, D)"""
+    out = []
+    for (key, val), device in zip(prefix_kv, devices):
+        shape = (k * key.shape[0], key.shape[1], key.shape[2] + 1, key.shape[3])
+        pair = []
+        for t in (key, val):
+            buf = torch.empty(shape, dtype=t.dtype, device=device)
+            buf[:, :, :-1].view(k, *t.shape).copy_(t.to(device).unsqueeze(0).expand(k, *t.shape))
+            pair.append(buf)
+        out.append(tuple(pair))
+    return out
+
+
+def cached_prefix(prep: "Prepared") -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The prefix keys/values of a batch, from wherever the engine keeps them. (B, kvH, T-1, D)"""
+    if prep.prefix_kv is not None:
+        return prep.prefix_kv
+    b = len(prep.pairs)
+    return [(key[:b, :, :-1], val[:b, :, :-1]) for key, val in prep.buffers[1]]
+
+
+def final_slot_cache(buffers) -> Cache:
+    return Cache(layers=[FinalSlotLayer(key, val) for key, val in buffers])
+
+
+CACHE_POLICIES = {
+    "device": "prefix keys/values kept on the model's device for all steps (fastest)",
+    "cpu": "kept in CPU memory and moved to the device per batch and step",
+    "recompute": "not kept: the prefix is re-run without gradients at every step (least memory)",
+}
+
+
+class CachedEngine(FullEngine):
+    """Runs each prefix once and, per step, only the final token on its cached keys/values."""
+
+    name = "cached"
+
+    def __init__(self, model: torch.nn.Module, sites: Sites, cache: str = "device"):
+        super().__init__(model, sites)
+        if cache not in CACHE_POLICIES:
+            raise CircuitfindError(f"cache={cache!r} is unknown; choose from {list(CACHE_POLICIES)}")
+        self.cache = cache
+        self.layer_devices = [device_of(m) for m in sites.head_projs]
+
+    @torch.no_grad()
+    def _prefix_kv(self, pairs: EncodedPairs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        # A plain DynamicCache keeps every prefix position, even past a sliding window; the
+        # final token's attention mask then applies the window as the full prompt would.
+        out = self._run(pairs.base_ids[:, :-1], pairs.base_attn[:, :-1], **with_cache(self.body, DynamicCache()))
+        return [(layer[0], layer[1]) for layer in returned_cache(out)]  # per layer (B, kvH, T-1, D)
+
+    @torch.no_grad()
+    def prepare(self, pairs: EncodedPairs) -> Prepared:
+        if pairs.base_ids.shape[1] < 2:
+            raise CircuitfindError("engine=cached needs prompts of at least two tokens; use engine=full")
+        prep = super().prepare(pairs)
+        if self.cache != "recompute":
+            kv = self._prefix_kv(pairs)
+            prep.prefix_kv = [(k.cpu(), v.cpu()) for k, v in kv] if self.cache == "cpu" else kv
+        return prep
+
+    def final_hidden(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
+        k, b = mask.shape[0], len(prep.pairs)
+        attn = prep.pairs.base_attn.repeat(k, 1)
+        cache = final_slot_cache(self._buffers(prep, k))  # outside the hooks: it may run the prefix
+        with patch_final_position(self.sites, mask, prep.alt_values):
+            out = self.body(
+                input_ids=prep.pairs.base_ids[:, -1:].repeat(k, 1).to(self.device),
+                attention_mask=attn.to(self.device),
+                position_ids=position_ids(attn)[:, -1:].to(self.device),
+                **with_cache(self.body, cache),
+            )
+        return out.last_hidden_state[:, -1].view(k, b, -1)
+
+    def _buffers(self, prep: Prepared, k: int):
+        """The prefix buffers for K masks: built once and kept (device), or built per step."""
+        if self.cache == "device":
+            if prep.buffers is None or prep.buffers[0] != k:
+                prep.buffers = (k, prefix_buffers(cached_prefix(prep), k, self.layer_devices))
+                prep.prefix_kv = None  # the buffers hold the prefix now: keep one copy only
+            return prep.buffers[1]
+        kv = prep.prefix_kv if self.cache == "cpu" else self._prefix_kv(prep.pairs)
+        return prefix_buffers(kv, k, self.layer_devices)
+
+
+ENGINES = {"full": FullEngine, "cached": CachedEngine}
+
+
+def make_engine(name: str, model: torch.nn.Module, sites: Sites, cache: str = "device") -> FullEngine:
+    """The engine called `name`; `cache` is the prefix memory policy of engine=cached."""
+    if name not in ENGINES:
+        raise CircuitfindError(f"engine={name!r} is unknown; choose from {sorted(ENGINES)}")
+    return CachedEngine(model, sites, cache) if name == "cached" else FullEngine(model, sites)

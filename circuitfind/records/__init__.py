@@ -1,0 +1,1 @@
+"""Records and outputs: circuit.json, atomic files, tracking, figures, reports, exports, sweeps."""

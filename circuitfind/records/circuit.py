@@ -1,0 +1,120 @@
+"""The circuit.json record: one result of a search, with one writer and one reader.
+
+Every consumer (sweep summary, report, optimum, resuming a sweep, the organism's DBM check)
+reads a finished run through `read_record`, and the names of its metrics through
+`metric_key` and `headline_metrics`, so the schema lives here only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from circuitfind.errors import CircuitfindError
+from circuitfind.model.space import ComponentSpace
+from circuitfind.records.files import write_json
+
+RECORD_FILE = "circuit.json"
+SPLIT_KINDS = ("test", "transfer")  # held-out pairs of the train operations; pairs of the transfer operations
+CIRCUIT_COLUMNS = ("name", "kind", "layer", "head", "weight", "transformerlens")
+EVAL_METRICS = ("acc", "acc_model", "logit_diff", "logit_diff_norm")  # per split, see study/evaluate.py
+
+
+def metric_key(desideratum: str, split: str, metric: str) -> str:
+    """The flat key of a held-out metric, e.g. `vd_test/acc`."""
+    return f"{desideratum}_{split}/{metric}"
+
+
+def headline_metrics(desiderata: Sequence[str], model_acc: bool = True) -> List[str]:
+    """The metrics a summary shows: accuracy on each held-out and transfer split, agreement with
+    the model's own answers, and the first desideratum's normalised logit difference."""
+    keys = [metric_key(d, split, "acc") for split in SPLIT_KINDS for d in desiderata]
+    if model_acc:
+        keys += [metric_key(d, "test", "acc_model") for d in desiderata]
+    if desiderata:
+        keys.append(metric_key(desiderata[0], "test", "logit_diff_norm"))
+    return keys
+
+
+def circuit_table(mask: torch.Tensor, rounded: torch.Tensor, space: ComponentSpace) -> List[Dict[str, Any]]:
+    """The patched components (rounded w = 0), weakest weight first. mask (L, H+1)"""
+    rows = [
+        {
+            "name": unit.name,
+            "kind": unit.kind,
+            "layer": unit.layer,
+            "head": unit.head,
+            "weight": round(float(mask[unit.layer, unit.col]), 6),
+            "transformerlens": unit.transformerlens["hook"],
+        }
+        for unit in space.units()
+        if rounded[unit.layer, unit.col] == 0
+    ]
+    return sorted(rows, key=lambda r: (r["weight"], r["layer"], r["name"]))
+
+
+@dataclass
+class CircuitRecord:
+    """One lambda's (or one baseline's) circuit, its held-out metrics and how it was made."""
+
+    circuit: List[Dict[str, Any]]  # CIRCUIT_COLUMNS per patched component, weakest weight first
+    n_patched: int
+    n_components: int
+    fraction_patched: float
+    lam: Optional[float]
+    method: Dict[str, Any]
+    metrics: Dict[str, float]  # metric_key(desideratum, split, metric) -> value, rounded mask
+    baseline: Dict[str, float]  # the unpatched model on the same splits
+    planted: Optional[Dict[str, Any]]  # precision/recall against a circuit planted in the model
+    warnings: List[str]
+    model: Dict[str, Any]
+    data: Dict[str, Any]
+    desiderata: Dict[str, Any]
+    optimizer: Dict[str, Any]
+    engine: Dict[str, Any]
+    timing: Dict[str, Any] = field(default_factory=dict)
+    versions: Dict[str, str] = field(default_factory=dict)
+    status: str = "complete"
+
+    @property
+    def names(self) -> List[str]:
+        """The circuit's component names."""
+        return [row["name"] for row in self.circuit]
+
+    @property
+    def evaluated(self) -> List[str]:
+        """The desiderata whose held-out metrics the record holds, in config order."""
+        terms = [t["name"] for t in self.desiderata.get("terms", [])]
+        return list(dict.fromkeys(terms + list(self.desiderata.get("evaluate", []))))
+
+    def headline(self) -> Dict[str, Any]:
+        """lambda, size and the headline metrics, as summaries tabulate them."""
+        return {"lam": self.lam, "n_patched": self.n_patched, **self.metrics}
+
+    def to_json(self) -> Dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {"status": data.pop("status"), **data}  # status first: it marks a finished run
+
+
+def write_record(out_dir: Path, record: CircuitRecord) -> Path:
+    """circuit.json, written atomically; it is written last, so its presence marks a finished result."""
+    path = Path(out_dir) / RECORD_FILE
+    write_json(path, record.to_json())
+    return path
+
+
+def read_record(run: Path) -> CircuitRecord:
+    """The record of a finished run directory, or one line saying why there is none."""
+    path = Path(run) / RECORD_FILE
+    try:
+        data = json.loads(path.read_text())
+        return CircuitRecord(**data)
+    except OSError:
+        raise CircuitfindError(f"{run} has no readable {RECORD_FILE}; it is not a finished run") from None
+    except (ValueError, TypeError) as e:
+        raise CircuitfindError(f"{path} is not a circuitfind record ({e}); re-run the job") from None

@@ -1,0 +1,127 @@
+"""Figures: the mask heatmap, training curves, and the sweep's accuracy-vs-size plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from circuitfind.records.circuit import metric_key  # noqa: E402
+from circuitfind.records.files import save_figure  # noqa: E402
+from circuitfind.task.desiderata import DESIDERATA  # noqa: E402
+
+
+def title_of(desideratum: str) -> str:
+    """A desideratum's title for figures (its name, if it is not registered here)."""
+    cls = DESIDERATA.get(desideratum)
+    return cls.title if cls is not None else desideratum
+
+
+def accuracy_series(desiderata: Sequence[str]) -> List[Tuple[str, str]]:
+    """(metric key, label) of the held-out accuracy of each desideratum, and the first one's transfer."""
+    series = [(metric_key(d, "test", "acc"), title_of(d)) for d in desiderata]
+    if desiderata:
+        first = desiderata[0]
+        series.append((metric_key(first, "transfer", "acc"), f"{first.upper()} transfer"))
+    return series
+
+
+def mask_heatmap(mask: np.ndarray, path: Path, title: str) -> None:
+    """Layers x heads, plus an MLP column; dark = patched (w near 0)."""
+    n_layers, n_cols = mask.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * n_cols, 1.0 + 0.3 * n_layers))
+    im = ax.imshow(mask, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(n_cols), [str(h) for h in range(n_cols - 1)] + ["MLP"], fontsize=7)
+    ax.set_yticks(range(n_layers), [str(layer) for layer in range(n_layers)], fontsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="w (0 = patched)")
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def training_curves(history: List[Dict[str, float]], desiderata: Sequence[str], path: Path) -> None:
+    """Losses, sparsity, components patched and held-out accuracy against step."""
+    if not history:  # a baseline method ranks components without training steps
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no training steps: this method ranks components directly", ha="center", va="center")
+        save_figure(path, fig)
+        plt.close(fig)
+        return
+    panels = [
+        ("loss", [k for k in history[0] if k.endswith("_loss")]),
+        ("sparsity term", ["sparsity"]),
+        ("components with w < 0.5", ["n_patched"]),
+        ("held-out accuracy (rounded mask)", [metric_key(d, "test", "acc") for d in desiderata]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(row["step"], row[key]) for row in history if isinstance(row.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=key)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        if keys:
+            ax.legend(fontsize=7)
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def sweep_figure(rows: List[Dict[str, float]], desiderata: Sequence[str], path: Path) -> None:
+    """The paper's figure: each desideratum's held-out accuracy against the number of components patched."""
+    rows = sorted(rows, key=lambda r: r["n_patched"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    series = accuracy_series(desiderata)
+    for key, label in series:
+        pts = [(r["n_patched"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    for r in rows:
+        ax.annotate(f"λ={r['lam']:g}", (r["n_patched"], r.get(series[0][0], 0)), fontsize=6, alpha=0.7)
+    ax.set_xlabel("components patched")
+    ax.set_ylabel("accuracy (rounded mask, held out)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def attention_figure(weights: np.ndarray, labels: List[str], heads: List[str], path: Path) -> None:
+    """Final-position attention of each circuit head over the prompt's tokens."""
+    fig, ax = plt.subplots(figsize=(1.5 + 0.32 * len(labels), 1.2 + 0.35 * len(heads)))
+    im = ax.imshow(weights, vmin=0, vmax=max(float(weights.max()), 1e-6), cmap="magma", aspect="auto")
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
+    ax.set_yticks(range(len(heads)), heads, fontsize=7)
+    ax.set_xlabel("prompt position (tokens of the first prompt; averaged over held-out prompts)")
+    ax.set_title("attention of the final position, circuit heads", fontsize=9)
+    fig.colorbar(im, ax=ax, label="attention")
+    save_figure(path, fig)
+    plt.close(fig)
+
+
+def faithfulness_figure(curves: Dict[str, dict], desiderata: Sequence[str], path: Path) -> None:
+    """Held-out accuracy of each desideratum against components patched, one line per ranking method."""
+    panels = [(metric_key(d, "test", "acc"), f"{title_of(d)} accuracy") for d in desiderata]
+    panels.append(
+        (metric_key(desiderata[0], "test", "logit_diff_norm"), f"{desiderata[0].upper()} normalised logit difference")
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.3))
+    for ax, (key, title) in zip(axes, panels):
+        for method, c in curves.items():
+            if key in c["curve"]:
+                x = np.array(c["sizes"], dtype=float)
+                ax.plot(np.maximum(x, 0.5), c["curve"][key], marker=".", label=f"{method} (AUC {c['auc'][key]:.2f})")
+        ax.set_xscale("log")
+        ax.set_xlabel("components patched (top n; 0 at 0.5)", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    save_figure(path, fig)
+    plt.close(fig)

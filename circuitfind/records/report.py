@@ -1,0 +1,191 @@
+"""The report of a run or sweep: one self-contained HTML page and a Markdown summary.
+
+Every figure is embedded (base64 PNG), so the page can be mailed or attached as it is.
+Sections: summary, the paper's figure (accuracy against components patched, over lambda),
+then per run the mask heatmap, circuit table, attention of circuit heads and transfer
+results, then baselines, faithfulness curves, stability and optimality where computed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from circuitfind.records import plots
+from circuitfind.records.circuit import (
+    CIRCUIT_COLUMNS,
+    EVAL_METRICS,
+    CircuitRecord,
+    headline_metrics,
+    metric_key,
+    read_record,
+)
+from circuitfind.records.files import write_text
+from circuitfind.records.rundir import finished_runs
+from circuitfind.records.sweep import format_value as fmt
+from circuitfind.records.sweep import summary_columns
+
+
+class Page:
+    """Builds the HTML and the Markdown side by side."""
+
+    def __init__(self, title: str, root: Path):
+        self.root = root
+        self.html: List[str] = [f"<h1>{html.escape(title)}</h1>"]
+        self.md: List[str] = [f"# {title}", ""]
+
+    def section(self, anchor: str, title: str) -> None:
+        self.html.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
+        self.md += [f"## {title}", ""]
+
+    def text(self, text: str) -> None:
+        self.html.append(f"<p>{html.escape(text)}</p>")
+        self.md += [text, ""]
+
+    def table(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        self.md += ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+        self.md += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows] + [""]
+
+    def image(self, path: Path, alt: str) -> None:
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        self.html.append(
+            f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>'
+            f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+        )
+        self.md += [f"![{alt}]({Path(path).relative_to(self.root)})", ""]
+
+    def render(self) -> str:
+        style = (
+            "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
+            "padding:3px 7px;text-align:right}th{background:#f4f4f4}img{max-width:100%}"
+            "figcaption{font-size:12px;color:#555}"
+        )
+        return (
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>circuitfind report</title>"
+            f"<style>{style}</style></head><body>{''.join(self.html)}</body></html>\n"
+        )
+
+
+def summary_rows(results: Dict[Path, CircuitRecord], columns: Sequence[str]) -> List[List[Any]]:
+    return [[r.headline().get(c) for c in columns] + [run.name] for run, r in results.items()]
+
+
+def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
+    page.html.append(f"<h3>{html.escape(run.name)} (λ={result.lam:g}, method {result.method.get('name', 'dbm')})</h3>")
+    page.md += [f"### {run.name} (λ={result.lam:g})", ""]
+    if (run / "mask_heatmap.png").is_file():
+        page.image(run / "mask_heatmap.png", f"mask heatmap, {run.name}")
+    page.table(CIRCUIT_COLUMNS, [[row.get(c) for c in CIRCUIT_COLUMNS] for row in result.circuit])
+    if result.planted:
+        p = result.planted
+        page.text(f"Planted circuit {p['planted']}: precision {p['precision']:.2f}, recall {p['recall']:.2f}.")
+    if (run / "attention.png").is_file():
+        page.image(run / "attention.png", f"attention of the circuit heads, {run.name}")
+    transfer = [
+        [f"{d}_transfer", metric, result.metrics[metric_key(d, "transfer", metric)]]
+        for d in result.evaluated
+        for metric in EVAL_METRICS
+        if metric_key(d, "transfer", metric) in result.metrics
+    ]
+    if transfer:
+        page.text("Transfer to operations never used in training (rounded mask):")
+        page.table(["split", "metric", "value"], transfer)
+    page.text("Unpatched model on the same prompts:")
+    page.table(["metric", "value"], [[k, v] for k, v in result.baseline.items()])
+
+
+def add_evidence(page: Page, evidence: Dict[Path, Dict[str, Any]], desiderata: Sequence[str]) -> None:
+    page.section("baselines", "Baselines at equal circuit size")
+    if not evidence:
+        page.text(
+            "Not computed: run with evidence=full to compare DBM with single-component patching, "
+            "attribution and random circuits."
+        )
+    for run, ev in evidence.items():
+        keys = ["method", "k", *headline_metrics(desiderata, model_acc=False)]
+        page.text(
+            f"{run.name}: DBM circuit size {ev['dbm_size']}; components ranked by {ev['ranked_by']}; "
+            "random rows are means over draws (std in evidence.json)."
+        )
+        page.table(keys, [[row.get(k) for k in keys] for row in ev["comparison"]])
+    page.section("curves", "Faithfulness curves")
+    for run, ev in evidence.items():
+        if (run / "faithfulness.png").is_file():
+            page.image(run / "faithfulness.png", f"held-out metrics against components patched, {run.name}")
+        if "curves" in ev:
+            rows = [[m, k, v] for m, c in ev["curves"].items() for k, v in c["auc"].items()]
+            page.table(["method", "curve", "area (x = fraction patched)"], rows)
+    if not any("curves" in ev for ev in evidence.values()):
+        page.text("Not computed: run with evidence=full (or evidence.curves=true).")
+    page.section("stability", "Stability across seeds and data resamples")
+    stable = {run: ev["stability"] for run, ev in evidence.items() if "stability" in ev}
+    for run, st in stable.items():
+        page.text(
+            f"{run.name}: seeds {st['seeds']}, mean pairwise Jaccard similarity "
+            f"{st['mean_pairwise_jaccard']:.3f}, circuit sizes {st['sizes']}."
+        )
+        page.table(["component", "chosen in share of seeds"], list(st["frequency"].items()))
+    if not stable:
+        page.text("Not computed: run with evidence=full (or evidence.stability_seeds=5).")
+
+
+def add_optimality(page: Page, runs: List[Path]) -> None:
+    page.section("optimality", "Optimality (exhaustive search)")
+    found = False
+    for run in runs:
+        path = run / "optimum.json"
+        if path.is_file():
+            found = True
+            o = json.loads(path.read_text())
+            page.text(
+                f"{run.name}: found circuit of {o['found']['size']} components, held-out objective "
+                f"{o['found']['objective']:.4f}; gap to the best subset of that size: {fmt(o['gap'])}."
+            )
+            page.table(
+                ["size", "best components", "objective", "subsets tried"],
+                [[s, ", ".join(b["components"]), b["objective"], b["subsets"]] for s, b in o["best_by_size"].items()],
+            )
+    if not found:
+        page.text("Not computed: run `circuitfind optimum <run>` on a model with at most 40 components.")
+
+
+def build_report(path: Path) -> tuple[Path, Path]:
+    """Write report.html and report.md into `path`; returns their paths."""
+    path = Path(path)
+    runs = finished_runs(path)
+    results = {run: read_record(run) for run in runs}
+    page = Page(f"circuitfind report: {path.name}", path)
+    page.section("summary", "Summary")
+    first = next(iter(results.values()))
+    page.text(
+        f"Model {first.model['model_type']} ({first.model.get('name_or_path') or first.model['kind']}), "
+        f"{first.n_components} components; desiderata {first.desiderata['name']}; "
+        f"{len(runs)} finished run(s). Accuracies are on held-out pairs with the rounded mask."
+    )
+    columns = summary_columns(first)
+    page.table([*columns, "run"], summary_rows(results, columns))
+    for warning in first.warnings:
+        page.text(f"Warning: {warning}")
+    page.section("sweep", "Accuracy against components patched (over lambda)")
+    figure = path / "report_accuracy_vs_size.png"
+    plots.sweep_figure([r.headline() for r in results.values()], first.evaluated, figure)
+    page.image(figure, "held-out accuracy against the number of components patched, one point per lambda")
+    page.section("runs", "Circuits")
+    for run, result in results.items():
+        add_run(page, run, result)
+    evidence = {
+        run: json.loads((run / "evidence.json").read_text()) for run in runs if (run / "evidence.json").is_file()
+    }
+    add_evidence(page, evidence, first.evaluated)
+    add_optimality(page, runs)
+    html_path, md_path = path / "report.html", path / "report.md"
+    write_text(html_path, page.render())
+    write_text(md_path, "\n".join(page.md) + "\n")
+    return html_path, md_path

@@ -1,0 +1,47 @@
+"""Where the circuit's heads look: final-position attention averaged over held-out prompts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import List, Sequence, Tuple
+
+import torch
+
+from circuitfind.task.encoding import EncodedPairs, position_ids
+
+
+@torch.no_grad()
+def attention_maps(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Every layer's attention weights on left-padded prompts. (B, T) -> per layer (B, H, T, T)"""
+    device = next(model.parameters()).device
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # sdpa does not return attention weights
+    try:
+        out = model.base_model(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            position_ids=position_ids(attn).to(device),
+            output_attentions=True,
+            use_cache=False,
+        )
+    finally:
+        model.set_attn_implementation(previous)
+    return out.attentions
+
+
+def final_position_attention(
+    model: torch.nn.Module, tokenizer, enc: EncodedPairs, heads: Sequence[Tuple[int, int]]
+) -> Tuple[torch.Tensor, List[str]]:
+    """Mean attention of the final position over the prompt, for each (layer, head).
+
+    Only prompts of the most common length are used, so that every position means the
+    same token slot. Returns (len(heads), T) weights and the T token labels.
+    """
+    lengths = enc.base_attn.sum(dim=1)
+    modal = Counter(lengths.tolist()).most_common(1)[0][0]
+    keep = lengths == modal
+    ids, attn = enc.base_ids[keep][:, -modal:], enc.base_attn[keep][:, -modal:]
+    attentions = attention_maps(model, ids, attn)
+    weights = torch.stack([attentions[layer][:, head, -1].float().mean(dim=0).cpu() for layer, head in heads])
+    labels = [tokenizer.decode([t]).replace("\n", "\\n").replace(" ", "␣") or "·" for t in ids[0].tolist()]
+    return weights, labels

@@ -1,0 +1,130 @@
+"""Evidence that a circuit is the right one: baselines at equal size, faithfulness curves,
+and stability across seeds and data resamples."""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence
+
+import torch
+
+from circuitfind.methods.baselines import component_scores, ranking, top_k_mask
+from circuitfind.methods.dbm import train_mask
+from circuitfind.records.circuit import headline_metrics
+from circuitfind.study.curves import faithfulness_curve
+from circuitfind.study.evaluate import EvalSplit, evaluate_masks
+
+if TYPE_CHECKING:
+    from circuitfind.study.job import Job
+
+
+def wants_evidence(evidence) -> bool:
+    """Whether the `evidence` config asks for anything beyond the circuit itself."""
+    return bool(evidence.baselines or evidence.curves or evidence.stability_seeds)
+
+
+def evaluated_names(splits: Sequence[EvalSplit]) -> List[str]:
+    return list(dict.fromkeys(s.desideratum.name for s in splits))
+
+
+@torch.no_grad()
+def held_out_metrics(
+    splits: Sequence[EvalSplit], engine, masks: torch.Tensor, chunk: int = 16
+) -> List[Dict[str, float]]:
+    """The headline held-out metrics of each mask. (N, L, H+1) -> N dicts"""
+    headline = set(headline_metrics(evaluated_names(splits), model_acc=False))
+    rows: List[Dict[str, float]] = [{} for _ in range(masks.shape[0])]
+    for split in splits:
+        for start, part in zip(itertools.count(0, chunk), masks.split(chunk)):
+            for metric, values in evaluate_masks(split, engine, part).items():
+                if split.key(metric) in headline:
+                    for i, v in enumerate(values.tolist()):
+                        rows[start + i][split.key(metric)] = v
+    return rows
+
+
+def random_rows(scores: List[torch.Tensor], sizes: Sequence[int], splits, engine) -> List[Dict[str, Any]]:
+    """Mean and spread of the headline metrics over random circuits, at each size."""
+    table = []
+    for k in sizes:
+        rows = held_out_metrics(splits, engine, torch.stack([top_k_mask(s, k) for s in scores]))
+        summary: Dict[str, Any] = {"method": "random", "k": k, "draws": len(scores)}
+        for key in rows[0]:
+            values = torch.tensor([r[key] for r in rows])
+            summary[key] = float(values.mean())
+            summary[f"{key}_std"] = float(values.std()) if len(rows) > 1 else 0.0
+        table.append(summary)
+    return table
+
+
+def compare_methods(dbm_mask: torch.Tensor, evidence, engine, objectives, splits: Sequence[EvalSplit], seed: int):
+    """Every method of `evidence.baselines` at the same circuit sizes, and each ranking's faithfulness curve.
+
+    DBM at its own size is its rounded mask; at other sizes, its top k by continuous weight.
+    """
+    device = dbm_mask.device
+    k_dbm = int((dbm_mask < 0.5).sum())
+    sizes = sorted({k for k in [*evidence.ks, k_dbm] if 1 <= k <= engine.space.n_components})
+    scores = {"dbm": -dbm_mask}  # a small weight means "patch first"
+    for method in evidence.baselines:
+        if method != "random":
+            scores[method] = component_scores(method, engine, objectives, device, seed)
+    table: List[Dict[str, Any]] = []
+    for method, s in scores.items():
+        masks = torch.stack([top_k_mask(s, k) for k in sizes])
+        for k, row in zip(sizes, held_out_metrics(splits, engine, masks)):
+            table.append({"method": method, "k": k, **row})
+    if "random" in evidence.baselines:
+        draws = [component_scores("random", engine, objectives, device, seed + d) for d in range(evidence.random_draws)]
+        table += random_rows(draws, sizes, splits, engine)
+        scores["random"] = draws[0]
+    result: Dict[str, Any] = {"sizes": sizes, "dbm_size": k_dbm, "comparison": table, "ranked_by": "signed score"}
+    if evidence.curves:
+        test_splits = [s for s in splits if s.kind == "test"]
+        result["curves"] = {method: faithfulness_curve(ranking(s), test_splits, engine) for method, s in scores.items()}
+    return result
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def stability(circuits: Dict[int, List[str]], names: List[str]) -> Dict[str, Any]:
+    """How often each component is chosen across seeds, and the mean pairwise Jaccard similarity."""
+    sets = {seed: set(c) for seed, c in circuits.items()}
+    counts = {n: sum(n in s for s in sets.values()) / len(sets) for n in names}
+    pairs = list(itertools.combinations(sets.values(), 2))
+    return {
+        "seeds": sorted(sets),
+        "circuits": {str(seed): sorted(c) for seed, c in circuits.items()},
+        "frequency": {n: f for n, f in sorted(counts.items(), key=lambda kv: -kv[1]) if f > 0},
+        "mean_pairwise_jaccard": sum(jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else 1.0,
+        "sizes": {str(seed): len(c) for seed, c in circuits.items()},
+    }
+
+
+def run_stability(seeds: Sequence[int], find_circuit: Callable[[int], List[str]], names: List[str]) -> Dict[str, Any]:
+    """Find the circuit again with each seed (fresh data draw and training) and compare."""
+    return stability({seed: find_circuit(seed) for seed in seeds}, names)
+
+
+def gather_evidence(job: "Job", splits, objectives, mask: torch.Tensor) -> Dict[str, Any]:
+    """Baselines at equal size, faithfulness curves and stability of the DBM circuit. mask (L, H+1)"""
+    cfg = job.cfg
+    evidence = compare_methods(mask, cfg.evidence, job.engine, objectives, splits, cfg.seed)
+    if cfg.evidence.stability_seeds:
+        names = job.space.names()
+
+        def find_circuit(seed: int) -> List[str]:
+            found = mask if seed == cfg.seed else retrain(job.with_seed(seed))
+            return [n for n, w in zip(names, found.flatten().tolist()) if w < 0.5]
+
+        seeds = [cfg.seed + i for i in range(cfg.evidence.stability_seeds)]
+        evidence["stability"] = run_stability(seeds, find_circuit, names)
+    return evidence
+
+
+def retrain(job: "Job") -> torch.Tensor:
+    """DBM's continuous mask at the job's lambda, without logging. (L, H+1)"""
+    lam = torch.tensor([job.cfg.optimizer.lam], device=job.device)
+    return train_mask(job.engine, job.objectives(), lam, job.cfg.optimizer, progress=False)[0]

@@ -1,0 +1,231 @@
+"""One `circuitfind train` run, top to bottom: job, masks, held-out metrics, evidence, records.
+
+job       the config made into data, a loaded model, an engine and prepared pairs
+masks     K masks trained side by side by DBM (one per lambda), or a baseline's top k
+metrics   every mask, rounded, on the held-out and transfer pairs of every desideratum
+evidence  baselines, curves and stability, when `evidence` asks for them
+records   per lambda: mask.safetensors, exports, figures, then circuit.json
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+import circuitfind
+from circuitfind.errors import out_of_memory_hint
+from circuitfind.methods.baselines import component_scores, top_k_mask
+from circuitfind.methods.dbm import NonFiniteLoss, OnStep, round_mask, train_mask
+from circuitfind.methods.objective import Objective
+from circuitfind.records import plots
+from circuitfind.records.circuit import CircuitRecord, circuit_table
+from circuitfind.records.sink import Figure, RunSink, SearchResult
+from circuitfind.records.sweep import write_summary
+from circuitfind.records.tracking import Tracker
+from circuitfind.study.attention import final_position_attention
+from circuitfind.study.evaluate import EvalSplit, baseline_of, evaluate_splits, low_baseline_warnings
+from circuitfind.study.evidence import gather_evidence, wants_evidence
+from circuitfind.study.job import Job
+from circuitfind.study.planted import planted_scores
+from circuitfind.task.pairs import data_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def lambdas(cfg: DictConfig) -> List[float]:
+    """The sparsity weights to train: optimizer.lams (K masks at once) or optimizer.lam."""
+    return [float(v) for v in cfg.optimizer.lams] if cfg.optimizer.lams else [float(cfg.optimizer.lam)]
+
+
+def find_masks(job: Job, objectives: Sequence[Objective], lams: List[float], on_step: OnStep) -> torch.Tensor:
+    """The K masks of this run: trained by DBM, or the top k of a baseline's ranking. (K, L, H+1)"""
+    cfg = job.cfg
+    if cfg.method.name == "dbm":
+        lam = torch.tensor(lams, dtype=torch.float32, device=job.device)
+        return train_mask(job.engine, objectives, lam, cfg.optimizer, on_step, progress=cfg.progress)
+    scores = component_scores(cfg.method.name, job.engine, objectives, job.device, cfg.seed)
+    return top_k_mask(scores, cfg.method.k)[None]
+
+
+class StepLog:
+    """Per training step: every mask's losses, and its held-out accuracy every `eval_every` steps."""
+
+    def __init__(self, job: Job, splits: Sequence[EvalSplit], sink: RunSink, k: int):
+        self.job, self.splits, self.sink = job, splits, sink
+        self.histories: List[List[Dict[str, float]]] = [[] for _ in range(k)]
+
+    def __call__(self, step: int, mask: torch.Tensor, logs: Dict[str, torch.Tensor]) -> None:
+        o = self.job.cfg.optimizer
+        rows = [{key: float(v[k]) for key, v in logs.items()} for k in range(len(self.histories))]
+        if (step + 1) % o.eval_every == 0 or step + 1 == o.steps:
+            accs = held_out_accuracy(self.job, self.splits, round_mask(mask))
+            for k, row in enumerate(rows):
+                row |= {key: float(v[k]) for key, v in accs.items()}
+        self.sink.log_step(step, rows)
+        for history, row in zip(self.histories, rows):
+            history.append({"step": step, **row})
+
+
+@torch.no_grad()
+def held_out_accuracy(job: Job, splits: Sequence[EvalSplit], mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Accuracy of each mask on the held-out test splits. {key: (K,)}"""
+    metrics = evaluate_splits(splits, job.engine, mask, kinds=("test",))
+    return {split.key("acc"): metrics[split.key("acc")] for split in splits if split.kind == "test"}
+
+
+@dataclass
+class RunFacts:
+    """What every result of one run shares: the unpatched model's metrics, warnings and timings."""
+
+    baseline: Dict[str, float]
+    warnings: List[str]
+    timing: Dict[str, Any]
+
+
+def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecord:
+    """The circuit.json record of one result."""
+    cfg, space = job.cfg, job.space
+    circuit = circuit_table(result.mask, result.rounded, space)
+    model_config = job.model.config.get_text_config()
+    return CircuitRecord(
+        circuit=circuit,
+        n_patched=len(circuit),
+        n_components=space.n_components,
+        fraction_patched=len(circuit) / space.n_components,
+        lam=result.lam,
+        method=OmegaConf.to_container(cfg.method, resolve=True),
+        metrics=result.metrics,
+        baseline=facts.baseline,
+        planted=planted_scores(job.model, [row["name"] for row in circuit]),
+        warnings=facts.warnings,
+        model={
+            "kind": cfg.model.kind,
+            "name_or_path": cfg.model.name_or_path,
+            "model_type": job.model.config.model_type,
+            "n_layers": space.n_layers,
+            "n_heads": space.n_heads,
+            "hidden_size": model_config.hidden_size,
+            "dtype": cfg.model.dtype,
+            "device": str(job.device),
+            **{key: cfg.model.get(key) for key in ("device_map", "quantization", "gguf_file")},
+        },
+        data={
+            "fingerprint": data_fingerprint(job.data, cfg.dataset.template),
+            "template": cfg.dataset.template,
+            "train_ops": list(cfg.dataset.train_ops),
+            "transfer_ops": list(cfg.dataset.transfer_ops),
+            "sizes": {
+                n: {"train": len(v.train), "test": len(v.test), "transfer": len(v.transfer)}
+                for n, v in job.data.items()
+            },
+            "seed": cfg.seed,
+        },
+        desiderata=OmegaConf.to_container(cfg.desiderata, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        engine={"name": cfg.engine, "cache": cfg.cache},
+        timing=facts.timing,
+        versions={
+            "circuitfind": circuitfind.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    )
+
+
+def attention_figure(job: Job, record: CircuitRecord) -> Dict[str, Figure]:
+    """The final-position attention of the circuit's heads over the first desideratum's test prompts."""
+    heads = [(row["layer"], row["head"]) for row in record.circuit if row["kind"] == "head"]
+    if not heads:
+        return {}
+
+    def draw(path: Path) -> None:
+        test_pairs = next(iter(job.data.values())).test
+        weights, labels = final_position_attention(job.model, job.tokenizer, job.encoder.encode(test_pairs), heads)
+        plots.attention_figure(weights.numpy(), labels, [f"L{layer}.H{head}" for layer, head in heads], path)
+
+    return {"attention": draw}
+
+
+def results_of(job: Job, splits, mask: torch.Tensor, lams: List[float], histories) -> List[SearchResult]:
+    """Each mask's held-out metrics, rounded (and, for accuracy, continuous). mask (K, L, H+1)"""
+    rounded = round_mask(mask)
+    with torch.no_grad():
+        final = evaluate_splits(splits, job.engine, rounded)
+        continuous = held_out_accuracy(job, splits, mask)
+    return [
+        SearchResult(
+            lam=lam,
+            mask=mask[k],
+            rounded=rounded[k],
+            metrics={key: float(v[k]) for key, v in final.items()}
+            | {f"continuous/{key}": float(v[k]) for key, v in continuous.items()},
+            history=histories[k],
+        )
+        for k, lam in enumerate(lams)
+    ]
+
+
+def run_search(cfg: DictConfig, run_dir: Path, group: str | None = None) -> List[CircuitRecord]:
+    """Run one mask search and write its outputs into `run_dir`. Returns one record per lambda.
+
+    With optimizer.lams, K masks are trained side by side on the same batches; each gets
+    its own result directory `lam=<value>/` and the run directory gets a sweep summary.
+    """
+    t_start = time.perf_counter()
+    job = Job(cfg)
+    with out_of_memory_hint(
+        "while preparing the batches; set optimizer.batch_size smaller (e.g. optimizer.batch_size=8) "
+        "or cache=cpu / cache=recompute"
+    ):
+        splits = job.eval_splits()
+        objectives = job.objectives()
+    warnings = low_baseline_warnings(splits, cfg.min_baseline_acc, cfg.strict)
+    for warning in warnings:
+        log.warning(warning)
+    lams = lambdas(cfg)
+    tracker = Tracker(
+        run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), name=Path(run_dir).name, group=group
+    )
+    sink = RunSink(run_dir, lams, bool(cfg.optimizer.lams), tracker, cfg.plots)
+    step_log = StepLog(job, splits, sink, len(lams))
+    failed = True
+    try:
+        t_train = time.perf_counter()
+        try:
+            with out_of_memory_hint(
+                "during mask training; set optimizer.batch_size smaller, train fewer lambdas at once, or use cache=cpu"
+            ):
+                mask = find_masks(job, objectives, lams, step_log)
+        except NonFiniteLoss as e:
+            sink.keep_last_good(e.last_good, job.space.names())
+            raise
+        train_s = time.perf_counter() - t_train
+        results = results_of(job, splits, mask, lams, step_log.histories)
+        timing = {
+            "train_s": round(train_s, 3),
+            "total_s": round(time.perf_counter() - t_start, 3),
+            "train_s_per_step": round(train_s / cfg.optimizer.steps, 5),
+            "masks_trained_together": len(lams),
+        }
+        if wants_evidence(cfg.evidence):
+            evidence = gather_evidence(job, splits, objectives, mask[0])
+            sink.write_evidence(evidence, list(job.data))
+        facts = RunFacts(baseline_of(splits), warnings, timing)
+        records = []
+        for k, result in enumerate(results):
+            record = make_record(job, result, facts)
+            sink.write_result(k, result, record, job.space, attention_figure(job, record))
+            records.append(record)
+        if sink.batched:
+            write_summary(Path(run_dir))
+        failed = False
+        return records
+    finally:
+        sink.close(failed=failed)

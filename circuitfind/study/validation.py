@@ -1,0 +1,66 @@
+"""Checking a `circuitfind train` config before anything is loaded or written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+from omegaconf import DictConfig
+
+from circuitfind.errors import CircuitfindError
+from circuitfind.methods.baselines import BASELINES, METHODS
+from circuitfind.model.engine import CACHE_POLICIES, ENGINES
+from circuitfind.study.evidence import wants_evidence
+from circuitfind.task.prompts import check_template
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def available_desiderata() -> List[str]:
+    return sorted(p.stem for p in (CONFIGS / "desiderata").glob("*.yaml"))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject impossible settings with one line naming the key and the fix."""
+    if cfg.desiderata is None:
+        raise CircuitfindError(
+            f"no desiderata chosen; add +desiderata=<name>, one of: {', '.join(available_desiderata())}"
+        )
+    o, d, m, e = cfg.optimizer, cfg.dataset, cfg.method, cfg.evidence
+    lams = list(o.lams or [])
+    checks = [
+        (o.lam >= 0, f"optimizer.lam={o.lam} is negative; the sparsity weight must be >= 0"),
+        (all(v >= 0 for v in lams), f"optimizer.lams={lams} has a negative lambda; give values >= 0"),
+        (len(set(lams)) == len(lams), f"optimizer.lams={lams} repeats a value"),
+        (cfg.engine in ENGINES, f"engine={cfg.engine!r} is unknown; choose from {sorted(ENGINES)}"),
+        (cfg.cache in CACHE_POLICIES, f"cache={cfg.cache!r} is unknown; choose from {list(CACHE_POLICIES)}"),
+        (o.steps >= 1, f"optimizer.steps={o.steps}; give at least 1 iteration"),
+        (o.lr > 0, f"optimizer.lr={o.lr}; the learning rate must be > 0"),
+        (o.eps > 0, f"optimizer.eps={o.eps}; must be > 0 (the l0.5 penalty's gradient is infinite at w = 1 otherwise)"),
+        (o.batch_size is None or o.batch_size >= 1, f"optimizer.batch_size={o.batch_size}; give >= 1 or null"),
+        (o.eval_every >= 1, f"optimizer.eval_every={o.eval_every}; give >= 1"),
+        (d.n_train >= 1 and d.n_test >= 1, "dataset.n_train and dataset.n_test must be >= 1"),
+        (d.n_transfer >= 0, "dataset.n_transfer must be >= 0"),
+        (len(d.train_ops) >= 1, "dataset.train_ops is empty; give at least one operation, e.g. [add, sub]"),
+        (len(cfg.desiderata.terms) >= 1, "desiderata.terms is empty; list at least one desideratum"),
+        (0 <= cfg.min_baseline_acc <= 1, f"min_baseline_acc={cfg.min_baseline_acc} must lie in [0, 1]"),
+        (m.name in METHODS, f"method={m.name!r} is unknown; choose from {METHODS}"),
+        (m.name == "dbm" or (m.k or 0) >= 1, f"method={m.name} needs a circuit size: method.k=<n> with n >= 1"),
+        (m.name == "dbm" or not lams, "optimizer.lams applies to method=dbm only"),
+        (
+            all(b in BASELINES for b in e.baselines),
+            f"evidence.baselines={list(e.baselines)} has an unknown method; choose from {BASELINES}",
+        ),
+        (
+            not wants_evidence(e) or (m.name == "dbm" and not lams),
+            "evidence=... needs method=dbm with a single optimizer.lam",
+        ),
+        (
+            e.stability_seeds >= 0 and e.random_draws >= 1,
+            "evidence.stability_seeds must be >= 0 and evidence.random_draws >= 1",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CircuitfindError(message)
+    check_template(d.template)

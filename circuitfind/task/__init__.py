@@ -1,0 +1,1 @@
+"""The task: prompts, (base, alternate) pairs, their tokens, and the desiderata."""
