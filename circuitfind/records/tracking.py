@@ -26,6 +26,7 @@ class Tracker:
     def __init__(self, run_dir: Path, cfg: LoggerConfig, config: Dict[str, Any], name: str, group: Optional[str]):
         if cfg.backend not in ("none", "wandb"):
             raise CircuitfindError(f"logger.backend={cfg.backend!r} is unknown; use logger=wandb or logger=none")
+        Path(run_dir).mkdir(parents=True, exist_ok=True)  # Hydra makes it; a call from Python may not have
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.unlink(missing_ok=True)  # a re-run in the same directory starts a fresh log
         self.wandb = None

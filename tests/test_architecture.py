@@ -1,0 +1,83 @@
+"""The seams of the package: one circuit.json schema, names from the configured desiderata, light imports."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from circuitfind.errors import CircuitfindError
+from circuitfind.model.space import ComponentSpace
+from circuitfind.records.circuit import CircuitRecord, headline_metrics, read_record, write_record
+from circuitfind.study.run import run_search
+from circuitfind.task.desiderata import DESIDERATA
+from circuitfind.task.desiderata.vd import ValueDependence
+
+from conftest import compose
+
+
+def test_the_record_round_trips_and_a_stranger_file_is_one_line(tmp_path):
+    empty = dict(method={"name": "dbm"}, metrics={"vd_test/acc": 1.0}, baseline={}, planted=None, warnings=[])
+    record = CircuitRecord([], 0, 36, 0.0, 0.05, **empty, model={}, data={}, desiderata={}, optimizer={}, engine={})
+    write_record(tmp_path, record)
+    assert read_record(tmp_path) == record
+    assert (tmp_path / "circuit.json").read_text().lstrip().startswith('{\n  "status": "complete"')
+    (tmp_path / "circuit.json").write_text('{"lam": 0.1}')
+    with pytest.raises(CircuitfindError, match="is not a circuitfind record") as e:
+        read_record(tmp_path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CircuitfindError, match="no readable circuit.json"):
+        read_record(tmp_path / "missing")
+
+
+def test_every_unit_has_its_names():
+    space = ComponentSpace(n_layers=2, n_heads=3, head_dim=4)
+    units = list(space.units())
+    assert [u.name for u in units] == space.names() == [
+        "L0.H0", "L0.H1", "L0.H2", "L0.MLP", "L1.H0", "L1.H1", "L1.H2", "L1.MLP"
+    ]  # fmt: skip
+    head, mlp = units[5], units[7]
+    assert (head.mib_node, head.transformerlens) == ("a1.h1", {"hook": "blocks.1.attn.hook_z", "head": 1})
+    assert (mlp.mib_node, mlp.transformerlens) == ("m1", {"hook": "blocks.1.hook_mlp_out", "head": None})
+    assert space.index(["L1.MLP", "L0.H2"]) == [mlp, units[2]]
+    with pytest.raises(CircuitfindError, match="unknown component.* L5.H0"):
+        space.index(["L5.H0"])
+
+
+def test_loading_a_model_does_not_import_the_organism_training_code():
+    code = (
+        "import sys; from circuitfind.model.loading import load_model; from circuitfind.config import ModelConfig; "
+        "load_model(ModelConfig(kind='organism')); "
+        "print(sorted(m for m in sys.modules if m.startswith('circuitfind.organism')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['circuitfind.organism', 'circuitfind.organism.checkpoint']"
+
+
+class ExtraValueDependence(ValueDependence):
+    """A user's own desideratum: Value Dependence under another name."""
+
+    name = "xv"
+    title = "Extra Value Dependence"
+
+
+def test_a_new_desideratum_names_every_metric_summary_and_log_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(DESIDERATA, "xv", ExtraValueDependence)
+    terms = "desiderata.terms=[{name: xv, weight: 5.0, with_sparsity: true}]"
+    common = ("+desiderata=vd", "experiment=smoke", "progress=false", terms, "desiderata.evaluate=[]")
+    with caplog.at_level(logging.INFO):
+        records = run_search(compose(*common, "optimizer.lams=[0.0,0.1]"), tmp_path / "sweep")
+    assert {k.split("/")[0] for k in records[0].metrics} == {"xv_test", "xv_transfer", "continuous"}
+    assert records[0].evaluated == ["xv"]
+    with open(tmp_path / "sweep" / "sweep_summary.csv") as f:
+        header = next(csv.reader(f))
+    assert header == ["lam", "n_patched", *headline_metrics(["xv"]), "run_dir"]
+    assert "held-out XV acc" in caplog.text and "XV transfer" in caplog.text
+    evidence_run = compose(*common, "evidence.baselines=[random]", "evidence.ks=[1]", "plots=true")
+    run_search(evidence_run, tmp_path / "evidence")
+    row = read_record(tmp_path / "evidence").metrics
+    assert "xv_test/acc" in row and not any(k.startswith("vd") for k in row)
+    assert (tmp_path / "evidence" / "curves.png").is_file()
