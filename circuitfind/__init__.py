@@ -1,3 +1,10 @@
 """circuitfind: find the circuit that performs a subtask, from causal desiderata."""
 
 __version__ = "0.1.0"
+
+
+def find_circuit(*overrides: str, run_dir=None):
+    """Run one search from Python, as `circuitfind train <overrides>`; returns its records (circuitfind.api)."""
+    from circuitfind.api import find_circuit as run  # torch and transformers only when called
+
+    return run(*overrides, run_dir=run_dir)

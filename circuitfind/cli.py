@@ -28,6 +28,7 @@ USAGE = (
     "  circuitfind organism ship=true  (retrain the shipped model organism)\n"
     "  circuitfind optimum outputs/train/<date>/<time> --k 4\n"
     "  circuitfind report outputs/sweeps/<date>/<time>\n"
+    "  circuitfind --version\n"
     '  eval "$(circuitfind -sc install=bash)"   (tab completion)\n'
 )
 
@@ -55,9 +56,24 @@ def one_line(exc: BaseException) -> str:
         first = str(cause).strip().splitlines()[0]
         message = f"{lines[0].rstrip('.')}: {first}"
         if "not in" in first:
+            nearest = nearest_key(cause)
+            message += f"; did you mean {nearest}?" if nearest else ""
             message += "; list the valid keys with `circuitfind train --cfg job`"
         return message
     return " ".join(lines[:2]) if lines else type(exc).__name__
+
+
+def nearest_key(error: BaseException) -> str | None:
+    """The valid key closest to a mistyped one (`optimizer.lamm` -> `optimizer.lam`), from the schema."""
+    import dataclasses
+    import difflib
+
+    key, full_key, schema = (getattr(error, a, None) for a in ("key", "full_key", "object_type"))
+    if not (isinstance(key, str) and isinstance(full_key, str) and dataclasses.is_dataclass(schema)):
+        return None
+    match = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(schema)], n=1)
+    parent = full_key.rpartition(".")[0]
+    return f"{parent + '.' if parent else ''}{match[0]}" if match else None
 
 
 def complete(args: list[str]) -> None:
@@ -90,6 +106,11 @@ def main() -> None:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         sys.exit(0 if args else 2)
+    if args[0] in ("-V", "--version"):
+        from circuitfind import __version__
+
+        print(f"circuitfind {__version__}")
+        return
     command = args[0]
     if command not in COMMANDS:
         print(f"circuitfind: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
@@ -109,9 +130,16 @@ def main() -> None:
         _app(command)()
     except CircuitfindError as e:
         print(f"circuitfind: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(e, "exit_code", 1))
     except (HydraException, OmegaConfBaseException) as e:
         print(f"circuitfind: config error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("circuitfind: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # the file system said no: an unwritable run directory, a full disk
+        where = f" {e.filename}" if e.filename else ""
+        print(f"circuitfind: error: cannot write or read{where}: {e.strerror or e}; check the path", file=sys.stderr)
         sys.exit(1)
 
 

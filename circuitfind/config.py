@@ -108,7 +108,7 @@ class OptimizerConfig:
     steps: int = 100  # iterations; each runs one step per desideratum
     eps: float = 1e-3  # the 1.001 of the l0.5 penalty: (1 + eps - w) ** 0.5
     batch_size: Optional[int] = None  # pairs per forward; None = all at once
-    eval_every: int = 20  # held-out accuracy of the rounded mask every N steps
+    eval_every: int = 10  # held-out accuracy of the rounded mask every N steps (curves.png, W&B)
 
 
 @dataclass
@@ -158,7 +158,8 @@ class TrainConfig:
     min_baseline_acc: float = 0.5  # unpatched task accuracy below this is not trusted
     strict: bool = False  # turn the low-baseline warning into an error
     plots: bool = True
-    progress: bool = True  # progress bar on stderr
+    progress: bool = True  # progress bars on stderr
+    overwrite: bool = False  # re-run into a directory that holds an earlier run (its outputs are removed first)
 
 
 def register_configs() -> None:

@@ -174,7 +174,7 @@ def test_bad_input_is_one_clear_line_and_keeps_earlier_outputs(cli, tmp_path, ca
             "dataset.n_transfer=9",
             "optimizer.steps=1",
         ]
-    res = cli("train", *args, f"hydra.run.dir={run_dir}")
+    res = cli("train", *args, "overwrite=true", f"hydra.run.dir={run_dir}")  # even overwrite keeps them
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if line.strip() and "Warning" not in line]
     assert len(lines) == 1, res.stderr

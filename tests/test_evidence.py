@@ -177,8 +177,10 @@ def test_evidence_optimum_report_and_exports(cli, tmp_path):
     rep = cli("report", str(run))
     assert rep.returncode == 0, rep.stderr
     html = (run / "report.html").read_text()
-    for section in ("summary", "sweep", "runs", "baselines", "curves", "stability", "optimality"):
+    for section in ("summary", "runs", "baselines", "curves", "stability", "optimality"):
         assert f'id="{section}"' in html
+    assert 'id="sweep"' not in html, "one run is one point: no figure over lambda"
+    assert "Command: circuitfind train " in html and "<details><summary>composed config" in html
     assert 'src="data:image/png;base64,' in html and "Not computed" not in html
     assert (run / "report.md").read_text().startswith("# circuitfind report")
     dom = chromium_dom(run / "report.html")

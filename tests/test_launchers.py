@@ -14,8 +14,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from circuitfind.apps.train import clear_unfinished, finished
+from circuitfind.apps.train import finished
 from circuitfind.records.circuit import CircuitRecord, write_record
+from circuitfind.records.rundir import clear_outputs
 
 SMOKE = ("+desiderata=vd_oi", "experiment=smoke", "progress=false", "plots=false")
 needs_submitit = pytest.mark.skipif(
@@ -120,12 +121,12 @@ def test_finished_needs_every_lambda_result(tmp_path):
     assert not finished(tmp_path, single)
 
 
-def test_clear_unfinished_keeps_only_hydra_files(tmp_path):
+def test_clear_outputs_keeps_only_hydra_files(tmp_path):
     for name in (".hydra/config.yaml", "metrics.jsonl", "mask_last_good.safetensors", "lam=0.1/metrics.jsonl"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     (tmp_path / "train.log").write_text("log")
-    clear_unfinished(tmp_path)
+    clear_outputs(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "train.log"]
 
 

@@ -1,47 +1,78 @@
-"""`circuitfind train`: the Hydra app around `study.run.run_search` (config: configs/train.yaml).
+"""`circuitfind train`: the Hydra app around `study.run` (config: configs/train.yaml).
 
-A thin `@hydra.main`: it resumes sweeps (a finished job is skipped, an unfinished one cleared)
-and turns a CircuitfindError into one line; the run itself is `run_search`, readable top to bottom.
+A thin `@hydra.main`. A run owns its directory: an earlier run there is refused unless
+`overwrite=true`, and a sweep re-run in the same `hydra.sweep.dir` skips the jobs that finished
+with the same config. The config is checked, the data drawn and the model loaded before anything
+is written; only then are the directory cleared and `.hydra/` written (Hydra's own copy is off,
+`hydra.output_subdir: null`, so that a refused run cannot overwrite an earlier run's config).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import sys
 from pathlib import Path
+from typing import List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from circuitfind.apps.callbacks import register_resolvers
 from circuitfind.config import register_configs
 from circuitfind.errors import CircuitfindError
-from circuitfind.records.circuit import read_record
-from circuitfind.study.run import lambdas, run_search
+from circuitfind.records.circuit import CircuitRecord, read_record
+from circuitfind.records.files import write_text
+from circuitfind.records.rundir import clear_outputs, config_differences, discard_if_unused, refuse_earlier_run
+from circuitfind.records.sweep import clear_failure, write_failure
+from circuitfind.study.job import Job
+from circuitfind.study.run import Run, lambdas
+from circuitfind.study.validation import interpret_escapes, validate
 
 register_configs()
+register_resolvers()
 log = logging.getLogger(__name__)
 
 
-def finished(run_dir: Path, cfg: DictConfig) -> bool:
-    """Whether a job already wrote every result: circuit.json is written last, per lambda."""
+def finished_records(run_dir: Path, cfg: DictConfig) -> List[CircuitRecord] | None:
+    """Every result of a finished job (circuit.json is written last, per lambda), or None."""
     dirs = [run_dir / f"lam={lam:g}" for lam in lambdas(cfg)] if cfg.optimizer.lams else [run_dir]
-    for d in dirs:
-        try:
-            if read_record(d).status != "complete":
-                return False
-        except CircuitfindError:
-            return False
-    return True
+    try:
+        records = [read_record(d) for d in dirs]
+    except CircuitfindError:
+        return None
+    return records if all(r.status == "complete" for r in records) else None
 
 
-def clear_unfinished(run_dir: Path) -> None:
-    """Remove what an interrupted job left, so it re-runs from scratch (Hydra's .hydra/ and logs stay)."""
-    for entry in run_dir.iterdir():
-        if entry.name == ".hydra" or entry.suffix == ".log":
-            continue
-        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+def finished(run_dir: Path, cfg: DictConfig) -> bool:
+    return finished_records(run_dir, cfg) is not None
+
+
+def finished_with_this_config(run_dir: Path, cfg: DictConfig) -> bool:
+    """True when the job finished with the requested config (skip it); False when it must run.
+
+    A job that finished with another config is an error, unless overwrite=true re-runs it.
+    """
+    records = finished_records(run_dir, cfg)
+    if records is None or cfg.overwrite:
+        return False
+    differences = config_differences(records[0].config, OmegaConf.to_container(cfg, resolve=True))
+    if not differences:
+        return True
+    raise CircuitfindError(
+        f"{run_dir} finished with another config ({'; '.join(differences[:4])}"
+        f"{'; ...' if len(differences) > 4 else ''}); give another hydra.sweep.dir, or overwrite=true to re-run it"
+    )
+
+
+def write_invocation(run_dir: Path, cfg: DictConfig) -> None:
+    """.hydra/config.yaml, hydra.yaml and overrides.yaml, as Hydra would have written them."""
+    hc = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
+    write_text(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
 
 
 @hydra.main(config_path="pkg://circuitfind.configs", config_name="train", version_base="1.3")
@@ -49,14 +80,24 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
-    if multirun:  # re-running a sweep in the same hydra.sweep.dir resumes it
-        if finished(run_dir, cfg):
-            log.info(f"skipping finished job {run_dir.name}: its circuit.json is there (delete it to re-run)")
-            return
-        clear_unfinished(run_dir)
     try:
-        run_search(cfg, run_dir, group=Path(hc.sweep.dir).name if multirun else None)
+        cfg = interpret_escapes(cfg)
+        validate(cfg)
+        if multirun and finished_with_this_config(run_dir, cfg):
+            log.info(f"skipping finished job {run_dir.name}: it finished with this config (overwrite=true re-runs it)")
+            clear_failure(run_dir)
+            return
+        if not multirun:
+            refuse_earlier_run(run_dir, cfg.overwrite)
+        run = Run(Job(cfg))  # data, model and unpatched baselines: bad input stops here, nothing written
+        clear_outputs(run_dir)  # a refused or resumed run's leftovers: the run owns its directory
+        write_invocation(run_dir, cfg)
+        run.execute(run_dir, group=hc.sweep.dir if multirun else None)
     except CircuitfindError as e:
-        if multirun:
-            raise  # Hydra finishes the other jobs, then reports which one failed
-        raise SystemExit(f"circuitfind: error: {e}") from None  # one line, exit status 1
+        discard_if_unused(run_dir)
+        if multirun:  # the sweep goes on; its summary lists the failed jobs and the sweep exits 1
+            log.error(f"job {run_dir.name} failed: {e}")
+            write_failure(run_dir, str(e))
+            return
+        print(f"circuitfind: error: {e}", file=sys.stderr)  # one line
+        raise SystemExit(getattr(e, "exit_code", 1)) from None

@@ -40,15 +40,17 @@ def train_mask(
     optimizer,
     on_step: OnStep | None = None,
     progress: bool = True,
+    desc: str = "mask",
 ) -> torch.Tensor:
     """Learn K continuous masks (w = 1: keep, w = 0: patch), one per lambda. Returns (K, L, H+1), clamped.
 
-    `optimizer` is the optimizer config (lr, steps, eps: the 1.001 of the l0.5 penalty).
+    `optimizer` is the optimizer config (lr, steps, eps: the 1.001 of the l0.5 penalty); `desc`
+    labels the progress bar.
     """
     k = lams.shape[0]
     mask = torch.ones(k, *engine.space.shape, device=lams.device, requires_grad=True)
     opt = torch.optim.Adam([mask], lr=optimizer.lr)
-    for step in tqdm(range(optimizer.steps), desc="mask", disable=not progress, leave=False):
+    for step in tqdm(range(optimizer.steps), desc=desc, disable=not progress, leave=False):
         logs: Dict[str, torch.Tensor] = {}
         for obj in objectives:
             with torch.no_grad():

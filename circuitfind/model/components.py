@@ -99,10 +99,7 @@ def locate_components(model: nn.Module) -> Sites:
     if model_type not in ADAPTERS:
         model_type = getattr(model.config, "model_type", None)
     if model_type not in ADAPTERS:
-        raise CircuitfindError(
-            f"model family {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))} "
-            "(add an Adapter entry in circuitfind/model/components.py)"
-        )
+        raise unsupported_family(model_type)
     adapter = ADAPTERS[model_type]
     try:
         layers = _get(model, adapter.layers)
@@ -121,6 +118,14 @@ def locate_components(model: nn.Module) -> Sites:
             "the adapter for this family is wrong"
         )
     return Sites(space=space, head_projs=head_projs, mlps=mlps)
+
+
+def unsupported_family(model_type: str | None) -> CircuitfindError:
+    """The one-line error for a model family without an Adapter."""
+    return CircuitfindError(
+        f"model family {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))} "
+        "(add an Adapter entry in circuitfind/model/components.py)"
+    )
 
 
 def device_of(module: nn.Module) -> torch.device:

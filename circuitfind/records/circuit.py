@@ -79,6 +79,7 @@ class CircuitRecord:
     engine: Dict[str, Any]
     timing: Dict[str, Any] = field(default_factory=dict)
     versions: Dict[str, str] = field(default_factory=dict)
+    config: Dict[str, Any] = field(default_factory=dict)  # the whole composed config, resolved
     status: str = "complete"
 
     @property
@@ -91,6 +92,13 @@ class CircuitRecord:
         """The desiderata whose held-out metrics the record holds, in config order."""
         terms = [t["name"] for t in self.desiderata.get("terms", [])]
         return list(dict.fromkeys(terms + list(self.desiderata.get("evaluate", []))))
+
+    @property
+    def label(self) -> str:
+        """How the circuit was chosen: `λ=0.05` (DBM) or `single_patch k=5` (a baseline)."""
+        if self.lam is not None:
+            return f"λ={self.lam:g}"
+        return f"{self.method.get('name')} k={self.method.get('k')}"
 
     def headline(self) -> Dict[str, Any]:
         """lambda, size and the headline metrics, as summaries tabulate them."""

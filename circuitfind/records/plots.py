@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from circuitfind.records.circuit import metric_key  # noqa: E402
 from circuitfind.records.files import save_figure  # noqa: E402
@@ -46,6 +47,23 @@ def mask_heatmap(mask: np.ndarray, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+Points = List[Tuple[float, float]]
+
+
+def curve_panels(history: List[Dict[str, float]], desiderata: Sequence[str]) -> List[Tuple[str, Dict[str, Points]]]:
+    """The training curves by panel: (title, {metric key: (step, value) points})."""
+    keys = [
+        ("loss", [k for k in history[0] if k.endswith("_loss")] if history else []),
+        ("sparsity term", ["sparsity"]),
+        ("components with w < 0.5", ["n_patched"]),
+        ("held-out accuracy (rounded mask)", [metric_key(d, "test", "acc") for d in desiderata]),
+    ]
+    return [
+        (title, {k: [(r["step"], r[k]) for r in history if isinstance(r.get(k), (int, float))] for k in names})
+        for title, names in keys
+    ]
+
+
 def training_curves(history: List[Dict[str, float]], desiderata: Sequence[str], path: Path) -> None:
     """Losses, sparsity, components patched and held-out accuracy against step."""
     if not history:  # a baseline method ranks components without training steps
@@ -55,41 +73,68 @@ def training_curves(history: List[Dict[str, float]], desiderata: Sequence[str], 
         save_figure(path, fig)
         plt.close(fig)
         return
-    panels = [
-        ("loss", [k for k in history[0] if k.endswith("_loss")]),
-        ("sparsity term", ["sparsity"]),
-        ("components with w < 0.5", ["n_patched"]),
-        ("held-out accuracy (rounded mask)", [metric_key(d, "test", "acc") for d in desiderata]),
-    ]
+    panels = curve_panels(history, desiderata)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            pts = [(row["step"], row[key]) for row in history if isinstance(row.get(key), (int, float))]
+    for ax, (title, curves) in zip(axes, panels):
+        for key, pts in curves.items():
             if pts:
                 ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=key)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-        if keys:
+        if any(curves.values()):
             ax.legend(fontsize=7)
     save_figure(path, fig)
     plt.close(fig)
 
 
-def sweep_figure(rows: List[Dict[str, float]], desiderata: Sequence[str], path: Path) -> None:
-    """The paper's figure: each desideratum's held-out accuracy against the number of components patched."""
-    rows = sorted(rows, key=lambda r: r["n_patched"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+MARKERS, STYLES = "osD^v<>", ("-", "--", ":", "-.")
+
+
+def sweep_axes(rows: List[Dict[str, float]], desiderata: Sequence[str]):
+    """The paper's figure: each desideratum's held-out accuracy against the number of components patched.
+
+    Integer ticks; each series its own marker and line style, nudged sideways by a little so
+    that series which coincide stay visible; the lambdas of each size written above the plot,
+    a label left out where it would overlap its neighbour (the sweep summary has them all).
+    """
+    rows = sorted(rows, key=lambda r: (r["n_patched"], r.get("lam") or 0.0))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     series = accuracy_series(desiderata)
-    for key, label in series:
+    for i, (key, label) in enumerate(series):
         pts = [(r["n_patched"], r[key]) for r in rows if key in r]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    for r in rows:
-        ax.annotate(f"λ={r['lam']:g}", (r["n_patched"], r.get(series[0][0], 0)), fontsize=6, alpha=0.7)
+            nudge = (i - (len(series) - 1) / 2) * 0.08
+            xs, ys = [x + nudge for x, _ in pts], [y for _, y in pts]
+            ax.plot(
+                xs, ys, marker=MARKERS[i % len(MARKERS)], linestyle=STYLES[i % len(STYLES)], label=label, alpha=0.85
+            )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("components patched")
     ax.set_ylabel("accuracy (rounded mask, held out)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
+    lams: Dict[int, List[str]] = {}
+    for r in rows:
+        if r.get("lam") is not None:
+            lams.setdefault(r["n_patched"], []).append(f"{r['lam']:g}")
+    fig.canvas.draw()
+    last_right = -np.inf
+    for n, values in lams.items():
+        text = ax.annotate(
+            "λ=" + ",".join(values), (n, 1.0), xytext=(0, 4), textcoords="offset points",
+            xycoords=("data", "axes fraction"), rotation=45, fontsize=6, ha="left", va="bottom",
+        )  # fmt: skip
+        box = text.get_window_extent(fig.canvas.get_renderer())
+        if box.x0 < last_right:  # it would overlap the label before: leave it to the table
+            text.remove()
+        else:
+            last_right = box.x1
+    return fig
+
+
+def sweep_figure(rows: List[Dict[str, float]], desiderata: Sequence[str], path: Path) -> None:
+    """sweep_axes, written to `path`."""
+    fig = sweep_axes(rows, desiderata)
     save_figure(path, fig)
     plt.close(fig)
 

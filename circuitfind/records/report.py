@@ -1,9 +1,11 @@
 """The report of a run or sweep: one self-contained HTML page and a Markdown summary.
 
 Every figure is embedded (base64 PNG), so the page can be mailed or attached as it is.
-Sections: summary, the paper's figure (accuracy against components patched, over lambda),
-then per run the mask heatmap, circuit table, attention of circuit heads and transfer
-results, then baselines, faithfulness curves, stability and optimality where computed.
+Sections, per setup (runs that share model, desiderata, task and method): summary, the paper's
+figure (accuracy against components patched, when there are several runs), then per run the
+command, seed, steps, composed config, mask heatmap, circuit table, attention of circuit heads,
+training curves and transfer results; then baselines, faithfulness curves, stability and
+optimality where computed.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class Page:
         self.md += ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
         self.md += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows] + [""]
 
+    def details(self, summary: str, text: str) -> None:
+        """A collapsed block of preformatted text (the composed config)."""
+        self.html.append(f"<details><summary>{html.escape(summary)}</summary><pre>{html.escape(text)}</pre></details>")
+        self.md += [f"<details><summary>{summary}</summary>", "", "```", text.rstrip(), "```", "", "</details>", ""]
+
     def image(self, path: Path, alt: str) -> None:
         data = base64.b64encode(Path(path).read_bytes()).decode()
         self.html.append(
@@ -78,8 +85,10 @@ def summary_rows(results: Dict[Path, CircuitRecord], columns: Sequence[str]) -> 
 
 
 def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
-    page.html.append(f"<h3>{html.escape(run.name)} (λ={result.lam:g}, method {result.method.get('name', 'dbm')})</h3>")
-    page.md += [f"### {run.name} (λ={result.lam:g})", ""]
+    page.html.append(
+        f"<h3>{html.escape(run.name)} ({html.escape(result.label)}, method {result.method.get('name')})</h3>"
+    )
+    page.md += [f"### {run.name} ({result.label})", ""]
     if (run / "mask_heatmap.png").is_file():
         page.image(run / "mask_heatmap.png", f"mask heatmap, {run.name}")
     page.table(CIRCUIT_COLUMNS, [[row.get(c) for c in CIRCUIT_COLUMNS] for row in result.circuit])
@@ -88,6 +97,8 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
         page.text(f"Planted circuit {p['planted']}: precision {p['precision']:.2f}, recall {p['recall']:.2f}.")
     if (run / "attention.png").is_file():
         page.image(run / "attention.png", f"attention of the circuit heads, {run.name}")
+    if (run / "curves.png").is_file():
+        page.image(run / "curves.png", f"training curves (losses, sparsity, size, held-out accuracy), {run.name}")
     transfer = [
         [f"{d}_transfer", metric, result.metrics[metric_key(d, "transfer", metric)]]
         for d in result.evaluated
@@ -144,10 +155,18 @@ def add_optimality(page: Page, runs: List[Path]) -> None:
         if path.is_file():
             found = True
             o = json.loads(path.read_text())
-            page.text(
+            found_text = (
                 f"{run.name}: found circuit of {o['found']['size']} components, held-out objective "
-                f"{o['found']['objective']:.4f}; gap to the best subset of that size: {fmt(o['gap'])}."
+                f"{o['found']['objective']:.4f}"
             )
+            if o["gap"] is None:
+                page.text(
+                    f"{found_text}; the search stopped at k={o['k']}, below the circuit's size, so there is no "
+                    f"best subset of that size to compare with (rerun `circuitfind optimum --k {o['found']['size']}` "
+                    "if it is feasible)."
+                )
+            else:
+                page.text(f"{found_text}; gap to the best subset of that size: {fmt(o['gap'])}.")
             page.table(
                 ["size", "best components", "objective", "subsets tried"],
                 [[s, ", ".join(b["components"]), b["objective"], b["subsets"]] for s, b in o["best_by_size"].items()],
@@ -156,34 +175,72 @@ def add_optimality(page: Page, runs: List[Path]) -> None:
         page.text("Not computed: run `circuitfind optimum <run>` on a model with at most 40 components.")
 
 
-def build_report(path: Path) -> tuple[Path, Path]:
-    """Write report.html and report.md into `path`; returns their paths."""
-    path = Path(path)
-    runs = finished_runs(path)
-    results = {run: read_record(run) for run in runs}
-    page = Page(f"circuitfind report: {path.name}", path)
-    page.section("summary", "Summary")
+def setup_of(record: CircuitRecord) -> Dict[str, Any]:
+    """What runs must share to be summarised together: model, components, desiderata, task and method."""
+    return {
+        "model": record.model.get("name_or_path") or record.model.get("kind"),
+        "model_type": record.model.get("model_type"),
+        "components": record.n_components,
+        "desiderata": record.desiderata.get("name"),
+        "task": [record.data.get("template"), record.data.get("train_ops"), record.data.get("transfer_ops")],
+        "method": record.method.get("name"),
+    }
+
+
+def group_by_setup(results: Dict[Path, CircuitRecord]) -> List[Dict[Path, CircuitRecord]]:
+    """The runs in groups that share one setup, in the order they are first met."""
+    groups: Dict[str, Dict[Path, CircuitRecord]] = {}
+    for run, record in results.items():
+        groups.setdefault(json.dumps(setup_of(record), sort_keys=True), {})[run] = record
+    return list(groups.values())
+
+
+def add_group(page: Page, root: Path, suffix: str, results: Dict[Path, CircuitRecord]) -> None:
+    """One setup's summary, its accuracy-over-lambda figure (for several runs) and its circuits."""
     first = next(iter(results.values()))
     page.text(
         f"Model {first.model['model_type']} ({first.model.get('name_or_path') or first.model['kind']}), "
-        f"{first.n_components} components; desiderata {first.desiderata['name']}; "
-        f"{len(runs)} finished run(s). Accuracies are on held-out pairs with the rounded mask."
+        f"{first.n_components} components; desiderata {first.desiderata['name']}; method {first.method.get('name')}; "
+        f"{len(results)} finished run(s). Accuracies are on held-out pairs with the rounded mask."
     )
     columns = summary_columns(first)
     page.table([*columns, "run"], summary_rows(results, columns))
     for warning in first.warnings:
         page.text(f"Warning: {warning}")
-    page.section("sweep", "Accuracy against components patched (over lambda)")
-    figure = path / "report_accuracy_vs_size.png"
-    plots.sweep_figure([r.headline() for r in results.values()], first.evaluated, figure)
-    page.image(figure, "held-out accuracy against the number of components patched, one point per lambda")
-    page.section("runs", "Circuits")
+    if len(results) > 1:  # one run is one point: no figure over lambda
+        page.section(f"sweep{suffix}", "Accuracy against components patched (over lambda)")
+        figure = root / f"report_accuracy_vs_size{suffix}.png"
+        plots.sweep_figure([r.headline() for r in results.values()], first.evaluated, figure)
+        page.image(figure, "held-out accuracy against the number of components patched, one point per run")
+    page.section(f"runs{suffix}", "Circuits")
     for run, result in results.items():
         add_run(page, run, result)
+
+
+def build_report(path: Path) -> tuple[Path, Path]:
+    """Write report.html and report.md into `path`; returns their paths.
+
+    Runs of different setups (model, desiderata, task, method) are never summarised under one
+    header: each setup gets its own section.
+    """
+    path = Path(path)
+    runs = finished_runs(path)
+    results = {run: read_record(run) for run in runs}
+    groups = group_by_setup(results)
+    page = Page(f"circuitfind report: {path.name}", path)
+    if len(groups) > 1:
+        page.text(f"{len(runs)} finished runs of {len(groups)} different setups, each summarised on its own below.")
+    for number, group in enumerate(groups, start=1):
+        first = next(iter(group.values()))
+        title = (
+            "Summary" if len(groups) == 1 else f"Setup {number}: {first.desiderata['name']}, {first.method.get('name')}"
+        )
+        page.section(f"summary-{number}", title)
+        add_group(page, path, number, group)
     evidence = {
         run: json.loads((run / "evidence.json").read_text()) for run in runs if (run / "evidence.json").is_file()
     }
-    add_evidence(page, evidence, first.evaluated)
+    add_evidence(page, evidence, next(iter(results.values())).evaluated)
     add_optimality(page, runs)
     html_path, md_path = path / "report.html", path / "report.md"
     write_text(html_path, page.render())

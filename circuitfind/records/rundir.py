@@ -1,14 +1,15 @@
-"""Finding finished runs on disk and the config each was made with."""
+"""Run directories on disk: finished runs, the config each was made with, and who owns a directory."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List
 
 from omegaconf import DictConfig, OmegaConf
 
 from circuitfind.errors import CircuitfindError
-from circuitfind.records.circuit import RECORD_FILE
+from circuitfind.records.circuit import RECORD_FILE, read_record
 
 
 def finished_runs(path: Path) -> List[Path]:
@@ -18,7 +19,7 @@ def finished_runs(path: Path) -> List[Path]:
         raise CircuitfindError(f"{path} is not a directory; give a run or sweep directory under outputs/")
     if (path / RECORD_FILE).is_file():
         return [path]
-    runs = sorted(p.parent for p in path.glob(f"*/{RECORD_FILE}"))
+    runs = sorted({p.parent for pattern in (f"*/{RECORD_FILE}", f"*/lam=*/{RECORD_FILE}") for p in path.glob(pattern)})
     if not runs:
         raise CircuitfindError(
             f"{path} holds no finished run (no {RECORD_FILE} in it or its subdirectories); "
@@ -28,9 +29,70 @@ def finished_runs(path: Path) -> List[Path]:
 
 
 def load_config(run: Path) -> DictConfig:
-    """The composed config a run was made with (Hydra saves it in .hydra/ of the job)."""
+    """The composed config a finished run was made with: its record's, or (older runs) Hydra's copy in .hydra/."""
+    config = read_record(run).config
+    if config:
+        return OmegaConf.create(config)
     for folder in (Path(run), Path(run).parent):  # lam=<value>/ results keep it one level up
         path = folder / ".hydra" / "config.yaml"
         if path.is_file():
             return OmegaConf.load(path)
     raise CircuitfindError(f"{run} has no .hydra/config.yaml; re-run it with `circuitfind train` to record its config")
+
+
+# A run directory also holds what Hydra keeps of the invocation; anything else is a run's output.
+INVOCATION = (".hydra",)
+DISPLAY_ONLY = ("progress",)  # keys that change how a run looks, never what it finds
+
+
+def earlier_outputs(run_dir: Path) -> List[str]:
+    """The entries of a run directory that an earlier run wrote (not Hydra's .hydra/ and logs)."""
+    if not Path(run_dir).is_dir():
+        return []
+    return sorted(e.name for e in Path(run_dir).iterdir() if e.name not in INVOCATION and e.suffix != ".log")
+
+
+def clear_outputs(run_dir: Path) -> None:
+    """Remove an earlier run's outputs, so that a run starts from an empty directory."""
+    for name in earlier_outputs(run_dir):
+        entry = Path(run_dir) / name
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def discard_if_unused(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but empty logs (an input error stopped the run)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    entries = list(run_dir.iterdir())
+    if all(e.is_file() and e.suffix == ".log" and e.stat().st_size == 0 for e in entries):
+        for e in entries:
+            e.unlink()
+        run_dir.rmdir()
+
+
+def flatten(config: Any, prefix: str = "") -> Dict[str, Any]:
+    """Nested dicts as dotted keys; lists and scalars are values."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out: Dict[str, Any] = {}
+    for key, value in config.items():
+        out |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
+    return out
+
+
+def config_differences(saved: Dict[str, Any], requested: Dict[str, Any]) -> List[str]:
+    """The dotted keys whose values differ between two plain configs, display-only keys aside."""
+    a, b = flatten(saved), flatten(requested)
+    keys = sorted(k for k in a.keys() | b.keys() if k.split(".")[0] not in DISPLAY_ONLY and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys]
+
+
+def refuse_earlier_run(run_dir: Path, overwrite: bool) -> None:
+    """A run does not mix its outputs with an earlier run's in the same directory."""
+    earlier = earlier_outputs(run_dir)
+    if earlier and not overwrite:
+        raise CircuitfindError(
+            f"{run_dir} already holds a run ({', '.join(earlier[:4])}{', ...' if len(earlier) > 4 else ''}); "
+            "give another hydra.run.dir, or overwrite=true to replace it"
+        )

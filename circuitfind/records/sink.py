@@ -31,7 +31,7 @@ Figure = Callable[[Path], None]  # draws one figure into the path it is given
 class SearchResult:
     """One lambda's (or one baseline's) outcome in memory: masks, held-out metrics, training history."""
 
-    lam: float
+    lam: float | None  # None for a baseline method
     mask: torch.Tensor  # (L, H+1) continuous weights, 1 = keep
     rounded: torch.Tensor  # (L, H+1) 0 = patched
     metrics: Dict[str, float]  # metric_key(...) -> value, rounded mask; continuous/... for the weights
@@ -90,7 +90,7 @@ class RunSink:
             prefix + "circuit", list(CIRCUIT_COLUMNS), [[r[c] for c in CIRCUIT_COLUMNS] for r in record.circuit]
         )
         if self.plots:
-            title = f"{record.n_patched} of {record.n_components} components patched (λ={result.lam:g})"
+            title = f"{record.n_patched} of {record.n_components} components patched ({record.label})"
             standard: Dict[str, Figure] = {
                 "mask_heatmap": lambda path: plots.mask_heatmap(result.mask.cpu().numpy(), path, title),
                 "curves": lambda path: plots.training_curves(result.history, record.evaluated, path),
@@ -112,11 +112,11 @@ def log_result(record: CircuitRecord, out_dir: Path) -> None:
     accs = [f"{d.upper()} acc {m.get(metric_key(d, 'test', 'acc'), float('nan')):.2f}" for d in names]
     if names:
         accs.append(f"{names[0].upper()} transfer {m.get(metric_key(names[0], 'transfer', 'acc'), float('nan')):.2f}")
-    head = f"λ={record.lam:g}: {record.n_patched} of {record.n_components} components patched {record.names[:12]}"
+    head = f"{record.label}: {record.n_patched} of {record.n_components} components patched {record.names[:12]}"
     log.info(f"{head}; held-out {', '.join(accs)}; written to {out_dir}")
     if record.planted:
         p = record.planted
         log.info(
-            f"λ={record.lam:g}: against the circuit planted in the model {p['planted']}: "
+            f"{record.label}: against the circuit planted in the model {p['planted']}: "
             f"precision {p['precision']:.2f}, recall {p['recall']:.2f}"
         )

@@ -55,16 +55,15 @@ def prepare_split(desideratum: Desideratum, kind: str, batches: List[Prepared], 
 
 
 def baseline_metrics(split: EvalSplit) -> Dict[str, float]:
-    """How well the unpatched model does: its task accuracy, and the desideratum's accuracy
-    when nothing is patched (the floor a circuit must beat)."""
+    """How well the unpatched model does on the split's base prompts, the ones a circuit is judged on.
+
+    task_acc: its first token is the answer's first token (on a transfer split: the transfer
+    operation's own prompts, not the alternates, which may use another operation);
+    acc_unpatched: the desideratum's accuracy when nothing is patched (the floor a circuit must beat).
+    """
     base_ok = torch.cat([pb == b.pairs.base_answer for pb, b in zip(split.pred_base, split.batches)])
-    alt_ok = torch.cat([pa == b.pairs.alt_answer for pa, b in zip(split.pred_alt, split.batches)])
-    target = _targets(split, own=False)
-    unpatched = torch.cat(split.pred_base) == target
-    return {
-        "task_acc": torch.cat([base_ok, alt_ok]).float().mean().item(),
-        "acc_unpatched": unpatched.float().mean().item(),
-    }
+    unpatched = torch.cat(split.pred_base) == _targets(split, own=False)
+    return {"task_acc": base_ok.float().mean().item(), "acc_unpatched": unpatched.float().mean().item()}
 
 
 def baseline_of(splits: Sequence[EvalSplit]) -> Dict[str, float]:

@@ -127,4 +127,6 @@ def gather_evidence(job: "Job", splits, objectives, mask: torch.Tensor) -> Dict[
 def retrain(job: "Job") -> torch.Tensor:
     """DBM's continuous mask at the job's lambda, without logging. (L, H+1)"""
     lam = torch.tensor([job.cfg.optimizer.lam], device=job.device)
-    return train_mask(job.engine, job.objectives(), lam, job.cfg.optimizer, progress=False)[0]
+    cfg = job.cfg
+    desc = f"stability: seed {cfg.seed}"
+    return train_mask(job.engine, job.objectives(), lam, cfg.optimizer, progress=cfg.progress, desc=desc)[0]

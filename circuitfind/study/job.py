@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from typing import List
 
 import torch
+import transformers
 from omegaconf import DictConfig, OmegaConf
 
+from circuitfind.errors import CircuitfindError
 from circuitfind.methods.objective import Objective, unpatched_logit_diff
 from circuitfind.model.components import locate_components
 from circuitfind.model.engine import FullEngine, Prepared, make_engine
 from circuitfind.model.loading import LoadedModel, load_model
 from circuitfind.study.evaluate import EvalSplit, prepare_split
-from circuitfind.study.validation import validate
+from circuitfind.study.validation import interpret_escapes, validate
 from circuitfind.task.encoding import PairEncoder
 from circuitfind.task.pairs import Pair, build_data
 
@@ -26,14 +29,24 @@ class Job:
     """Everything one run needs, built once: data, model, engine, prepared splits."""
 
     def __init__(self, cfg: DictConfig, loaded: LoadedModel | None = None):
+        self.started = time.perf_counter()
+        cfg = interpret_escapes(cfg)
         validate(cfg)
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.data = build_data(cfg.dataset, desiderata_names(cfg.desiderata), cfg.seed)
+        if not cfg.progress:
+            transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
         self.loaded = loaded or load_model(cfg.model)
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
         self.sites = locate_components(self.model)
         self.space = self.sites.space
+        k = cfg.method.k
+        if cfg.method.name != "dbm" and k > self.space.n_components:
+            raise CircuitfindError(
+                f"method.k={k} is more than the model's {self.space.n_components} components; "
+                f"give method.k between 1 and {self.space.n_components}"
+            )
         self.engine: FullEngine = make_engine(cfg.engine, self.model, self.sites, cfg.cache)
         self.encoder = PairEncoder(self.tokenizer, cfg.dataset.template)
 

@@ -17,6 +17,7 @@ from typing import Any, Dict, List
 
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.objective import objective_of_masks
@@ -61,6 +62,9 @@ def search(job, k: int, chunk: int = 256) -> Dict[int, Dict[str, Any]]:
     names = job.space.names()
     objectives = job.objectives(split="test")
     best: Dict[int, Dict[str, Any]] = {}
+    bar = tqdm(
+        total=n_subsets(len(names), k), desc="optimum: subsets scored", unit="subset", disable=not job.cfg.progress
+    )
     for size in range(k + 1):
         combos = itertools.combinations(range(len(names)), size)
         values, members = [], []
@@ -68,6 +72,7 @@ def search(job, k: int, chunk: int = 256) -> Dict[int, Dict[str, Any]]:
             masks = subset_masks(batch, shape).to(job.device)
             values.append(objective_of_masks(job.engine, objectives, masks, chunk).cpu())
             members += batch
+            bar.update(len(batch))
         values_all = torch.cat(values)
         i = int(values_all.argmin())
         best[size] = {
@@ -76,6 +81,7 @@ def search(job, k: int, chunk: int = 256) -> Dict[int, Dict[str, Any]]:
             "subsets": len(members),
             "median_objective": float(values_all.median()),
         }
+    bar.close()
     return best
 
 
@@ -90,7 +96,6 @@ def run_optimum(run: Path, k: int, max_subsets: int) -> Dict[str, Any]:
     cfg = load_config(run)
     check_size(result.n_components, k, max_subsets)
     OmegaConf.set_struct(cfg, False)
-    cfg.progress = False
     job = Job(cfg)
     t = time.perf_counter()
     best = search(job, k)

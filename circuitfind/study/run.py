@@ -20,7 +20,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 import circuitfind
-from circuitfind.errors import out_of_memory_hint
+from circuitfind.errors import CircuitfindError, out_of_memory_hint
 from circuitfind.methods.baselines import component_scores, top_k_mask
 from circuitfind.methods.dbm import NonFiniteLoss, OnStep, round_mask, train_mask
 from circuitfind.methods.objective import Objective
@@ -37,6 +37,12 @@ from circuitfind.study.planted import planted_scores
 from circuitfind.task.pairs import data_fingerprint
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(CircuitfindError):
+    """Ctrl-C during training: the message says at which step, and where the last mask is."""
+
+    exit_code = 130
 
 
 def lambdas(cfg: DictConfig) -> List[float]:
@@ -60,8 +66,11 @@ class StepLog:
     def __init__(self, job: Job, splits: Sequence[EvalSplit], sink: RunSink, k: int):
         self.job, self.splits, self.sink = job, splits, sink
         self.histories: List[List[Dict[str, float]]] = [[] for _ in range(k)]
+        self.last_mask: torch.Tensor | None = None  # after the last completed step (K, L, H+1)
+        self.steps_done = 0
 
     def __call__(self, step: int, mask: torch.Tensor, logs: Dict[str, torch.Tensor]) -> None:
+        self.last_mask, self.steps_done = mask.clone(), step + 1
         o = self.job.cfg.optimizer
         rows = [{key: float(v[k]) for key, v in logs.items()} for k in range(len(self.histories))]
         if (step + 1) % o.eval_every == 0 or step + 1 == o.steps:
@@ -136,6 +145,7 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
+        config=OmegaConf.to_container(cfg, resolve=True),
     )
 
 
@@ -161,7 +171,7 @@ def results_of(job: Job, splits, mask: torch.Tensor, lams: List[float], historie
         continuous = held_out_accuracy(job, splits, mask)
     return [
         SearchResult(
-            lam=lam,
+            lam=lam if job.cfg.method.name == "dbm" else None,  # a baseline has no sparsity weight
             mask=mask[k],
             rounded=rounded[k],
             metrics={key: float(v[k]) for key, v in final.items()}
@@ -172,60 +182,96 @@ def results_of(job: Job, splits, mask: torch.Tensor, lams: List[float], historie
     ]
 
 
-def run_search(cfg: DictConfig, run_dir: Path, group: str | None = None) -> List[CircuitRecord]:
-    """Run one mask search and write its outputs into `run_dir`. Returns one record per lambda.
+class Run:
+    """One search on a built job: everything that can fail on bad input happens in __init__,
+    before `execute` writes anything into the run directory."""
 
-    With optimizer.lams, K masks are trained side by side on the same batches; each gets
-    its own result directory `lam=<value>/` and the run directory gets a sweep summary.
-    """
-    t_start = time.perf_counter()
-    job = Job(cfg)
-    with out_of_memory_hint(
-        "while preparing the batches; set optimizer.batch_size smaller (e.g. optimizer.batch_size=8) "
-        "or cache=cpu / cache=recompute"
-    ):
-        splits = job.eval_splits()
-        objectives = job.objectives()
-    warnings = low_baseline_warnings(splits, cfg.min_baseline_acc, cfg.strict)
-    for warning in warnings:
-        log.warning(warning)
-    lams = lambdas(cfg)
-    tracker = Tracker(
-        run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), name=Path(run_dir).name, group=group
-    )
-    sink = RunSink(run_dir, lams, bool(cfg.optimizer.lams), tracker, cfg.plots)
-    step_log = StepLog(job, splits, sink, len(lams))
-    failed = True
-    try:
-        t_train = time.perf_counter()
+    def __init__(self, job: Job):
+        self.job = job
+        with out_of_memory_hint(
+            "while preparing the batches; set optimizer.batch_size smaller (e.g. optimizer.batch_size=8) "
+            "or cache=cpu / cache=recompute"
+        ):
+            self.splits = job.eval_splits()
+            self.objectives = job.objectives()
+        self.warnings = low_baseline_warnings(self.splits, job.cfg.min_baseline_acc, job.cfg.strict)
+
+    def execute(self, run_dir: Path, group: str | None = None) -> List[CircuitRecord]:
+        """Find the masks and write every output into `run_dir`. Returns one record per lambda.
+
+        With optimizer.lams, K masks are trained side by side on the same batches; each gets
+        its own result directory `lam=<value>/` and the run directory gets a sweep summary.
+        """
+        job, cfg = self.job, self.job.cfg
+        for warning in self.warnings:
+            log.warning(warning)
+        lams = lambdas(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        tracker = Tracker(run_dir, cfg.logger, config, name=run_name(cfg, run_dir), group=group)
+        sink = RunSink(run_dir, lams, bool(cfg.optimizer.lams), tracker, cfg.plots)
+        step_log = StepLog(job, self.splits, sink, len(lams))
+        failed = True
+        try:
+            t_train = time.perf_counter()
+            mask = self.find(sink, step_log, lams)
+            train_s = time.perf_counter() - t_train
+            results = results_of(job, self.splits, mask, lams, step_log.histories)
+            timing = {
+                "train_s": round(train_s, 3),
+                "total_s": round(time.perf_counter() - job.started, 3),
+                "train_s_per_step": round(train_s / cfg.optimizer.steps, 5),
+                "masks_trained_together": len(lams),
+            }
+            if wants_evidence(cfg.evidence):
+                evidence = gather_evidence(job, self.splits, self.objectives, mask[0])
+                sink.write_evidence(evidence, list(job.data))
+            facts = RunFacts(baseline_of(self.splits), self.warnings, timing)
+            records = []
+            for k, result in enumerate(results):
+                record = make_record(job, result, facts)
+                sink.write_result(k, result, record, job.space, attention_figure(job, record))
+                records.append(record)
+            if sink.batched:
+                write_summary(Path(run_dir))
+            failed = False
+            return records
+        finally:
+            sink.close(failed=failed)
+
+    def find(self, sink: RunSink, step_log: StepLog, lams: List[float]) -> torch.Tensor:
+        """The masks, with what to keep when training stops early (NaN, Ctrl-C). (K, L, H+1)"""
         try:
             with out_of_memory_hint(
                 "during mask training; set optimizer.batch_size smaller, train fewer lambdas at once, or use cache=cpu"
             ):
-                mask = find_masks(job, objectives, lams, step_log)
+                return find_masks(self.job, self.objectives, lams, step_log)
         except NonFiniteLoss as e:
-            sink.keep_last_good(e.last_good, job.space.names())
+            sink.keep_last_good(e.last_good, self.job.space.names())
             raise
-        train_s = time.perf_counter() - t_train
-        results = results_of(job, splits, mask, lams, step_log.histories)
-        timing = {
-            "train_s": round(train_s, 3),
-            "total_s": round(time.perf_counter() - t_start, 3),
-            "train_s_per_step": round(train_s / cfg.optimizer.steps, 5),
-            "masks_trained_together": len(lams),
-        }
-        if wants_evidence(cfg.evidence):
-            evidence = gather_evidence(job, splits, objectives, mask[0])
-            sink.write_evidence(evidence, list(job.data))
-        facts = RunFacts(baseline_of(splits), warnings, timing)
-        records = []
-        for k, result in enumerate(results):
-            record = make_record(job, result, facts)
-            sink.write_result(k, result, record, job.space, attention_figure(job, record))
-            records.append(record)
-        if sink.batched:
-            write_summary(Path(run_dir))
-        failed = False
-        return records
-    finally:
-        sink.close(failed=failed)
+        except KeyboardInterrupt:
+            if step_log.last_mask is not None:
+                sink.keep_last_good(step_log.last_mask, self.job.space.names())
+            kept = (
+                f"; the last mask is in {sink.dirs[0] / 'mask_last_good.safetensors'}"
+                if step_log.last_mask is not None
+                else ""
+            )
+            raise Interrupted(f"interrupted at step {step_log.steps_done}{kept}") from None
+
+
+def run_name(cfg: DictConfig, run_dir: Path) -> str:
+    """A tracking run's name that says what it is: when, which method, which lambda(s) or size."""
+    when = "_".join(Path(run_dir).resolve().parts[-2:]) if Path(run_dir).parent.name else Path(run_dir).name
+    return f"{when} {method_label(cfg)}"
+
+
+def method_label(cfg: DictConfig) -> str:
+    """`dbm λ=0.05`, `dbm λ=0.01,0.05`, or `single_patch k=5`."""
+    if cfg.method.name != "dbm":
+        return f"{cfg.method.name} k={cfg.method.k}"
+    return f"dbm λ={','.join(f'{lam:g}' for lam in lambdas(cfg))}"
+
+
+def run_search(cfg: DictConfig, run_dir: Path, group: str | None = None) -> List[CircuitRecord]:
+    """Build the job, then run the search into `run_dir` (Python callers; the train app checks the directory)."""
+    return Run(Job(cfg)).execute(run_dir, group)

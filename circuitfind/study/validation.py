@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import List
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.baselines import BASELINES, METHODS
@@ -13,11 +14,30 @@ from circuitfind.model.engine import CACHE_POLICIES, ENGINES
 from circuitfind.study.evidence import wants_evidence
 from circuitfind.task.prompts import check_template
 
+log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def available_desiderata() -> List[str]:
     return sorted(p.stem for p in (CONFIGS / "desiderata").glob("*.yaml"))
+
+
+ESCAPES = {"\\n": "\n", "\\t": "\t"}  # as typed on a command line -> the characters meant
+
+
+def interpret_escapes(cfg: DictConfig) -> DictConfig:
+    """The config with a backslash-n or backslash-t typed into dataset.template (a shell passes them
+    literally) read as the newline or tab it stands for; the same config when there is none."""
+    template = cfg.dataset.template
+    fixed = template
+    for typed, meant in ESCAPES.items():
+        fixed = fixed.replace(typed, meant)
+    if fixed == template:
+        return cfg
+    log.info(f"dataset.template: read the escapes in {template!r} as {fixed!r}")
+    out = OmegaConf.merge(cfg, {"dataset": {"template": fixed}})
+    OmegaConf.set_struct(out, OmegaConf.is_struct(cfg))
+    return out
 
 
 def validate(cfg: DictConfig) -> None:

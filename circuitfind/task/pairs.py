@@ -35,12 +35,14 @@ def make_pairs(
     sizes: Sequence[int],
     rng: random.Random,
     label: str,
+    names: Sequence[str] = (),
 ) -> List[List[Pair]]:
     """Draw disjoint splits of pairs, each balanced over the base answer's first digit.
 
     `alternates(base, space)` lists the candidate alternates of a base; a pair is kept only
     when the alternate's answer is non-negative and starts with another digit (otherwise the
-    logit difference of the pair is identically zero and it carries no signal).
+    logit difference of the pair is identically zero and it carries no signal). `names` are the
+    config keys of the sizes, for the error that says how large the first one can be.
     """
     by_digit: Dict[int, List[Problem]] = defaultdict(list)
     for base in space.bases(ops):
@@ -63,9 +65,14 @@ def make_pairs(
             if valid:
                 pairs.append(Pair(base, rng.choice(valid)))
         if len(pairs) < needed[d]:
+            largest = ""
+            if names:
+                most = largest_first_size(available_by_digit(alternates, space, by_digit), sizes[1:])
+                others = ", ".join(f"{k}={n}" for k, n in zip(names[1:], sizes[1:]))
+                largest = f"; {names[0]} can be at most {most}" + (f" with {others}" if others else "")
             raise CircuitfindError(
                 f"{label}: only {len(pairs)} pairs whose answer starts with {d} can be made from "
-                f"operations {list(ops)} in their dataset.ranges, but {needed[d]} are needed; "
+                f"operations {list(ops)} in their dataset.ranges, but {needed[d]} are needed{largest}; "
                 "widen dataset.ranges or lower dataset.n_train / n_test / n_transfer"
             )
         drawn[d] = pairs
@@ -79,6 +86,33 @@ def make_pairs(
         rng.shuffle(split)
         splits.append(split)
     return splits
+
+
+def available_by_digit(alternates, space: TaskSpace, by_digit: Dict[int, List[Problem]]) -> Dict[int, int]:
+    """How many bases of each answer digit have at least one usable alternate (prompt forms aside)."""
+    return {
+        d: sum(
+            any(a.answer >= 0 and first_digit(a.answer) != d for a in alternates(base, space)) for base in by_digit[d]
+        )
+        for d in range(1, 10)
+    }
+
+
+def largest_first_size(available: Dict[int, int], other_sizes: Sequence[int]) -> int:
+    """The largest first split that still fits, balanced, beside the other splits."""
+
+    def fits(n: int) -> bool:
+        needed = defaultdict(int)
+        for size in (n, *other_sizes):
+            for d, c in balanced_counts(size).items():
+                needed[d] += c
+        return all(needed[d] <= available[d] for d in range(1, 10))
+
+    low, high = 0, 9 * max(available.values(), default=0) + 9
+    while low < high:  # the largest n with fits(n); fits is monotone in n
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 @dataclass
@@ -104,11 +138,18 @@ def build_data(dataset, desiderata: Sequence[str], seed: int) -> Dict[str, Desid
     for name in desiderata:
         des = get_desideratum(name)
         rng = random.Random(f"{seed}/{name}")  # independent of which other desiderata run
-        train, test = make_pairs(des.alternates, space, d.train_ops, [d.n_train, d.n_test], rng, f"{name} pairs")
+        names = ("dataset.n_train", "dataset.n_test")
+        train, test = make_pairs(des.alternates, space, d.train_ops, [d.n_train, d.n_test], rng, f"{name} pairs", names)
         transfer: List[Pair] = []
         if d.transfer_ops and d.n_transfer:
             (transfer,) = make_pairs(
-                des.alternates, space, d.transfer_ops, [d.n_transfer], rng, f"{name} transfer pairs"
+                des.alternates,
+                space,
+                d.transfer_ops,
+                [d.n_transfer],
+                rng,
+                f"{name} transfer pairs",
+                ["dataset.n_transfer"],
             )
         data[name] = DesideratumData(des, train, test, transfer)
     return data

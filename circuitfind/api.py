@@ -1,0 +1,53 @@
+"""circuitfind from Python: one call runs a search as `circuitfind train` would and returns its records.
+
+from circuitfind import find_circuit
+records = find_circuit("+desiderata=vd_oi", "optimizer.lam=0.1")
+records[0].names, records[0].metrics["vd_test/acc"]
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List
+
+from omegaconf import DictConfig, OmegaConf
+
+from circuitfind.records.circuit import CircuitRecord
+from circuitfind.records.files import write_text
+from circuitfind.records.rundir import clear_outputs, refuse_earlier_run
+
+
+def compose_train_config(overrides: List[str]) -> DictConfig:
+    """The train config as the command line composes it from these overrides (Hydra's compose API)."""
+    from hydra import compose, initialize_config_module
+
+    from circuitfind.apps.callbacks import register_resolvers
+    from circuitfind.config import register_configs
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_module(config_module="circuitfind.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def find_circuit(*overrides: str, run_dir: str | Path | None = None) -> List[CircuitRecord]:
+    """Run one search (`circuitfind train <overrides>`) and return its records, one per lambda.
+
+    The outputs go to `run_dir` (default `outputs/api/<date>/<time>`), which is created; like the
+    command, it refuses a directory that holds an earlier run unless `overwrite=true` is given.
+    Bad input raises CircuitfindError with a one-line message, before anything is written.
+    """
+    from circuitfind.study.job import Job
+    from circuitfind.study.run import Run
+    from circuitfind.study.validation import interpret_escapes, validate
+
+    cfg = interpret_escapes(compose_train_config(list(overrides)))
+    validate(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else Path("outputs/api") / time.strftime("%Y-%m-%d/%H-%M-%S")
+    refuse_earlier_run(run_dir, cfg.overwrite)
+    run = Run(Job(cfg))
+    clear_outputs(run_dir)
+    write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    return run.execute(run_dir)
