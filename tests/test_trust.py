@@ -179,8 +179,11 @@ def test_organism_names_the_wrong_key(tmp_path):
 def test_version_and_quiet_loading(cli, tmp_path):
     version = cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("circuitfind ")
-    res = cli("train", *SMOKE, f"hydra.run.dir={tmp_path / 'r'}")
-    assert res.returncode == 0 and "Loading weights" not in res.stderr and "mask:" not in res.stderr
+    organism = ("+desiderata=vd_oi", "plots=false", "optimizer.steps=2", "dataset.n_transfer=0")
+    loud = cli("train", *organism, f"hydra.run.dir={tmp_path / 'loud'}")
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr, "the organism is loaded by transformers"
+    quiet = cli("train", *organism, "progress=false", f"hydra.run.dir={tmp_path / 'quiet'}")
+    assert quiet.returncode == 0 and "Loading weights" not in quiet.stderr and "mask:" not in quiet.stderr
 
 
 def test_an_unwritable_run_directory_is_one_line(cli):
@@ -217,3 +220,47 @@ def test_the_python_api_returns_the_records(tmp_path, monkeypatch):
     assert records[0].names == [row["name"] for row in saved["circuit"]] and records[0].metrics == saved["metrics"]
     with pytest.raises(CircuitfindError, match="already holds a run"):
         find_circuit("+desiderata=vd_oi", "experiment=smoke", "progress=false", run_dir=run)
+
+
+def test_loading_problems_are_one_line_before_any_weight_is_read(cli, tmp_path):
+    from test_cli import save_tiny_bloom, save_tiny_llama
+
+    save_tiny_llama(tmp_path / "corrupt")
+    weights = tmp_path / "corrupt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated download
+    save_tiny_llama(tmp_path / "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "no_tokenizer" / name).unlink(missing_ok=True)
+    save_tiny_bloom(tmp_path / "bloom")
+    (tmp_path / "bloom" / "model.safetensors").unlink()  # refused from config.json alone
+    cases = {
+        "corrupt": ("model.name_or_path=" + str(tmp_path / "corrupt"), "corrupt or truncated"),
+        "no_tokenizer": ("model.name_or_path=" + str(tmp_path / "no_tokenizer"), "has no tokenizer"),
+        "bloom": ("model.name_or_path=" + str(tmp_path / "bloom"), "model family 'bloom' is not supported"),
+        "offline hub id": ("model.name_or_path=nobody/no-such-model", "hub is offline"),
+    }
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    for case, (path, message) in cases.items():
+        start = time.monotonic()
+        res = cli("train", *SMOKE, "model=hf", path, f"hydra.run.dir={tmp_path / 'runs' / case}", env=env)
+        assert res.returncode == 1 and message in one_error_line(res), (case, res.stderr[-2000:])
+        assert time.monotonic() - start < 60, case
+
+
+def test_evidence_and_optimum_label_their_progress(cli, tmp_path):
+    run = tmp_path / "run"
+    args = ("+desiderata=vd_oi", "experiment=smoke", "plots=false", "evidence.stability_seeds=2")
+    res = cli("train", *args, f"hydra.run.dir={run}")
+    assert res.returncode == 0 and "stability: seed 1" in res.stderr
+    opt = cli("optimum", str(run), "--k", "1")
+    assert opt.returncode == 0 and "optimum: subsets scored" in opt.stderr
+
+
+def test_tracking_runs_are_named_by_time_and_method(tmp_path):
+    from circuitfind.study.run import run_name
+
+    run_dir = tmp_path / "outputs" / "train" / "2026-11-25" / "18-24-28"
+    assert run_name(compose("+desiderata=vd_oi"), run_dir) == "2026-11-25_18-24-28 dbm λ=0.05"
+    lams = compose("+desiderata=vd_oi", "optimizer.lams=[0.01,0.1]")
+    assert run_name(lams, run_dir / "0_lam=0.01").endswith("18-24-28_0_lam=0.01 dbm λ=0.01,0.1")
+    assert run_name(compose("+desiderata=vd_oi", "method=random", "method.k=3"), run_dir).endswith("random k=3")

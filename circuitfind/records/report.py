@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+import yaml
+
 from circuitfind.records import plots
 from circuitfind.records.circuit import (
     CIRCUIT_COLUMNS,
@@ -84,11 +86,25 @@ def summary_rows(results: Dict[Path, CircuitRecord], columns: Sequence[str]) -> 
     return [[r.headline().get(c) for c in columns] + [run.name] for run, r in results.items()]
 
 
+def command_of(run: Path) -> str | None:
+    """The command line a run was made with, from the overrides recorded in its .hydra/."""
+    for folder in (Path(run), Path(run).parent):  # lam=<value>/ results keep it one level up
+        path = folder / ".hydra" / "overrides.yaml"
+        if path.is_file():
+            return " ".join(["circuitfind train", *map(str, yaml.safe_load(path.read_text()) or [])])
+    return None
+
+
 def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
     page.html.append(
         f"<h3>{html.escape(run.name)} ({html.escape(result.label)}, method {result.method.get('name')})</h3>"
     )
     page.md += [f"### {run.name} ({result.label})", ""]
+    seed, steps = result.data.get("seed"), result.optimizer.get("steps")
+    trained = f"{steps} steps" if result.lam is not None else "no training steps (a ranking)"
+    page.text(f"Command: {command_of(run) or 'not recorded'}; seed {seed}; {trained}.")
+    if result.config:
+        page.details("composed config", yaml.safe_dump(result.config, sort_keys=False))
     if (run / "mask_heatmap.png").is_file():
         page.image(run / "mask_heatmap.png", f"mask heatmap, {run.name}")
     page.table(CIRCUIT_COLUMNS, [[row.get(c) for c in CIRCUIT_COLUMNS] for row in result.circuit])
@@ -108,7 +124,10 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
     if transfer:
         page.text("Transfer to operations never used in training (rounded mask):")
         page.table(["split", "metric", "value"], transfer)
-    page.text("Unpatched model on the same prompts:")
+    page.text(
+        "Unpatched model on the same splits (task_acc: its first token is the answer's on the split's base "
+        "prompts; acc_unpatched: the desideratum's accuracy when nothing is patched):"
+    )
     page.table(["metric", "value"], [[k, v] for k, v in result.baseline.items()])
 
 
@@ -232,11 +251,12 @@ def build_report(path: Path) -> tuple[Path, Path]:
         page.text(f"{len(runs)} finished runs of {len(groups)} different setups, each summarised on its own below.")
     for number, group in enumerate(groups, start=1):
         first = next(iter(group.values()))
+        suffix = "" if len(groups) == 1 else f"-{number}"  # anchors stay unique
         title = (
             "Summary" if len(groups) == 1 else f"Setup {number}: {first.desiderata['name']}, {first.method.get('name')}"
         )
-        page.section(f"summary-{number}", title)
-        add_group(page, path, number, group)
+        page.section(f"summary{suffix}", title)
+        add_group(page, path, suffix, group)
     evidence = {
         run: json.loads((run / "evidence.json").read_text()) for run in runs if (run / "evidence.json").is_file()
     }

@@ -70,14 +70,17 @@ def compare_methods(dbm_mask: torch.Tensor, evidence, engine, objectives, splits
         if method != "random":
             scores[method] = component_scores(method, engine, objectives, device, seed)
     table: List[Dict[str, Any]] = []
-    for method, s in scores.items():
-        masks = torch.stack([top_k_mask(s, k) for k in sizes])
-        for k, row in zip(sizes, held_out_metrics(splits, engine, masks)):
-            table.append({"method": method, "k": k, **row})
     if "random" in evidence.baselines:
         draws = [component_scores("random", engine, objectives, device, seed + d) for d in range(evidence.random_draws)]
-        table += random_rows(draws, sizes, splits, engine)
-        scores["random"] = draws[0]
+        scores["random"] = draws[0]  # the curve follows the first draw
+    if sizes:  # an empty circuit and no evidence.ks leave no size to compare at
+        for method, s in scores.items():
+            if method == "random":
+                table += random_rows(draws, sizes, splits, engine)
+                continue
+            masks = torch.stack([top_k_mask(s, k) for k in sizes])
+            for k, row in zip(sizes, held_out_metrics(splits, engine, masks)):
+                table.append({"method": method, "k": k, **row})
     result: Dict[str, Any] = {"sizes": sizes, "dbm_size": k_dbm, "comparison": table, "ranked_by": "signed score"}
     if evidence.curves:
         test_splits = [s for s in splits if s.kind == "test"]
