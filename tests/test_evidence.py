@@ -183,6 +183,8 @@ def test_evidence_optimum_report_and_exports(cli, tmp_path):
     assert "Command: circuitfind train " in html and "<details><summary>composed config" in html
     assert 'src="data:image/png;base64,' in html and "Not computed" not in html
     assert (run / "report.md").read_text().startswith("# circuitfind report")
+    if optimum["gap"] is None:  # the circuit is larger than the k searched: said, not left blank
+        assert "the search stopped at k=2, below the circuit's size" in (run / "report.md").read_text()
     dom = chromium_dom(run / "report.html")
     assert 'data-broken="0"' in dom and 'data-images="' in dom and 'data-images="0"' not in dom
     for section in ("summary", "baselines", "curves", "stability", "optimality"):

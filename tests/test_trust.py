@@ -96,6 +96,7 @@ def test_sweeps_over_other_keys_name_their_jobs_and_columns(cli, tmp_path):
     args = [a for a in SMOKE if not a.startswith("+desiderata")]
     res = cli("train", *args, "-m", "seed=0,1", "+desiderata=vd_oi,vd", f"hydra.sweep.dir={sweep}")
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "sweep: 4 of 4 jobs done" in res.stdout + res.stderr and "to go" in res.stdout  # progress, ETA
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == [
         "0_seed=0,desiderata=vd_oi",
