@@ -14,7 +14,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from circuitfind.apps.train import finished
+from circuitfind.apps.train import finished_records
 from circuitfind.records.circuit import CircuitRecord, write_record
 from circuitfind.records.rundir import clear_outputs
 
@@ -103,6 +103,10 @@ def write_complete_record(out_dir, lam: float) -> None:
     empty = dict(method={}, metrics={}, baseline={}, planted=None, warnings=[], model={}, data={})
     record = CircuitRecord([], 0, 36, 0.0, lam, **empty, desiderata={}, optimizer={}, engine={})
     write_record(out_dir, record)
+
+
+def finished(run_dir, cfg) -> bool:
+    return finished_records(run_dir, cfg) is not None
 
 
 def test_finished_needs_every_lambda_result(tmp_path):

@@ -44,6 +44,10 @@ def test_a_finished_sweep_is_resumed_only_with_the_same_config(cli, tmp_path):
     redo = cli(*args[:-1], "optimizer.steps=5", "overwrite=true", args[-1])
     assert redo.returncode == 0
     assert all(json.loads(p.read_text())["optimizer"]["steps"] == 5 for p in records)
+    resumed = cli(*args[:-1], "optimizer.steps=5", args[-1])  # overwrite=true then, not now: the same results
+    assert (
+        resumed.returncode == 0 and "skipping finished job 1_lam=0.1" in (sweep / "1_lam=0.1" / "train.log").read_text()
+    )
 
 
 def test_a_run_owns_its_directory(cli, tmp_path):

@@ -27,7 +27,7 @@ from circuitfind.records.files import write_text
 from circuitfind.records.rundir import clear_outputs, config_differences, discard_if_unused, refuse_earlier_run
 from circuitfind.records.sweep import clear_failure, write_failure
 from circuitfind.study.job import Job
-from circuitfind.study.run import Run, lambdas
+from circuitfind.study.run import Interrupted, Run, lambdas
 from circuitfind.study.validation import interpret_escapes, validate
 
 register_configs()
@@ -43,10 +43,6 @@ def finished_records(run_dir: Path, cfg: DictConfig) -> List[CircuitRecord] | No
     except CircuitfindError:
         return None
     return records if all(r.status == "complete" for r in records) else None
-
-
-def finished(run_dir: Path, cfg: DictConfig) -> bool:
-    return finished_records(run_dir, cfg) is not None
 
 
 def finished_with_this_config(run_dir: Path, cfg: DictConfig) -> bool:
@@ -95,7 +91,7 @@ def main(cfg: DictConfig) -> None:
         run.execute(run_dir, group=hc.sweep.dir if multirun else None)
     except CircuitfindError as e:
         discard_if_unused(run_dir)
-        if multirun:  # the sweep goes on; its summary lists the failed jobs and the sweep exits 1
+        if multirun and not isinstance(e, Interrupted):  # the sweep goes on; its summary lists the failed jobs
             log.error(f"job {run_dir.name} failed: {e}")
             write_failure(run_dir, str(e))
             return

@@ -42,7 +42,7 @@ def load_config(run: Path) -> DictConfig:
 
 # A run directory also holds what Hydra keeps of the invocation; anything else is a run's output.
 INVOCATION = (".hydra",)
-DISPLAY_ONLY = ("progress",)  # keys that change how a run looks, never what it finds
+IGNORED = ("progress", "overwrite")  # keys that change how a run looks or starts, never what it finds
 
 
 def earlier_outputs(run_dir: Path) -> List[str]:
@@ -82,9 +82,9 @@ def flatten(config: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def config_differences(saved: Dict[str, Any], requested: Dict[str, Any]) -> List[str]:
-    """The dotted keys whose values differ between two plain configs, display-only keys aside."""
+    """The dotted keys whose values differ between two plain configs, IGNORED keys aside."""
     a, b = flatten(saved), flatten(requested)
-    keys = sorted(k for k in a.keys() | b.keys() if k.split(".")[0] not in DISPLAY_ONLY and a.get(k) != b.get(k))
+    keys = sorted(k for k in a.keys() | b.keys() if k.split(".")[0] not in IGNORED and a.get(k) != b.get(k))
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys]
 
 
