@@ -153,6 +153,7 @@ BAD_INPUTS = {
         "cache='disk' is unknown; choose from ['device', 'cpu', 'recompute']",
     ),
     "negative lambda in lams": (("+desiderata=vd_oi", "optimizer.lams=[0.1,-0.1]"), "has a negative lambda"),
+    "W&B mode": (("+desiderata=vd_oi", "logger=wandb", "logger.mode=live"), "logger.mode='live' is unknown"),
     "low baseline, strict": (("+desiderata=vd_oi", "min_baseline_acc=0.5", "strict=true"), "not trustworthy"),
 }
 

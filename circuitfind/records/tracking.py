@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
 
 from circuitfind.config import LoggerConfig
-from circuitfind.errors import CircuitfindError
 from circuitfind.network import reachable
 
+BACKENDS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,11 @@ class Tracker:
     """Logs step metrics as JSON lines in the run directory and, optionally, to W&B."""
 
     def __init__(self, run_dir: Path, cfg: LoggerConfig, config: Dict[str, Any], name: str, group: Optional[str]):
-        if cfg.backend not in ("none", "wandb"):
-            raise CircuitfindError(f"logger.backend={cfg.backend!r} is unknown; use logger=wandb or logger=none")
         Path(run_dir).mkdir(parents=True, exist_ok=True)  # Hydra makes it; a call from Python may not have
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.unlink(missing_ok=True)  # a re-run in the same directory starts a fresh log
         self.wandb = None
-        if cfg.backend == "wandb":
-            if cfg.mode not in WANDB_MODES:
-                raise CircuitfindError(f"logger.mode={cfg.mode!r} is unknown; choose from {list(WANDB_MODES)}")
+        if cfg.backend == "wandb":  # backend and mode are checked with the rest of the config (validation.py)
             self.wandb = start_wandb(cfg, run_dir, config, name, group)
         self.step = 0  # the last training step logged: images and tables are logged there
 

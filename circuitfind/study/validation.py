@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.baselines import BASELINES, METHODS
 from circuitfind.model.engine import CACHE_POLICIES, ENGINES
+from circuitfind.records.tracking import BACKENDS, WANDB_MODES
 from circuitfind.study.evidence import wants_evidence
 from circuitfind.task.prompts import check_template
 
@@ -46,9 +47,11 @@ def validate(cfg: DictConfig) -> None:
         raise CircuitfindError(
             f"no desiderata chosen; add +desiderata=<name>, one of: {', '.join(available_desiderata())}"
         )
-    o, d, m, e = cfg.optimizer, cfg.dataset, cfg.method, cfg.evidence
+    o, d, m, e, lg = cfg.optimizer, cfg.dataset, cfg.method, cfg.evidence, cfg.logger
     lams = list(o.lams or [])
     checks = [
+        (lg.backend in BACKENDS, f"logger.backend={lg.backend!r} is unknown; use logger=wandb or logger=none"),
+        (lg.mode in WANDB_MODES, f"logger.mode={lg.mode!r} is unknown; choose from {list(WANDB_MODES)}"),
         (o.lam >= 0, f"optimizer.lam={o.lam} is negative; the sparsity weight must be >= 0"),
         (all(v >= 0 for v in lams), f"optimizer.lams={lams} has a negative lambda; give values >= 0"),
         (len(set(lams)) == len(lams), f"optimizer.lams={lams} repeats a value"),
