@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 from typing import List
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from circuitfind.records.circuit import CircuitRecord
-from circuitfind.records.files import write_text
-from circuitfind.records.rundir import clear_outputs, refuse_earlier_run
+from circuitfind.records.rundir import clear_outputs, refuse_earlier_run, write_invocation
 
 
 def compose_train_config(overrides: List[str]) -> DictConfig:
@@ -48,6 +47,5 @@ def find_circuit(*overrides: str, run_dir: str | Path | None = None) -> List[Cir
     refuse_earlier_run(run_dir, cfg.overwrite)
     run = Run(Job(cfg))
     clear_outputs(run_dir)
-    write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
-    write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    write_invocation(run_dir, cfg, list(overrides))
     return run.execute(run_dir)

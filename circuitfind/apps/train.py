@@ -23,8 +23,13 @@ from circuitfind.apps.callbacks import register_resolvers
 from circuitfind.config import register_configs
 from circuitfind.errors import CircuitfindError
 from circuitfind.records.circuit import CircuitRecord, read_record
-from circuitfind.records.files import write_text
-from circuitfind.records.rundir import clear_outputs, config_differences, discard_if_unused, refuse_earlier_run
+from circuitfind.records.rundir import (
+    clear_outputs,
+    config_differences,
+    discard_if_unused,
+    refuse_earlier_run,
+    write_invocation,
+)
 from circuitfind.records.sweep import clear_failure, write_failure
 from circuitfind.study.job import Job
 from circuitfind.study.run import Interrupted, Run, lambdas
@@ -62,15 +67,6 @@ def finished_with_this_config(run_dir: Path, cfg: DictConfig) -> bool:
     )
 
 
-def write_invocation(run_dir: Path, cfg: DictConfig) -> None:
-    """.hydra/config.yaml, hydra.yaml and overrides.yaml, as Hydra would have written them."""
-    hc = HydraConfig.get()
-    folder = run_dir / ".hydra"
-    write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
-    write_text(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
-    write_text(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
-
-
 @hydra.main(config_path="pkg://circuitfind.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
@@ -87,7 +83,7 @@ def main(cfg: DictConfig) -> None:
             refuse_earlier_run(run_dir, cfg.overwrite)
         run = Run(Job(cfg))  # data, model and unpatched baselines: bad input stops here, nothing written
         clear_outputs(run_dir)  # a refused or resumed run's leftovers: the run owns its directory
-        write_invocation(run_dir, cfg)
+        write_invocation(run_dir, cfg, list(hc.overrides.task), hydra=hc)
         run.execute(run_dir, group=hc.sweep.dir if multirun else None)
     except CircuitfindError as e:
         discard_if_unused(run_dir)

@@ -28,7 +28,7 @@ from circuitfind.records.circuit import (
     read_record,
 )
 from circuitfind.records.files import write_text
-from circuitfind.records.rundir import finished_runs
+from circuitfind.records.rundir import finished_runs, invocation_file, job_overrides
 from circuitfind.records.sweep import format_value as fmt
 from circuitfind.records.sweep import summary_columns
 
@@ -88,11 +88,7 @@ def summary_rows(results: Dict[Path, CircuitRecord], columns: Sequence[str]) -> 
 
 def command_of(run: Path) -> str | None:
     """The command line a run was made with, from the overrides recorded in its .hydra/."""
-    for folder in (Path(run), Path(run).parent):  # lam=<value>/ results keep it one level up
-        path = folder / ".hydra" / "overrides.yaml"
-        if path.is_file():
-            return " ".join(["circuitfind train", *map(str, yaml.safe_load(path.read_text()) or [])])
-    return None
+    return " ".join(["circuitfind train", *job_overrides(run)]) if invocation_file(run, "overrides.yaml") else None
 
 
 def add_run(page: Page, run: Path, result: CircuitRecord) -> None:

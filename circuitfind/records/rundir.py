@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.records.circuit import RECORD_FILE, read_record
+from circuitfind.records.files import write_text
 
 
 def finished_runs(path: Path) -> List[Path]:
@@ -28,15 +29,38 @@ def finished_runs(path: Path) -> List[Path]:
     return runs
 
 
+def invocation_file(run: Path, name: str) -> Path | None:
+    """A file of the run's .hydra/ (config.yaml, overrides.yaml), or None when it was not recorded."""
+    for folder in (Path(run), Path(run).parent):  # lam=<value>/ results keep it one level up
+        path = folder / ".hydra" / name
+        if path.is_file():
+            return path
+    return None
+
+
+def job_overrides(run: Path) -> List[str]:
+    """The command-line overrides a run was made with (empty when not recorded)."""
+    path = invocation_file(run, "overrides.yaml")
+    return [str(o) for o in OmegaConf.load(path)] if path else []
+
+
+def write_invocation(run_dir: Path, cfg: DictConfig, overrides: List[str], hydra: DictConfig | None = None) -> None:
+    """.hydra/config.yaml and overrides.yaml (and hydra.yaml, from the Hydra app), as Hydra would write them."""
+    folder = Path(run_dir) / ".hydra"
+    write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    if hydra is not None:
+        write_text(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})))
+
+
 def load_config(run: Path) -> DictConfig:
     """The composed config a finished run was made with: its record's, or (older runs) Hydra's copy in .hydra/."""
     config = read_record(run).config
     if config:
         return OmegaConf.create(config)
-    for folder in (Path(run), Path(run).parent):  # lam=<value>/ results keep it one level up
-        path = folder / ".hydra" / "config.yaml"
-        if path.is_file():
-            return OmegaConf.load(path)
+    path = invocation_file(run, "config.yaml")
+    if path:
+        return OmegaConf.load(path)
     raise CircuitfindError(f"{run} has no .hydra/config.yaml; re-run it with `circuitfind train` to record its config")
 
 

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from circuitfind.records import plots
 from circuitfind.records.circuit import RECORD_FILE, CircuitRecord, headline_metrics, read_record
 from circuitfind.records.files import write_json, write_text
+from circuitfind.records.rundir import job_overrides
 
 log = logging.getLogger(__name__)
 FAILURE_FILE = "failed.json"
@@ -55,12 +56,8 @@ def sweep_spec(sweep_dir: Path) -> List[str]:
 
 def job_values(run: Path, keys: List[str]) -> Dict[str, str]:
     """The values a job was run with for the swept keys, from its .hydra/overrides.yaml."""
-    for folder in (Path(run), Path(run).parent):  # lam=<value>/ results keep it one level up
-        path = folder / ".hydra" / "overrides.yaml"
-        if path.is_file():
-            given = {o.key_or_group: o.get_value_element_as_str() for o in parse_overrides(OmegaConf.load(path))}
-            return {k: given.get(k, "") for k in keys}
-    return {k: "" for k in keys}
+    given = {o.key_or_group: o.get_value_element_as_str() for o in parse_overrides(job_overrides(run))}
+    return {k: given.get(k, "") for k in keys}
 
 
 @dataclass

@@ -71,11 +71,15 @@ def baseline_of(splits: Sequence[EvalSplit]) -> Dict[str, float]:
     return {split.key(k): v for split in splits for k, v in baseline_metrics(split).items()}
 
 
-def low_baseline_warnings(splits: Sequence[EvalSplit], min_acc: float, strict: bool) -> List[str]:
-    """Warn (or, with strict, stop) when the unpatched model cannot do the task on a held-out split."""
+def low_baseline_warnings(
+    splits: Sequence[EvalSplit], baseline: Dict[str, float], min_acc: float, strict: bool
+) -> List[str]:
+    """Warn (or, with strict, stop) when the unpatched model cannot do the task on a held-out split.
+
+    `baseline` is baseline_of(splits)."""
     warnings = []
     for split in splits:
-        value = baseline_metrics(split)["task_acc"]
+        value = baseline[split.key("task_acc")]
         if split.kind == "test" and value < min_acc:
             message = (
                 f"the unpatched model answers only {value:.0%} of {split.name} prompts correctly "

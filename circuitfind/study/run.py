@@ -194,7 +194,8 @@ class Run:
         ):
             self.splits = job.eval_splits()
             self.objectives = job.objectives()
-        self.warnings = low_baseline_warnings(self.splits, job.cfg.min_baseline_acc, job.cfg.strict)
+        self.baseline = baseline_of(self.splits)
+        self.warnings = low_baseline_warnings(self.splits, self.baseline, job.cfg.min_baseline_acc, job.cfg.strict)
 
     def execute(self, run_dir: Path, group: str | None = None) -> List[CircuitRecord]:
         """Find the masks and write every output into `run_dir`. Returns one record per lambda.
@@ -225,7 +226,7 @@ class Run:
             if wants_evidence(cfg.evidence):
                 evidence = gather_evidence(job, self.splits, self.objectives, mask[0])
                 sink.write_evidence(evidence, list(job.data))
-            facts = RunFacts(baseline_of(self.splits), self.warnings, timing)
+            facts = RunFacts(self.baseline, self.warnings, timing)
             records = []
             for k, result in enumerate(results):
                 record = make_record(job, result, facts)
