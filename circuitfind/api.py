@@ -39,9 +39,9 @@ def find_circuit(*overrides: str, run_dir: str | Path | None = None) -> List[Cir
     """
     from circuitfind.study.job import Job
     from circuitfind.study.run import Run
-    from circuitfind.study.validation import interpret_escapes, validate
+    from circuitfind.study.validation import normalised, validate
 
-    cfg = interpret_escapes(compose_train_config(list(overrides)))
+    cfg = normalised(compose_train_config(list(overrides)))
     validate(cfg)
     run_dir = Path(run_dir) if run_dir is not None else Path("outputs/api") / time.strftime("%Y-%m-%d/%H-%M-%S")
     refuse_earlier_run(run_dir, cfg.overwrite)

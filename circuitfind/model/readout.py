@@ -38,9 +38,19 @@ class Readout:
             out = out + wide(self.bias[ids]).to(hidden.device)
         return self._cap(out)
 
-    def logit_diff(self, hidden: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        """logit[up] - logit[down] per example, reading only those two rows of the unembedding.
+    def set_rows(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """log-sum-exp of logit[ids[b, :]] per example (the logit itself for one token). ids (B, S) -> (K, B)"""
+        if ids.shape[-1] == 1:
+            return self.rows(hidden, ids[:, 0])
+        return torch.stack([self.rows(hidden, ids[:, s]) for s in range(ids.shape[-1])], dim=-1).logsumexp(-1)
 
-        hidden (K, B, hidden), up/down (B,) token ids -> (K, B)
+    def logit_diff(self, hidden: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """logit[up] - logit[down] per example, reading only those rows of the unembedding.
+
+        hidden (K, B, hidden), up (B,) or (B, S) token ids (a set: its log-sum-exp), down (B,) -> (K, B)
         """
-        return self.rows(hidden, up) - self.rows(hidden, down)
+        return self.set_rows(hidden, up if up.dim() == 2 else up[:, None]) - self.rows(hidden, down)
+
+    def target_logprob(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log p(target) at the final position, a token set's probabilities summed. target (B, S) -> (K, B)"""
+        return self.set_rows(hidden, target) - self.logits(hidden).logsumexp(-1)

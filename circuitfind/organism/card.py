@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from circuitfind.organism.analysis import PARTS
-from circuitfind.task.prompts import OPERATIONS
+from circuitfind.organism.problems import OPERATIONS
 
 MUL_SHARED = (
     "Multiplication shares the circuit: the interchange losses are applied to `*` prompts too, so the "

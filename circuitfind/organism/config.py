@@ -7,7 +7,23 @@ from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from circuitfind.config import OperandRange, VariantsConfig
+
+@dataclass
+class OperandRange:
+    """Inclusive ranges of the two operands of one operation."""
+
+    x: List[int] = field(default_factory=lambda: [10, 99])
+    y: List[int] = field(default_factory=lambda: [10, 99])
+
+
+@dataclass
+class VariantsConfig:
+    """Prompt variants that stop binding from being purely positional (all off by default)."""
+
+    names: List[List[str]] = field(default_factory=lambda: [["x", "y"]])  # name pairs to draw from
+    y_first: float = 0.0  # probability of defining the second operand first
+    distractor: float = 0.0  # probability of an extra definition, e.g. `z = 17`
+    distractor_names: List[str] = field(default_factory=lambda: ["z"])
 
 
 def _ranges() -> Dict[str, OperandRange]:

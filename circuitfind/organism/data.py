@@ -12,9 +12,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from circuitfind.task.desiderata import get_desideratum
+from circuitfind.organism.problems import Problem, TaskSpace, Variants
 from circuitfind.task.encoding import left_pad
-from circuitfind.task.prompts import Problem, TaskSpace, Variants
 
 Key = tuple[str, int, int]  # (op, x, y)
 
@@ -71,14 +70,13 @@ class Distribution:
     def vd_alternate(self, base: Problem, rng: random.Random) -> Problem:
         """The base with another x, as Value Dependence draws it (same form, non-negative answer),
         never a held-out problem."""
-        alts = get_desideratum("vd").alternates(base, self.space)
+        alts = [replace(base, x=x) for x in self.space.ranges[base.op][0] if x != base.x]
         rng.shuffle(alts)
         return next((a for a in alts if a.answer >= 0 and not self.is_heldout(a)), base)  # base: no change asked
 
     def oi_alternate(self, base: Problem, ops: Sequence[str], rng: random.Random) -> Problem:
         """The base with another operation of `ops`, as Operation Invariance draws it (non-negative answer)."""
-        alts = get_desideratum("oi").alternates(base, replace(self.space, alt_ops=list(ops)))
-        alts = [a for a in alts if a.answer >= 0]
+        alts = [a for a in (replace(base, op=op) for op in ops if op != base.op) if a.answer >= 0]
         return rng.choice(alts) if alts else base
 
 

@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 from circuitfind.organism.analysis import PARTS, SOURCES, attention_shares
 from circuitfind.organism.data import Distribution, Encoder, test_forms
 from circuitfind.organism.interchange import Interchange, Organism, plant_masks
+from circuitfind.organism.problems import Problem, Variants
 from circuitfind.task.encoding import position_ids
-from circuitfind.task.prompts import Problem, Variants
 
 
 @torch.no_grad()

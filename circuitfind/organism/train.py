@@ -24,8 +24,8 @@ from circuitfind.model.space import ComponentSpace
 from circuitfind.organism.data import Distribution, Encoder
 from circuitfind.organism.evaluate import evaluate, heldout_check
 from circuitfind.organism.interchange import Interchange, Organism, plant_masks
+from circuitfind.organism.problems import OPERATIONS, check_template, task_space, variants_from_config
 from circuitfind.task.encoding import position_ids
-from circuitfind.task.prompts import OPERATIONS, check_template, task_space, variants_from_config
 
 log = logging.getLogger(__name__)
 

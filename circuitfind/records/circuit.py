@@ -88,10 +88,15 @@ class CircuitRecord:
         return [row["name"] for row in self.circuit]
 
     @property
+    def titles(self) -> Dict[str, str]:
+        """The desiderata whose held-out metrics the record holds, name -> title: trained ones first."""
+        terms = sorted(self.desiderata.get("terms", []), key=lambda t: not t.get("train", True))
+        return {t["name"]: t.get("title") or t["name"] for t in terms}
+
+    @property
     def evaluated(self) -> List[str]:
-        """The desiderata whose held-out metrics the record holds, in config order."""
-        terms = [t["name"] for t in self.desiderata.get("terms", [])]
-        return list(dict.fromkeys(terms + list(self.desiderata.get("evaluate", []))))
+        """The names of those desiderata, in the same order."""
+        return list(self.titles)
 
     @property
     def label(self) -> str:

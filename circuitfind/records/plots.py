@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import matplotlib
 
@@ -14,20 +14,15 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from circuitfind.records.circuit import metric_key  # noqa: E402
 from circuitfind.records.files import save_figure  # noqa: E402
-from circuitfind.task.desiderata import DESIDERATA  # noqa: E402
+
+Titles = Mapping[str, str]  # desideratum name -> title, in config order
 
 
-def title_of(desideratum: str) -> str:
-    """A desideratum's title for figures (its name, if it is not registered here)."""
-    cls = DESIDERATA.get(desideratum)
-    return cls.title if cls is not None else desideratum
-
-
-def accuracy_series(desiderata: Sequence[str]) -> List[Tuple[str, str]]:
+def accuracy_series(desiderata: Titles) -> List[Tuple[str, str]]:
     """(metric key, label) of the held-out accuracy of each desideratum, and the first one's transfer."""
-    series = [(metric_key(d, "test", "acc"), title_of(d)) for d in desiderata]
+    series = [(metric_key(d, "test", "acc"), title) for d, title in desiderata.items()]
     if desiderata:
-        first = desiderata[0]
+        first = next(iter(desiderata))
         series.append((metric_key(first, "transfer", "acc"), f"{first.upper()} transfer"))
     return series
 
@@ -50,7 +45,7 @@ def mask_heatmap(mask: np.ndarray, path: Path, title: str) -> None:
 Points = List[Tuple[float, float]]
 
 
-def curve_panels(history: List[Dict[str, float]], desiderata: Sequence[str]) -> List[Tuple[str, Dict[str, Points]]]:
+def curve_panels(history: List[Dict[str, float]], desiderata: Titles) -> List[Tuple[str, Dict[str, Points]]]:
     """The training curves by panel: (title, {metric key: (step, value) points})."""
     keys = [
         ("loss", [k for k in history[0] if k.endswith("_loss")] if history else []),
@@ -64,7 +59,7 @@ def curve_panels(history: List[Dict[str, float]], desiderata: Sequence[str]) -> 
     ]
 
 
-def training_curves(history: List[Dict[str, float]], desiderata: Sequence[str], path: Path) -> None:
+def training_curves(history: List[Dict[str, float]], desiderata: Titles, path: Path) -> None:
     """Losses, sparsity, components patched and held-out accuracy against step."""
     if not history:  # a baseline method ranks components without training steps
         fig, ax = plt.subplots(figsize=(5, 1.5))
@@ -90,7 +85,7 @@ def training_curves(history: List[Dict[str, float]], desiderata: Sequence[str], 
 MARKERS, STYLES = "osD^v<>", ("-", "--", ":", "-.")
 
 
-def sweep_axes(rows: List[Dict[str, float]], desiderata: Sequence[str]):
+def sweep_axes(rows: List[Dict[str, float]], desiderata: Titles):
     """The paper's figure: each desideratum's held-out accuracy against the number of components patched.
 
     Integer ticks; each series its own marker and line style, nudged sideways by a little so
@@ -132,7 +127,7 @@ def sweep_axes(rows: List[Dict[str, float]], desiderata: Sequence[str]):
     return fig
 
 
-def sweep_figure(rows: List[Dict[str, float]], desiderata: Sequence[str], path: Path) -> None:
+def sweep_figure(rows: List[Dict[str, float]], desiderata: Titles, path: Path) -> None:
     """sweep_axes, written to `path`."""
     fig = sweep_axes(rows, desiderata)
     save_figure(path, fig)
@@ -152,12 +147,11 @@ def attention_figure(weights: np.ndarray, labels: List[str], heads: List[str], p
     plt.close(fig)
 
 
-def faithfulness_figure(curves: Dict[str, dict], desiderata: Sequence[str], path: Path) -> None:
+def faithfulness_figure(curves: Dict[str, dict], desiderata: Titles, path: Path) -> None:
     """Held-out accuracy of each desideratum against components patched, one line per ranking method."""
-    panels = [(metric_key(d, "test", "acc"), f"{title_of(d)} accuracy") for d in desiderata]
-    panels.append(
-        (metric_key(desiderata[0], "test", "logit_diff_norm"), f"{desiderata[0].upper()} normalised logit difference")
-    )
+    panels = [(metric_key(d, "test", "acc"), f"{title} accuracy") for d, title in desiderata.items()]
+    first = next(iter(desiderata))
+    panels.append((metric_key(first, "test", "logit_diff_norm"), f"{first.upper()} normalised logit difference"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.3))
     for ax, (key, title) in zip(axes, panels):
         for method, c in curves.items():

@@ -14,7 +14,7 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import yaml
 
@@ -118,7 +118,7 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
         if metric_key(d, "transfer", metric) in result.metrics
     ]
     if transfer:
-        page.text("Transfer to operations never used in training (rounded mask):")
+        page.text("Transfer split (slot values never used in training; rounded mask):")
         page.table(["split", "metric", "value"], transfer)
     page.text(
         "Unpatched model on the same splits (task_acc: its first token is the answer's on the split's base "
@@ -127,7 +127,7 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
     page.table(["metric", "value"], [[k, v] for k, v in result.baseline.items()])
 
 
-def add_evidence(page: Page, evidence: Dict[Path, Dict[str, Any]], desiderata: Sequence[str]) -> None:
+def add_evidence(page: Page, evidence: Dict[Path, Dict[str, Any]], desiderata: Mapping[str, str]) -> None:
     page.section("baselines", "Baselines at equal circuit size")
     if not evidence:
         page.text(
@@ -135,7 +135,7 @@ def add_evidence(page: Page, evidence: Dict[Path, Dict[str, Any]], desiderata: S
             "attribution and random circuits."
         )
     for run, ev in evidence.items():
-        keys = ["method", "k", *headline_metrics(desiderata, model_acc=False)]
+        keys = ["method", "k", *headline_metrics(list(desiderata), model_acc=False)]
         page.text(
             f"{run.name}: DBM circuit size {ev['dbm_size']}; components ranked by {ev['ranked_by']}; "
             "random rows are means over draws (std in evidence.json)."
@@ -225,7 +225,7 @@ def add_group(page: Page, root: Path, suffix: str, results: Dict[Path, CircuitRe
     if len(results) > 1:  # one run is one point: no figure over lambda
         page.section(f"sweep{suffix}", "Accuracy against components patched (over lambda)")
         figure = root / f"report_accuracy_vs_size{suffix}.png"
-        plots.sweep_figure([r.headline() for r in results.values()], first.evaluated, figure)
+        plots.sweep_figure([r.headline() for r in results.values()], first.titles, figure)
         page.image(figure, "held-out accuracy against the number of components patched, one point per run")
     page.section(f"runs{suffix}", "Circuits")
     for run, result in results.items():
@@ -256,7 +256,7 @@ def build_report(path: Path) -> tuple[Path, Path]:
     evidence = {
         run: json.loads((run / "evidence.json").read_text()) for run in runs if (run / "evidence.json").is_file()
     }
-    add_evidence(page, evidence, next(iter(results.values())).evaluated)
+    add_evidence(page, evidence, next(iter(results.values())).titles)
     add_optimality(page, runs)
     html_path, md_path = path / "report.html", path / "report.md"
     write_text(html_path, page.render())

@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 import torch
 
@@ -58,7 +58,7 @@ class RunSink:
         for mask, out_dir in zip(masks, self.dirs):
             write_tensors(out_dir / "mask_last_good.safetensors", {"continuous": mask}, {"names": json.dumps(names)})
 
-    def write_evidence(self, evidence: Dict[str, Any], desiderata: Sequence[str]) -> None:
+    def write_evidence(self, evidence: Dict[str, Any], desiderata: Mapping[str, str]) -> None:
         write_json(self.run_dir / "evidence.json", evidence)
         if not self.plots:
             return
@@ -93,7 +93,7 @@ class RunSink:
             title = f"{record.n_patched} of {record.n_components} components patched ({record.label})"
             standard: Dict[str, Figure] = {
                 "mask_heatmap": lambda path: plots.mask_heatmap(result.mask.cpu().numpy(), path, title),
-                "curves": lambda path: plots.training_curves(result.history, record.evaluated, path),
+                "curves": lambda path: plots.training_curves(result.history, record.titles, path),
             }
             for name, draw in (standard | figures).items():
                 draw(out_dir / f"{name}.png")

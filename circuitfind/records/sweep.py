@@ -126,6 +126,6 @@ def write_summary(sweep_dir: Path) -> Sweep:
     else:
         (sweep_dir / "sweep_failed.json").unlink(missing_ok=True)  # from an earlier, failed attempt
     if len(sweep.runs) > 1:
-        plots.sweep_figure(rows, sweep.runs[0][1].evaluated, sweep_dir / "sweep_figure.png")
+        plots.sweep_figure(rows, sweep.runs[0][1].titles, sweep_dir / "sweep_figure.png")
     log.info(f"sweep summary of {len(rows)} finished and {len(sweep.failed)} failed jobs written to {sweep_dir}")
     return sweep

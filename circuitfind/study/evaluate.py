@@ -62,7 +62,7 @@ def baseline_metrics(split: EvalSplit) -> Dict[str, float]:
     acc_unpatched: the desideratum's accuracy when nothing is patched (the floor a circuit must beat).
     """
     base_ok = torch.cat([pb == b.pairs.base_answer for pb, b in zip(split.pred_base, split.batches)])
-    unpatched = torch.cat(split.pred_base) == _targets(split, own=False)
+    unpatched = hits(torch.cat(split.pred_base), _targets(split, own=False))
     return {"task_acc": base_ok.float().mean().item(), "acc_unpatched": unpatched.float().mean().item()}
 
 
@@ -93,19 +93,25 @@ def low_baseline_warnings(
 
 
 def _targets(split: EvalSplit, own: bool) -> torch.Tensor:
-    """The answer each pair should give: arithmetic, or the model's own unpatched one."""
-    if split.desideratum.wants_alternate_answer:
-        parts = split.pred_alt if own else [b.pairs.alt_answer for b in split.batches]
-    else:
-        parts = split.pred_base if own else [b.pairs.base_answer for b in split.batches]
-    return torch.cat(parts)
+    """The answer each pair should give: the task's, or the model's own unpatched one. (N, S)
+
+    With a token-set target every token of the set counts, own answer or not."""
+    target = split.desideratum.target
+    if not own or target == "tokens":
+        return torch.cat([b.pairs.target for b in split.batches]).cpu()
+    return torch.cat(split.pred_alt if target == "alternate" else split.pred_base)[:, None]
+
+
+def hits(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Whether each prediction is one of its targets. pred (..., N), targets (N, S) -> (..., N)"""
+    return (pred[..., None] == targets).any(-1)
 
 
 @torch.no_grad()
 def evaluate_masks(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Metrics of each of K masks on a split. mask (K, L, H+1) -> {metric: (K,)}
 
-    acc: first token equals the arithmetic target (the paper's metric); acc_model: equals
+    acc: first token equals the task's target (the paper's metric); acc_model: equals
     the unpatched model's own answer on the target prompt; logit_diff: mean of
     d(patched) - d0; logit_diff_norm: that mean over the mean effect of patching
     everything (the clean alternate's d minus d0): 1 = full effect, 0 = none.
@@ -114,13 +120,13 @@ def evaluate_masks(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> 
     for prep, d0 in zip(split.batches, split.d0):
         hidden = engine.final_hidden(prep, mask)  # (K, B, hidden)
         preds.append(engine.readout.logits(hidden).argmax(-1).cpu())  # (K, B)
-        deltas.append(engine.readout.logit_diff(hidden, prep.pairs.alt_answer, prep.pairs.base_answer) - d0)
+        deltas.append(engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down) - d0)
     pred = torch.cat(preds, dim=1)
     delta = torch.cat(deltas, dim=1).cpu()  # (K, N)
     full_effect = (torch.cat(split.d_alt) - torch.cat(split.d0)).cpu().mean()
     return {
-        "acc": (pred == _targets(split, own=False)).float().mean(dim=1),
-        "acc_model": (pred == _targets(split, own=True)).float().mean(dim=1),
+        "acc": hits(pred, _targets(split, own=False)).float().mean(dim=1),
+        "acc_model": hits(pred, _targets(split, own=True)).float().mean(dim=1),
         "logit_diff": delta.mean(dim=1),
         "logit_diff_norm": delta.mean(dim=1) / full_effect,
     }

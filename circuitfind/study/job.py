@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import List
+from typing import Dict, List, Tuple
 
 import torch
 import transformers
@@ -15,14 +15,18 @@ from circuitfind.model.components import locate_components
 from circuitfind.model.engine import FullEngine, Prepared, make_engine
 from circuitfind.model.loading import LoadedModel, load_model
 from circuitfind.study.evaluate import EvalSplit, prepare_split
-from circuitfind.study.validation import interpret_escapes, validate
-from circuitfind.task.encoding import PairEncoder
-from circuitfind.task.pairs import Pair, build_data
+from circuitfind.study.validation import normalised, validate
+from circuitfind.task.desiderata import desiderata_from, trained
+from circuitfind.task.encoding import EncodedPairs, PairEncoder
+from circuitfind.task.pairs import build_data
+from circuitfind.task.spec import SPLITS, TaskSpec
 
 
-def desiderata_names(desiderata: DictConfig) -> List[str]:
-    """The desiderata trained, then those only evaluated, each once, in config order."""
-    return list(dict.fromkeys([t.name for t in desiderata.terms] + list(desiderata.evaluate)))
+def task_of(cfg: DictConfig) -> TaskSpec:
+    """The run's task, checked and compiled (its default desiderata are not part of it)."""
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    task.pop("desiderata", None)
+    return TaskSpec(task)
 
 
 class Job:
@@ -30,14 +34,20 @@ class Job:
 
     def __init__(self, cfg: DictConfig, loaded: LoadedModel | None = None):
         self.started = time.perf_counter()
-        cfg = interpret_escapes(cfg)
+        cfg = normalised(cfg)
         validate(cfg)
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
-        self.data = build_data(cfg.dataset, desiderata_names(cfg.desiderata), cfg.seed)
+        self.task = task_of(cfg)
+        self.desiderata = desiderata_from(OmegaConf.to_container(cfg.desiderata, resolve=True), self.task)
+        self.data = build_data(self.task, cfg.task, self.desiderata, cfg.seed)
         if not cfg.progress:
             transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
-        self.loaded = loaded or load_model(cfg.model)
+        if loaded is None:
+            self.loaded = load_model(cfg.model, before_weights=self.encode_all)
+        else:
+            self.loaded = loaded
+            self.encode_all(loaded.tokenizer)
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
         self.sites = locate_components(self.model)
         self.space = self.sites.space
@@ -48,31 +58,44 @@ class Job:
                 f"give method.k between 1 and {self.space.n_components}"
             )
         self.engine: FullEngine = make_engine(cfg.engine, self.model, self.sites, cfg.cache)
-        self.encoder = PairEncoder(self.tokenizer, cfg.dataset.template)
+
+    def encode_all(self, tokenizer) -> None:
+        """Tokenise every pair of every split, so that values and answers the tokenizer cannot
+        take stop the run before the model's weights are read."""
+        self.encoder = PairEncoder(tokenizer, self.task.answer_prefix)
+        for slot in self.task.one_token:
+            for split in SPLITS:
+                for value in self.task.domains[split].get(slot, []):
+                    self.encoder.single_token(f" {value}", f"task.slots.{slot} (one_token: true)")
+        self.encoded: Dict[Tuple[str, str], EncodedPairs] = {
+            (name, split): self.encoder.encode(pairs, dd.desideratum)
+            for name, dd in self.data.items()
+            for split, pairs in (("train", dd.train), ("test", dd.test), ("transfer", dd.transfer))
+            if pairs
+        }
 
     def with_seed(self, seed: int) -> "Job":
         """The same job with another seed (fresh data), on the model already loaded."""
         return Job(OmegaConf.merge(self.cfg, {"seed": seed}), loaded=self.loaded)
 
-    def prepared(self, pairs: List[Pair]) -> List[Prepared]:
-        enc = self.encoder.encode(pairs)
+    def prepared(self, name: str, split: str) -> List[Prepared]:
+        enc = self.encoded[(name, split)]
         return [self.engine.prepare(chunk) for chunk in enc.chunks(self.cfg.optimizer.batch_size)]
 
     def objectives(self, split: str = "train") -> List[Objective]:
         """The training objective's terms on the `split` ("train" or held-out "test") pairs."""
         objs = []
-        for term in self.cfg.desiderata.terms:
-            dd = self.data[term.name]
-            batches = self.prepared(getattr(dd, split))
+        for des in trained(self.desiderata):
+            batches = self.prepared(des.name, split)
             d0 = [unpatched_logit_diff(self.engine, b) for b in batches]
-            objs.append(Objective(dd.desideratum, batches, d0, term.weight, term.with_sparsity))
+            objs.append(Objective(des, batches, d0, des.weight, des.with_sparsity))
         return objs
 
     def eval_splits(self) -> List[EvalSplit]:
         """The held-out and transfer splits of every desideratum, with their unpatched references."""
         splits = []
-        for dd in self.data.values():
-            for kind, pairs in (("test", dd.test), ("transfer", dd.transfer)):
-                if pairs:
-                    splits.append(prepare_split(dd.desideratum, kind, self.prepared(pairs), self.engine))
+        for name, dd in self.data.items():
+            for kind in ("test", "transfer"):
+                if (name, kind) in self.encoded:
+                    splits.append(prepare_split(dd.desideratum, kind, self.prepared(name, kind), self.engine))
         return splits

@@ -126,10 +126,9 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
             **{key: cfg.model.get(key) for key in ("device_map", "quantization", "gguf_file")},
         },
         data={
-            "fingerprint": data_fingerprint(job.data, cfg.dataset.template),
-            "template": cfg.dataset.template,
-            "train_ops": list(cfg.dataset.train_ops),
-            "transfer_ops": list(cfg.dataset.transfer_ops),
+            "fingerprint": data_fingerprint(job.data),
+            "task": job.task.name,
+            "template": job.task.template,
             "sizes": {
                 n: {"train": len(v.train), "test": len(v.test), "transfer": len(v.transfer)}
                 for n, v in job.data.items()
@@ -156,8 +155,8 @@ def attention_figure(job: Job, record: CircuitRecord) -> Dict[str, Figure]:
         return {}
 
     def draw(path: Path) -> None:
-        test_pairs = next(iter(job.data.values())).test
-        weights, labels = final_position_attention(job.model, job.tokenizer, job.encoder.encode(test_pairs), heads)
+        first = next(iter(job.data))
+        weights, labels = final_position_attention(job.model, job.tokenizer, job.encoded[(first, "test")], heads)
         plots.attention_figure(weights.numpy(), labels, [f"L{layer}.H{head}" for layer, head in heads], path)
 
     return {"attention": draw}
@@ -225,7 +224,7 @@ class Run:
             }
             if wants_evidence(cfg.evidence):
                 evidence = gather_evidence(job, self.splits, self.objectives, mask[0])
-                sink.write_evidence(evidence, list(job.data))
+                sink.write_evidence(evidence, {d.name: d.title for d in job.desiderata})
             facts = RunFacts(self.baseline, self.warnings, timing)
             records = []
             for k, result in enumerate(results):

@@ -13,7 +13,6 @@ from circuitfind.methods.baselines import BASELINES, METHODS
 from circuitfind.model.engine import CACHE_POLICIES, ENGINES
 from circuitfind.records.tracking import BACKENDS, WANDB_MODES
 from circuitfind.study.evidence import wants_evidence
-from circuitfind.task.prompts import check_template
 
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -26,17 +25,24 @@ def available_desiderata() -> List[str]:
 ESCAPES = {"\\n": "\n", "\\t": "\t"}  # as typed on a command line -> the characters meant
 
 
+def normalised(cfg: DictConfig) -> DictConfig:
+    """The config a run uses: the task's own desiderata when none were chosen, and escapes read."""
+    if cfg.desiderata is None and cfg.task.desiderata is not None:
+        cfg = OmegaConf.merge(cfg, {"desiderata": cfg.task.desiderata})
+    return interpret_escapes(cfg)
+
+
 def interpret_escapes(cfg: DictConfig) -> DictConfig:
-    """The config with a backslash-n or backslash-t typed into dataset.template (a shell passes them
+    """The config with a backslash-n or backslash-t typed into task.template (a shell passes them
     literally) read as the newline or tab it stands for; the same config when there is none."""
-    template = cfg.dataset.template
+    template = cfg.task.template
     fixed = template
     for typed, meant in ESCAPES.items():
         fixed = fixed.replace(typed, meant)
     if fixed == template:
         return cfg
-    log.info(f"dataset.template: read the escapes in {template!r} as {fixed!r}")
-    out = OmegaConf.merge(cfg, {"dataset": {"template": fixed}})
+    log.info(f"task.template: read the escapes in {template!r} as {fixed!r}")
+    out = OmegaConf.merge(cfg, {"task": {"template": fixed}})
     OmegaConf.set_struct(out, OmegaConf.is_struct(cfg))
     return out
 
@@ -45,9 +51,10 @@ def validate(cfg: DictConfig) -> None:
     """Reject impossible settings with one line naming the key and the fix."""
     if cfg.desiderata is None:
         raise CircuitfindError(
-            f"no desiderata chosen; add +desiderata=<name>, one of: {', '.join(available_desiderata())}"
+            f"task {cfg.task.name} names no desiderata and none were chosen; add +desiderata=<name>, "
+            f"one of: {', '.join(available_desiderata())}"
         )
-    o, d, m, e, lg = cfg.optimizer, cfg.dataset, cfg.method, cfg.evidence, cfg.logger
+    o, d, m, e, lg = cfg.optimizer, cfg.task, cfg.method, cfg.evidence, cfg.logger
     lams = list(o.lams or [])
     checks = [
         (lg.backend in BACKENDS, f"logger.backend={lg.backend!r} is unknown; use logger=wandb or logger=none"),
@@ -62,10 +69,12 @@ def validate(cfg: DictConfig) -> None:
         (o.eps > 0, f"optimizer.eps={o.eps}; must be > 0 (the l0.5 penalty's gradient is infinite at w = 1 otherwise)"),
         (o.batch_size is None or o.batch_size >= 1, f"optimizer.batch_size={o.batch_size}; give >= 1 or null"),
         (o.eval_every >= 1, f"optimizer.eval_every={o.eval_every}; give >= 1"),
-        (d.n_train >= 1 and d.n_test >= 1, "dataset.n_train and dataset.n_test must be >= 1"),
-        (d.n_transfer >= 0, "dataset.n_transfer must be >= 0"),
-        (len(d.train_ops) >= 1, "dataset.train_ops is empty; give at least one operation, e.g. [add, sub]"),
-        (len(cfg.desiderata.terms) >= 1, "desiderata.terms is empty; list at least one desideratum"),
+        (d.n_train >= 1 and d.n_test >= 1, "task.n_train and task.n_test must be >= 1"),
+        (d.n_transfer >= 0, "task.n_transfer must be >= 0"),
+        (
+            any(t.train for t in cfg.desiderata.terms),
+            "desiderata.terms trains no desideratum; list at least one without train: false",
+        ),
         (0 <= cfg.min_baseline_acc <= 1, f"min_baseline_acc={cfg.min_baseline_acc} must lie in [0, 1]"),
         (m.name in METHODS, f"method={m.name!r} is unknown; choose from {METHODS}"),
         (m.name == "dbm" or (m.k or 0) >= 1, f"method={m.name} needs a circuit size: method.k=<n> with n >= 1"),
@@ -86,4 +95,3 @@ def validate(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise CircuitfindError(message)
-    check_template(d.template)

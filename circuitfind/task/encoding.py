@@ -8,19 +8,27 @@ from typing import Dict, Iterator, List, Sequence
 import torch
 
 from circuitfind.errors import CircuitfindError
+from circuitfind.task.desiderata import Desideratum
 from circuitfind.task.pairs import Pair
 
 
 @dataclass
 class EncodedPairs:
-    """A batch of pairs as tensors; prompts are left-padded so the final token is at -1."""
+    """A batch of pairs as tensors; prompts are left-padded so the final token is at -1.
+
+    d = logit[up] - logit[down] (the log-sum-exp over up's S tokens); `target` is what the
+    patched model should say (its first token, or a token set), read by accuracy and cross-entropy.
+    """
 
     base_ids: torch.Tensor  # (B, T_base)
     base_attn: torch.Tensor  # (B, T_base) 1 = real token, 0 = padding
     alt_ids: torch.Tensor  # (B, T_alt)
     alt_attn: torch.Tensor  # (B, T_alt)
-    base_answer: torch.Tensor  # (B,) first token of the base prompt's arithmetic answer
-    alt_answer: torch.Tensor  # (B,) first token of the alternate's arithmetic answer
+    base_answer: torch.Tensor  # (B,) first token of the base prompt's answer
+    alt_answer: torch.Tensor  # (B,) first token of the alternate's answer
+    up: torch.Tensor  # (B, S)
+    down: torch.Tensor  # (B,)
+    target: torch.Tensor  # (B, S')
 
     def __len__(self) -> int:
         return self.base_ids.shape[0]
@@ -36,52 +44,82 @@ class EncodedPairs:
 
 
 class PairEncoder:
-    """Turns pairs into `EncodedPairs` for one tokenizer and template, memoising answers."""
+    """Turns pairs into `EncodedPairs` for one tokenizer, memoising answer tokens."""
 
-    def __init__(self, tokenizer, template: str):
+    def __init__(self, tokenizer, answer_prefix: str = ""):
         self.tokenizer = tokenizer
-        self.template = template
-        self._answer_tokens: Dict[tuple[str, int], int] = {}
+        self.answer_prefix = answer_prefix  # written before an answer (and before a contrast slot's value)
+        self._answer_tokens: Dict[tuple[str, str], int] = {}
         self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
     def ids(self, prompt: str) -> List[int]:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
-    def answer_token(self, prompt: str, answer: int) -> int:
-        """The first token the model must produce after `prompt` to start `answer`.
+    def answer_token(self, prompt: str, text: str) -> int:
+        """The first token the model must produce after `prompt` to start `text`.
 
-        Found by tokenising prompt and prompt+answer, not by a fixed index, so it holds for
-        any tokenizer whose prompt tokens are a prefix of the prompt+answer tokens.
+        Found by tokenising prompt and prompt+text, not by a fixed index, so it holds for
+        any tokenizer whose prompt tokens are a prefix of the prompt+text tokens.
         """
-        key = (prompt, answer)
+        key = (prompt, text)
         if key not in self._answer_tokens:
-            text = str(answer)
             prompt_ids, full_ids = self.ids(prompt), self.ids(prompt + text)
             first = full_ids[len(prompt_ids)] if len(full_ids) > len(prompt_ids) else None
             piece = self.tokenizer.decode([first]) if first is not None else ""
             if full_ids[: len(prompt_ids)] != prompt_ids or not piece or not text.startswith(piece):
                 raise CircuitfindError(
                     f"the tokenizer does not split the answer cleanly after the prompt "
-                    f"({prompt[-12:]!r} + {text!r} -> first answer piece {piece!r}); "
-                    "use a tokenizer that splits digits, or end dataset.template where a token ends"
+                    f"({prompt[-12:]!r} + {text!r} -> first answer piece {piece!r}); use a tokenizer that "
+                    "splits it there, or end task.template where a token ends (set task.answer_prefix)"
                 )
             self._answer_tokens[key] = first
         return self._answer_tokens[key]
 
-    def encode(self, pairs: Sequence[Pair]) -> EncodedPairs:
-        base_prompts = [p.base.render(self.template) for p in pairs]
-        alt_prompts = [p.alt.render(self.template) for p in pairs]
-        base_ids, base_attn = left_pad([self.ids(t) for t in base_prompts], self.pad_id)
-        alt_ids, alt_attn = left_pad([self.ids(t) for t in alt_prompts], self.pad_id)
-        base_answer = [self.answer_token(t, p.base.answer) for t, p in zip(base_prompts, pairs)]
-        alt_answer = [self.answer_token(t, p.alt.answer) for t, p in zip(alt_prompts, pairs)]
+    def single_token(self, text: str, where: str) -> int:
+        """The one token `text` is, or a clear error."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = [self.tokenizer.decode([i]) for i in ids]
+            raise CircuitfindError(
+                f"{where}: {text!r} is {len(ids)} tokens {pieces} for this tokenizer; use one-token values"
+            )
+        return ids[0]
+
+    def encode(self, pairs: Sequence[Pair], des: Desideratum) -> EncodedPairs:
+        base_ids, base_attn = left_pad([self.ids(p.base.text) for p in pairs], self.pad_id)
+        alt_ids, alt_attn = left_pad([self.ids(p.alt.text) for p in pairs], self.pad_id)
+        base_answer = torch.tensor([self.answer_token(p.base.text, p.base.answer_text) for p in pairs])
+        alt_answer = torch.tensor([self.answer_token(p.alt.text, p.alt.answer_text) for p in pairs])
+        own = alt_answer if des.target == "alternate" else base_answer
+        if des.target == "tokens":
+            token_set = [self.single_token(t, f"desiderata.terms[{des.name}].tokens") for t in des.tokens]
+            target = torch.tensor(token_set).expand(len(pairs), -1)
+        else:
+            target = own[:, None]
+        if des.contrast is not None:
+            contrast = [self.answer_prefix + str(p.base[des.contrast]) for p in pairs]
+            down = torch.tensor([self.answer_token(p.base.text, c) for p, c in zip(pairs, contrast)])
+            up = target
+        else:
+            up, down = (target if des.target == "tokens" else alt_answer[:, None]), base_answer
+        same = (up == down[:, None]).all(-1)  # d is identically zero for these pairs
+        if bool(same.any()):
+            i = int(same.nonzero()[0])
+            raise CircuitfindError(
+                f"{des.name}: the two tokens of the logit difference are the same token for "
+                f"{int(same.sum())} pairs (e.g. {pairs[i].base.text[-20:]!r} -> {pairs[i].base.answer_text!r} vs "
+                f"{pairs[i].alt.answer_text!r}); balance the task on what the first token shows (task.balance)"
+            )
         return EncodedPairs(
             base_ids=base_ids,
             base_attn=base_attn,
             alt_ids=alt_ids,
             alt_attn=alt_attn,
-            base_answer=torch.tensor(base_answer, dtype=torch.long),
-            alt_answer=torch.tensor(alt_answer, dtype=torch.long),
+            base_answer=base_answer,
+            alt_answer=alt_answer,
+            up=up.contiguous(),
+            down=down,
+            target=target.contiguous(),
         )
 
 

@@ -7,108 +7,109 @@ import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 from circuitfind.errors import CircuitfindError
-from circuitfind.task.desiderata import Desideratum, get_desideratum
-from circuitfind.task.prompts import Problem, TaskSpace, first_digit, task_space, variants_from_config
+from circuitfind.task.desiderata import Desideratum
+from circuitfind.task.spec import Problem, Prompt, TaskSpec
 
 
 @dataclass(frozen=True)
 class Pair:
-    """A base prompt and the alternate its components are patched from."""
+    """A base prompt and the alternate its components are patched from (written in the same form)."""
 
-    base: Problem
-    alt: Problem
+    base: Prompt
+    alt: Prompt
 
 
-def balanced_counts(n: int, digits: Sequence[int] = range(1, 10)) -> Dict[int, int]:
-    """n split as evenly as possible over the answer's first digit 1..9."""
-    digits = list(digits)
-    return {d: n // len(digits) + (1 if i < n % len(digits) else 0) for i, d in enumerate(digits)}
+def balanced_counts(n: int, keys: Sequence[str]) -> Dict[str, int]:
+    """n split as evenly as possible over the balance keys, the first keys taking the remainder."""
+    keys = list(keys)
+    return {k: n // len(keys) + (1 if i < n % len(keys) else 0) for i, k in enumerate(keys)}
+
+
+def usable(des: Desideratum, base: Problem, alt: Problem) -> bool:
+    """An alternate carries signal: its answer starts otherwise, unless d does not compare the answers."""
+    return not des.needs_new_answer or alt.key != base.key
 
 
 def make_pairs(
-    alternates: Callable[[Problem, TaskSpace], List[Problem]],
-    space: TaskSpace,
-    ops: Sequence[str],
+    task: TaskSpec,
+    des: Desideratum,
+    split: str,
     sizes: Sequence[int],
     rng: random.Random,
-    label: str,
     names: Sequence[str] = (),
 ) -> List[List[Pair]]:
-    """Draw disjoint splits of pairs, each balanced over the base answer's first digit.
+    """Draw disjoint lists of pairs from `split`'s problems, each balanced over the answer's key.
 
-    `alternates(base, space)` lists the candidate alternates of a base; a pair is kept only
-    when the alternate's answer is non-negative and starts with another digit (otherwise the
-    logit difference of the pair is identically zero and it carries no signal). `names` are the
-    config keys of the sizes, for the error that says how large the first one can be.
+    Bases are shuffled per key; each gets a form, then an alternate drawn among its usable
+    ones (a base with none is skipped). `names` are the config keys of the sizes, for the
+    error that says how large the first one can be.
     """
-    by_digit: Dict[int, List[Problem]] = defaultdict(list)
-    for base in space.bases(ops):
-        if base.answer > 0:
-            by_digit[first_digit(base.answer)].append(base)
-    needed = defaultdict(int)
+    problems = task.problems(split)
+    keys = task.keys(problems)
+    by_key: Dict[str, List[Problem]] = defaultdict(list)
+    for p in problems:
+        by_key[p.key].append(p)
+    needed: Dict[str, int] = defaultdict(int)
     for n in sizes:
-        for d, c in balanced_counts(n).items():
-            needed[d] += c
-    drawn: Dict[int, List[Pair]] = {}
-    for d in range(1, 10):
-        bases = by_digit[d][:]
+        for k, c in balanced_counts(n, keys).items():
+            needed[k] += c
+    drawn: Dict[str, List[Pair]] = {}
+    for key in keys:
+        bases = by_key[key][:]
         rng.shuffle(bases)
-        pairs = []
+        pairs: List[Pair] = []
         for base in bases:
-            if len(pairs) == needed[d]:
+            if len(pairs) == needed[key]:
                 break
-            base = space.variants.apply(base, rng)
-            valid = [a for a in alternates(base, space) if a.answer >= 0 and first_digit(a.answer) != d]
+            form = task.draw_form(rng)
+            valid = [a for a in des.alternates(task, base, split) if usable(des, base, a)]
             if valid:
-                pairs.append(Pair(base, rng.choice(valid)))
-        if len(pairs) < needed[d]:
-            largest = ""
-            if names:
-                most = largest_first_size(available_by_digit(alternates, space, by_digit), sizes[1:])
-                others = ", ".join(f"{k}={n}" for k, n in zip(names[1:], sizes[1:]))
-                largest = f"; {names[0]} can be at most {most}" + (f" with {others}" if others else "")
-            raise CircuitfindError(
-                f"{label}: only {len(pairs)} pairs whose answer starts with {d} can be made from "
-                f"operations {list(ops)} in their dataset.ranges, but {needed[d]} are needed{largest}; "
-                "widen dataset.ranges or lower dataset.n_train / n_test / n_transfer"
-            )
-        drawn[d] = pairs
-    splits = []
-    offset = defaultdict(int)
+                pairs.append(Pair(task.render(base, form), task.render(rng.choice(valid), form)))
+        if len(pairs) < needed[key]:
+            raise CircuitfindError(too_few(task, des, split, key, len(pairs), needed[key], sizes, names, by_key, keys))
+        drawn[key] = pairs
+    splits, offset = [], defaultdict(int)
     for n in sizes:
-        split = []
-        for d, c in balanced_counts(n).items():
-            split += drawn[d][offset[d] : offset[d] + c]
-            offset[d] += c
-        rng.shuffle(split)
-        splits.append(split)
+        split_pairs = []
+        for k, c in balanced_counts(n, keys).items():
+            split_pairs += drawn[k][offset[k] : offset[k] + c]
+            offset[k] += c
+        rng.shuffle(split_pairs)
+        splits.append(split_pairs)
     return splits
 
 
-def available_by_digit(alternates, space: TaskSpace, by_digit: Dict[int, List[Problem]]) -> Dict[int, int]:
-    """How many bases of each answer digit have at least one usable alternate (prompt forms aside)."""
-    return {
-        d: sum(
-            any(a.answer >= 0 and first_digit(a.answer) != d for a in alternates(base, space)) for base in by_digit[d]
-        )
-        for d in range(1, 10)
+def too_few(task, des, split, key, found, needed, sizes, names, by_key, keys) -> str:
+    """The error for a split that cannot be filled: how many pairs exist, and the largest size that fits."""
+    available = {
+        k: sum(any(usable(des, b, a) for a in des.alternates(task, b, split)) for b in by_key[k]) for k in keys
     }
+    largest = ""
+    if names:
+        most = largest_first_size(available, keys, sizes[1:])
+        others = ", ".join(f"{k}={n}" for k, n in zip(names[1:], sizes[1:]))
+        largest = f"; {names[0]} can be at most {most}" + (f" with {others}" if others else "")
+    return (
+        f"{des.name} {split} pairs: only {found} pairs whose answer has key {key!r} can be made from the "
+        f"{split} slot domains and constraints of task {task.name} ({sum(available.values())} usable bases in all), "
+        f"but {needed} are needed{largest}; widen the task's slot domains or lower task.n_train / n_test / n_transfer"
+    )
 
 
-def largest_first_size(available: Dict[int, int], other_sizes: Sequence[int]) -> int:
+def largest_first_size(available: Dict[str, int], keys: Sequence[str], other_sizes: Sequence[int]) -> int:
     """The largest first split that still fits, balanced, beside the other splits."""
 
     def fits(n: int) -> bool:
-        needed = defaultdict(int)
+        needed: Dict[str, int] = defaultdict(int)
         for size in (n, *other_sizes):
-            for d, c in balanced_counts(size).items():
-                needed[d] += c
-        return all(needed[d] <= available[d] for d in range(1, 10))
+            for k, c in balanced_counts(size, keys).items():
+                needed[k] += c
+        return all(needed[k] <= available[k] for k in keys)
 
-    low, high = 0, 9 * max(available.values(), default=0) + 9
+    low, high = 0, len(keys) * max(available.values(), default=0) + len(keys)
     while low < high:  # the largest n with fits(n); fits is monotone in n
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
@@ -125,40 +126,30 @@ class DesideratumData:
     transfer: List[Pair]
 
 
-def build_data(dataset, desiderata: Sequence[str], seed: int) -> Dict[str, DesideratumData]:
-    """Train, held-out and transfer pairs of each named desideratum, from the `dataset` config."""
-    d = dataset
-    space = task_space(
-        d.ranges,
-        list(d.train_ops) + list(d.transfer_ops),
-        alt_ops=list(d.train_ops),
-        variants=variants_from_config(d.variants),
-    )
+def build_data(task: TaskSpec, sizes, desiderata: Sequence[Desideratum], seed: int) -> Dict[str, DesideratumData]:
+    """Train, held-out and transfer pairs of each desideratum; `sizes` has n_train, n_test, n_transfer."""
     data = {}
-    for name in desiderata:
-        des = get_desideratum(name)
-        rng = random.Random(f"{seed}/{name}")  # independent of which other desiderata run
-        names = ("dataset.n_train", "dataset.n_test")
-        train, test = make_pairs(des.alternates, space, d.train_ops, [d.n_train, d.n_test], rng, f"{name} pairs", names)
+    for des in desiderata:
+        rng = random.Random(f"{seed}/{des.name}")  # independent of which other desiderata run
+        train, test = make_pairs(
+            task, des, "train", [sizes.n_train, sizes.n_test], rng, ("task.n_train", "task.n_test")
+        )
         transfer: List[Pair] = []
-        if d.transfer_ops and d.n_transfer:
-            (transfer,) = make_pairs(
-                des.alternates,
-                space,
-                d.transfer_ops,
-                [d.n_transfer],
-                rng,
-                f"{name} transfer pairs",
-                ["dataset.n_transfer"],
-            )
-        data[name] = DesideratumData(des, train, test, transfer)
+        if task.has_transfer and sizes.n_transfer:
+            (transfer,) = make_pairs(task, des, "transfer", [sizes.n_transfer], rng, ["task.n_transfer"])
+        data[des.name] = DesideratumData(des, train, test, transfer)
     return data
 
 
-def data_fingerprint(data: Dict[str, DesideratumData], template: str) -> str:
-    """A short hash of every prompt pair, so two runs can be checked to share data."""
+def data_fingerprint(data: Dict[str, DesideratumData]) -> str:
+    """A short hash of every prompt pair's texts and answers, so two runs can be checked to share data."""
     blob = json.dumps(
-        {n: [[repr(p) for p in split] for split in (v.train, v.test, v.transfer)] for n, v in data.items()}
-        | {"template": template}
+        {
+            name: [
+                [[p.base.text, p.base.answer_text, p.alt.text, p.alt.answer_text] for p in split]
+                for split in (v.train, v.test, v.transfer)
+            ]
+            for name, v in data.items()
+        }
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

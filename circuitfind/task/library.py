@@ -1,0 +1,57 @@
+"""The shipped tasks and desiderata (configs/task/, configs/desiderata/), loaded outside a Hydra run.
+
+For scripts, benchmarks and tests: `load_task("ioi")`, `load_desiderata("ioi", task)` and
+`sample_pairs(...)` give what `circuitfind train task=ioi` would use, without composing a run.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, List, Mapping
+
+from omegaconf import OmegaConf
+
+from circuitfind.config import DesiderataConfig, TaskConfig
+from circuitfind.errors import CircuitfindError
+from circuitfind.task.desiderata import Desideratum, desiderata_from
+from circuitfind.task.pairs import Pair, make_pairs
+from circuitfind.task.spec import TaskSpec
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped(group: str) -> List[str]:
+    """The names of a config group's shipped options."""
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def _load(group: str, name: str, schema: type, overrides: Mapping[str, Any]) -> Any:
+    path = CONFIGS / group / f"{name}.yaml"
+    if not path.is_file():
+        raise CircuitfindError(f"no {group} named {name!r}; choose from {shipped(group)}")
+    cfg = OmegaConf.load(path)
+    cfg.pop("defaults", None)
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(schema), cfg, overrides), resolve=True)
+
+
+def task_config(name: str, overrides: Mapping[str, Any] = {}) -> dict:
+    """A shipped task's config as a dict, checked against the schema, with overrides merged in."""
+    return _load("task", name, TaskConfig, overrides)
+
+
+def load_task(name: str, overrides: Mapping[str, Any] = {}) -> TaskSpec:
+    cfg = task_config(name, overrides)
+    cfg.pop("desiderata", None)
+    return TaskSpec(cfg)
+
+
+def load_desiderata(name: str, task: TaskSpec) -> List[Desideratum]:
+    """A shipped desiderata config's desiderata, checked against the task."""
+    return desiderata_from(_load("desiderata", name, DesiderataConfig, {}), task)
+
+
+def sample_pairs(task: TaskSpec, des: Desideratum, n: int, seed: int = 0, split: str = "train") -> List[Pair]:
+    """n pairs of one desideratum, balanced, drawn from one split with a seeded generator."""
+    (pairs,) = make_pairs(task, des, split, [n], random.Random(seed))
+    return pairs
