@@ -18,6 +18,11 @@ COMMANDS: Dict[str, str] = {
     "report": "an HTML and Markdown report of a run or sweep directory, with every plot embedded",
 }
 HYDRA_APPS = ("train", "organism")
+DATASET_RENAMED = (
+    "dataset= is now task= (dataset=paper -> task=arithmetic, dataset=retrieval -> task=retrieval); "
+    "dataset.n_train -> task.n_train, dataset.template -> task.template, "
+    "dataset.ranges.<op>.x -> task.slots.x.range (README, Tasks)"
+)
 
 USAGE = (
     "usage: circuitfind <command> [hydra overrides | arguments]\n\n"
@@ -76,6 +81,32 @@ def nearest_key(error: BaseException) -> str | None:
     return f"{parent + '.' if parent else ''}{match[0]}" if match else None
 
 
+def yaml_location(error: BaseException, args: list[str]) -> str:
+    """` (file, line N: key)` for a bad value composed from a config file (`In 'task/bad': ...`).
+
+    The file is looked up in the package's configs and in the `hydra.searchpath` folders given."""
+    import re
+    from pathlib import Path
+
+    cause = error.__cause__ or error.__context__ or error
+    config = re.match(r"In '([\w/]+)'", str(error))
+    full_key = getattr(cause, "full_key", None)
+    if not (config and isinstance(full_key, str)):
+        return ""
+    roots = [Path(__file__).parent / "configs"]
+    for arg in args:
+        if arg.startswith("hydra.searchpath="):
+            roots += [Path(p.strip(" '\"")) for p in re.findall(r"file://([^,\]]+)", arg)]
+    key = full_key.split(".")[-1]
+    for root in roots:
+        path = root / f"{config.group(1)}.yaml"
+        if path.is_file():
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if re.match(rf"\s*{re.escape(key)}\s*:", line):
+                    return f" ({path}, line {number}: {full_key})"
+    return f" ({full_key})"
+
+
 def complete(args: list[str]) -> None:
     """Shell completion through Hydra's: `eval "$(circuitfind -sc install=bash)"`.
 
@@ -115,6 +146,11 @@ def main() -> None:
     if command not in COMMANDS:
         print(f"circuitfind: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    renamed = [a for a in args[1:] if a.lstrip("+~").startswith("dataset")] if command == "train" else []
+    if renamed:
+        print(f"circuitfind: error: {renamed[0]!r}: {DATASET_RENAMED}", file=sys.stderr)
+        sys.exit(2)
+    import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -132,7 +168,12 @@ def main() -> None:
         print(f"circuitfind: error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 1))
     except (HydraException, OmegaConfBaseException) as e:
-        print(f"circuitfind: config error: {one_line(e)}", file=sys.stderr)
+        print(f"circuitfind: config error: {one_line(e)}{yaml_location(e, rest)}", file=sys.stderr)
+        sys.exit(1)
+    except yaml.YAMLError as e:  # a config file that is not YAML: its line and column
+        mark = getattr(e, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        print(f"circuitfind: config error: {where}{getattr(e, 'problem', None) or e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("circuitfind: interrupted", file=sys.stderr)

@@ -39,10 +39,9 @@ from circuitfind.model.engine import final_slot_cache, make_engine, prefix_buffe
 from circuitfind.model.hooks import FinalValues, record_final_values
 from circuitfind.model.loading import DTYPES
 from circuitfind.model.readout import Readout
-from circuitfind.task.desiderata import get_desideratum
 from circuitfind.task.encoding import PairEncoder, position_ids
+from circuitfind.task.library import load_desiderata, load_task, sample_pairs
 from circuitfind.task.pairs import make_pairs
-from circuitfind.organism.problems import task_space
 
 SHAPES = {
     # name: (layers, heads, kv heads, hidden, intermediate, vocab)
@@ -50,8 +49,6 @@ SHAPES = {
     "smollm2": (30, 9, 3, 576, 1536, 49152),
     "llama13b": (40, 40, 40, 5120, 13824, 32000),
 }
-TEMPLATE = "x = {x}\ny = {y}\nx {op} y = "
-RANGES = {"add": {"x": [10, 99], "y": [10, 99]}, "sub": {"x": [10, 99], "y": [10, 99]}}
 
 
 def random_llama(shape: str, dtype: torch.dtype, device: str):
@@ -205,11 +202,11 @@ def timed_round_robin(fns: Dict[str, Callable[[], None]], repeats: int, device: 
 def bench_shape(shape: str, batch: int, repeats: int, device: str, dtype: torch.dtype) -> Dict[str, Dict[str, float]]:
     model, tok = random_llama(shape, dtype, device)
     sites = locate_components(model)
-    space = task_space(RANGES, ["add", "sub"], ["add", "sub"])
-    (pairs,) = make_pairs(get_desideratum("vd").alternates, space, ["add", "sub"], [batch], random.Random(0), "vd")
-    enc = PairEncoder(tok, TEMPLATE).encode(pairs).to(device)
+    task = load_task("arithmetic")
+    vd = load_desiderata("vd_oi", task)[0]
+    pairs = sample_pairs(task, vd, batch, seed=0)
+    enc = PairEncoder(tok).encode(pairs, vd).to(device)
     readout = Readout(model)
-    vd = get_desideratum("vd")
     memory = PeakMemory(device)
     results: Dict[str, Dict[str, float]] = {}
 
@@ -218,7 +215,7 @@ def bench_shape(shape: str, batch: int, repeats: int, device: str, dtype: torch.
         prep = eng.prepare(enc)
         d0 = unpatched_logit_diff(eng, prep)
         mask = torch.full((k, *sites.space.shape), 0.7, device=device, requires_grad=True)
-        return lambda: vd.loss(patched_delta(eng, prep, d0, mask)).sum().backward()
+        return lambda: vd.loss_of(patched_delta(eng, prep, d0, mask), None).sum().backward()
 
     with torch.no_grad(), record_final_values(sites) as alt_values:
         model.base_model(input_ids=enc.alt_ids, attention_mask=enc.alt_attn, position_ids=position_ids(enc.alt_attn))
@@ -234,7 +231,7 @@ def bench_shape(shape: str, batch: int, repeats: int, device: str, dtype: torch.
         prefix_kv = [(layer[0], layer[1]) for layer in returned_cache(out)]
 
     k = 8
-    big = PairEncoder(tok, TEMPLATE).encode(pairs * k).to(device)  # the batch (d) runs through the model
+    big = PairEncoder(tok).encode(pairs * k, vd).to(device)  # the batch (d) runs through the model
     with torch.no_grad():
         out = model.base_model(
             input_ids=big.base_ids[:, :-1],
@@ -264,6 +261,28 @@ def bench_shape(shape: str, batch: int, repeats: int, device: str, dtype: torch.
     return results
 
 
+PAIR_CASES = {
+    # name: (task, overrides, desiderata): 10,000 pairs of the first desideratum, from a fresh task
+    "ioi": ("ioi", {}, "ioi"),
+    "arithmetic, y in 10..999": ("arithmetic", {"slots": {"y": {"range": [10, 999]}}}, "vd_oi"),
+}
+
+
+def bench_pairs(n: int = 10_000, repeats: int = 3) -> None:
+    """Seconds to draw n balanced pairs, problems enumerated from scratch (median of repeats)."""
+    print(f"\n## pair generation, {n:,} pairs of the first desideratum [target < 2 s]")
+    for name, (task_name, overrides, desiderata) in PAIR_CASES.items():
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            task = load_task(task_name, overrides)
+            (pairs,) = make_pairs(task, load_desiderata(desiderata, task)[0], "train", [n], random.Random(0))
+            times.append(time.perf_counter() - started)
+        print(
+            f"{name}: {statistics.median(times):.2f} s for {len(pairs):,} pairs ({len(task.problems('train')):,} problems)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["organism", "smollm2"], choices=list(SHAPES))
@@ -272,6 +291,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--pairs", action="store_true", help="only the pair-generation benchmark")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -279,6 +299,9 @@ def main() -> None:
         f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, batch {args.batch}, "
         f"median of {args.repeats}, {torch.get_num_threads()} threads"
     )
+    bench_pairs()
+    if args.pairs:
+        return
     for shape in args.shapes:
         res = bench_shape(shape, args.batch, args.repeats, args.device, DTYPES[args.dtype])
         a, c = res["(a) published style"]["ms_per_step"], res["(c) engine=cached"]["ms_per_step"]

@@ -44,3 +44,27 @@ def compose(*overrides: str):
     register_configs()
     with initialize_config_module(config_module="circuitfind.configs", version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def arithmetic_desideratum(name: str):
+    """The paper's `vd` or `oi` on the arithmetic task."""
+    from circuitfind.task.library import load_desiderata, load_task
+
+    return {d.name: d for d in load_desiderata("vd_oi", load_task("arithmetic"))}[name]
+
+
+def arithmetic_pairs(tok, name: str = "vd", n: int = 12, padded: bool = False, seed: int = 1):
+    """n encoded pairs of the paper's task; padded: prompts of several lengths (one- and two-digit y,
+    names of one or two letters, distractor lines), so the batch is left-padded."""
+    from circuitfind.task.encoding import PairEncoder
+    from circuitfind.task.library import load_desiderata, load_task, sample_pairs
+
+    overrides = {"slots": {"op": {"values": ["+"]}}}  # one operation: prompts of one length
+    if padded:
+        overrides = {
+            "slots": {"op": {"values": ["+", "*"]}, "y": {"range": [2, 99]}},
+            "variants": {"names": {"values": [["x", "y"], ["ab", "c"]]}, "distractor": {"p": 0.5}},
+        }
+    task = load_task("arithmetic", overrides)
+    des = {d.name: d for d in load_desiderata("vd_oi", task)}[name]
+    return PairEncoder(tok).encode(sample_pairs(task, des, n, seed), des)

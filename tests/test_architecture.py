@@ -13,8 +13,6 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.model.space import ComponentSpace
 from circuitfind.records.circuit import CircuitRecord, headline_metrics, read_record, write_record
 from circuitfind.study.run import run_search
-from circuitfind.task.desiderata import DESIDERATA
-from circuitfind.task.desiderata.vd import ValueDependence
 
 from conftest import compose
 
@@ -57,21 +55,14 @@ def test_loading_a_model_does_not_import_the_organism_training_code():
     assert out.strip() == "['circuitfind.organism', 'circuitfind.organism.checkpoint']"
 
 
-class ExtraValueDependence(ValueDependence):
-    """A user's own desideratum: Value Dependence under another name."""
-
-    name = "xv"
-    title = "Extra Value Dependence"
-
-
-def test_a_new_desideratum_names_every_metric_summary_and_log_line(tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(DESIDERATA, "xv", ExtraValueDependence)
-    terms = "desiderata.terms=[{name: xv, weight: 5.0, with_sparsity: true}]"
-    common = ("+desiderata=vd", "experiment=smoke", "progress=false", terms, "desiderata.evaluate=[]")
+def test_a_new_desideratum_names_every_metric_summary_and_log_line(tmp_path, caplog):
+    # A user's own desideratum, written as data only: Value Dependence under another name.
+    terms = "desiderata.terms=[{name: xv, title: Extra VD, vary: [x], weight: 5.0, with_sparsity: true}]"
+    common = ("+desiderata=vd", "experiment=smoke", "progress=false", terms)
     with caplog.at_level(logging.INFO):
         records = run_search(compose(*common, "optimizer.lams=[0.0,0.1]"), tmp_path / "sweep")
     assert {k.split("/")[0] for k in records[0].metrics} == {"xv_test", "xv_transfer", "continuous"}
-    assert records[0].evaluated == ["xv"]
+    assert records[0].evaluated == ["xv"] and records[0].titles == {"xv": "Extra VD"}
     with open(tmp_path / "sweep" / "sweep_summary.csv") as f:
         header = next(csv.reader(f))
     assert header == ["lam", "n_patched", *headline_metrics(["xv"]), "run_dir"]

@@ -33,7 +33,12 @@ def test_help_lists_commands_and_groups(cli):
     assert top.returncode == 0 and "train" in top.stdout
     train_help = cli("train", "--help")
     assert train_help.returncode == 0
-    for group in ("model:", "dataset:", "desiderata: vd, vd_oi", "optimizer:", "logger:", "experiment:"):
+    for group in (
+        "model:",
+        "task: arithmetic, entity_binding, ioi",
+        "desiderata: chain, entity, ioi, vd, vd_oi",
+        "optimizer:",
+    ):
         assert group in train_help.stdout
     cfg = cli("train", "+desiderata=vd_oi", "--cfg", "job")
     assert cfg.returncode == 0 and "lam: 0.05" in cfg.stdout and "name: vd_oi" in cfg.stdout
@@ -137,15 +142,25 @@ def merging_tokenizer() -> PreTrainedTokenizerFast:
 
 
 BAD_INPUTS = {
-    "no desiderata": ((), "add +desiderata=<name>, one of: vd, vd_oi"),
+    "no desiderata": (("task.desiderata=null",), "names no desiderata and none were chosen; add +desiderata=<name>"),
     "unknown key": (("+desiderata=vd_oi", "optimizer.lamm=1"), "Key 'lamm' not in 'OptimizerConfig'"),
     "unknown option": (("+desiderata=vd_oi", "model=tiny_lama"), "available options: hf, "),
     "wrong type": (("+desiderata=vd_oi", "optimizer.steps=ten"), "could not be converted to Integer"),
     "negative lambda": (("+desiderata=vd_oi", "optimizer.lam=-1"), "optimizer.lam=-1.0 is negative"),
     "zero steps": (("+desiderata=vd_oi", "optimizer.steps=0"), "give at least 1 iteration"),
-    "too few prompts": (("+desiderata=vd_oi", "dataset.n_train=5000"), "widen dataset.ranges"),
-    "unknown operation": (("+desiderata=vd_oi", "dataset.train_ops=[pow]"), "unknown operation 'pow'"),
-    "template": (("+desiderata=vd_oi", "dataset.template='x = {x} {op} '"), "has no {y}"),
+    "too few prompts": (
+        ("+desiderata=vd_oi", "task.n_train=5000"),
+        "task.n_train can be at most 2079 with task.n_test=50",
+    ),
+    "slot without a domain": (
+        ("task.template='{xname} = {x}\\n{q} = '",),
+        "uses {q}, which has no domain; add task.slots.q",
+    ),
+    "value of several tokens": (("task=ioi", "model=tiny_llama"), "' Mary' is 5 tokens"),
+    "desideratum varies a missing slot": (("task=ioi", "+desiderata=vd_oi"), "names slot 'x', which task ioi lacks"),
+    "unsafe expression": (("task.answer='x ** y'",), "uses 'x ** y', which task expressions do not allow"),
+    "old dataset group": (("dataset=paper",), "dataset= is now task="),
+    "wrong type in a task": (("task.n_train=ten",), "task.n_train"),
     "missing model": (("+desiderata=vd_oi", "model=hf", "model.name_or_path=/no/such/model"), "does not exist"),
     "engine": (("+desiderata=vd_oi", "engine=fast"), "engine='fast' is unknown; choose from ['cached', 'full']"),
     "cache policy": (
@@ -170,9 +185,9 @@ def test_bad_input_is_one_clear_line_and_keeps_earlier_outputs(cli, tmp_path, ca
         args.remove("experiment=smoke")
         args += [
             "model=tiny_llama",
-            "dataset.n_train=9",
-            "dataset.n_test=9",
-            "dataset.n_transfer=9",
+            "task.n_train=9",
+            "task.n_test=9",
+            "task.n_transfer=9",
             "optimizer.steps=1",
         ]
     res = cli("train", *args, "overwrite=true", f"hydra.run.dir={run_dir}")  # even overwrite keeps them

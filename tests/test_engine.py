@@ -12,8 +12,8 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.methods.dbm import train_mask
 from circuitfind.methods.objective import Objective, patched_delta, unpatched_logit_diff
 from circuitfind.model.engine import make_engine
-from circuitfind.task.desiderata import get_desideratum
 
+from conftest import arithmetic_desideratum
 from test_patching import setup
 
 
@@ -54,7 +54,7 @@ def objectives(model, sites, enc_vd, enc_oi, engine="cached", batch_size=None):
     for name, enc, weight, sparse in (("vd", enc_vd, 5.0, True), ("oi", enc_oi, 1.0, False)):
         batches = [eng.prepare(c) for c in enc.chunks(batch_size)]
         d0 = [unpatched_logit_diff(eng, b) for b in batches]
-        objs.append(Objective(get_desideratum(name), batches, d0, weight, sparse))
+        objs.append(Objective(arithmetic_desideratum(name), batches, d0, weight, sparse))
     return eng, objs
 
 
@@ -81,17 +81,19 @@ def test_sub_batches_and_the_full_engine_give_the_same_masks():
 
 
 def test_nan_loss_stops_with_the_last_good_mask(monkeypatch):
-    from circuitfind.task.desiderata.oi import OperationInvariance
+    from circuitfind.task.desiderata import Desideratum
 
     calls = {"n": 0}
-    original = OperationInvariance.loss
+    original = Desideratum.loss_of
 
-    def flaky(self, delta):
-        calls["n"] += 1
-        loss = original(self, delta)
-        return loss * float("nan") if calls["n"] == 3 else loss
+    def flaky(self, delta, target_logprob):
+        loss = original(self, delta, target_logprob)
+        if self.name == "oi":
+            calls["n"] += 1
+            return loss * float("nan") if calls["n"] == 3 else loss
+        return loss
 
-    monkeypatch.setattr(OperationInvariance, "loss", flaky)
+    monkeypatch.setattr(Desideratum, "loss_of", flaky)
     from circuitfind.methods.dbm import NonFiniteLoss
 
     with pytest.raises(NonFiniteLoss, match="non-finite at step 2") as err:

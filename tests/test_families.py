@@ -8,7 +8,6 @@ short training run works end to end through the CLI on the saved model.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,10 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.model.builtin import build_char_tokenizer
 from circuitfind.model.components import ADAPTERS, locate_components
 from circuitfind.model.engine import make_engine
-from circuitfind.task.desiderata import get_desideratum
-from circuitfind.task.encoding import PairEncoder, position_ids
-from circuitfind.task.pairs import make_pairs
-from circuitfind.organism.problems import Variants, task_space
+from circuitfind.task.encoding import position_ids
 
-TEMPLATE = "x = {x}\ny = {y}\nx {op} y = "
-RANGES = {
-    "add": {"x": [10, 99], "y": [10, 99]},
-    "sub": {"x": [10, 99], "y": [10, 99]},
-    "mul": {"x": [10, 99], "y": [2, 9]},
-}
+from conftest import arithmetic_pairs
+
 SMALL = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
 )
@@ -72,10 +64,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
 
 def encoded_pairs(tok, n: int = 9):
-    """VD pairs of mixed prompt lengths (one-digit y for *), so the batch is left-padded."""
-    space = task_space(RANGES, ["add", "mul"], ["add", "sub"], Variants())
-    (pairs,) = make_pairs(get_desideratum("vd").alternates, space, ["add", "mul"], [n], random.Random(1), "vd")
-    enc = PairEncoder(tok, TEMPLATE).encode(pairs)
+    """VD pairs of mixed prompt lengths, so the batch is left-padded."""
+    enc = arithmetic_pairs(tok, "vd", n, padded=True)
     assert (enc.base_attn == 0).any(), "the batch must contain padding"
     assert (enc.base_ids[:, -1] == enc.alt_ids[:, -1]).all(), "same last token in base and alternate"
     return enc

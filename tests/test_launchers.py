@@ -41,9 +41,9 @@ def test_submitit_local_two_job_lambda_sweep(cli, tmp_path):
     quick = (
         "optimizer.steps=2",
         "optimizer.eval_every=2",
-        "dataset.n_train=9",
-        "dataset.n_test=9",
-        "dataset.n_transfer=0",
+        "task.n_train=9",
+        "task.n_test=9",
+        "task.n_transfer=0",
     )
     args = ("-m", "optimizer.lam=0.02,0.1", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}")
     res = cli("train", *SMOKE, *quick, *args)

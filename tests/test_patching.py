@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -12,28 +10,17 @@ from circuitfind.methods.objective import patched_delta, unpatched_logit_diff
 from circuitfind.model.components import locate_components
 from circuitfind.model.engine import cached_prefix, make_engine
 from circuitfind.model.loading import load_model
-from circuitfind.task.desiderata import get_desideratum
-from circuitfind.task.encoding import PairEncoder, position_ids
-from circuitfind.task.pairs import make_pairs
-from circuitfind.organism.problems import Variants, task_space
+from circuitfind.task.encoding import position_ids
 
-TEMPLATE = "x = {x}\ny = {y}\nx {op} y = "
-RANGES = {
-    "add": {"x": [10, 99], "y": [10, 99]},
-    "sub": {"x": [10, 99], "y": [10, 99]},
-    "mul": {"x": [10, 99], "y": [2, 9]},
-}
+from conftest import arithmetic_desideratum, arithmetic_pairs
+
 SHAPES = {"gqa": TinyLlamaConfig(n_kv_heads=2), "mha": TinyLlamaConfig(n_kv_heads=4, n_layers=3)}
 
 
 def setup(shape: str, padded: bool, n: int = 12, name: str = "vd"):
     loaded = load_model(ModelConfig(kind="tiny_llama", tiny=SHAPES[shape]))
     model, tok = loaded.model, loaded.tokenizer
-    variants = Variants(names=(("x", "y"), ("ab", "c")), distractor=0.5) if padded else Variants()
-    space = task_space(RANGES, ["add", "sub", "mul"], ["add", "sub"], variants)
-    ops = ["add", "mul"] if padded else ["add"]  # mul has one-digit y: prompts of other lengths
-    (pairs,) = make_pairs(get_desideratum(name).alternates, space, ops, [n], random.Random(1), name)
-    enc = PairEncoder(tok, TEMPLATE).encode(pairs)
+    enc = arithmetic_pairs(tok, name, n, padded)
     if padded:
         assert (enc.base_attn == 0).any(), "the padded case must contain padding"
     return model, locate_components(model), enc
@@ -110,7 +97,7 @@ def test_cached_engine_equals_full_engine(shape, padded):
         prep = eng.prepare(enc)
         d0 = unpatched_logit_diff(eng, prep)
         mask = mask_init.clone().requires_grad_(True)
-        loss = get_desideratum("vd").loss(patched_delta(eng, prep, d0, mask)).sum()
+        loss = arithmetic_desideratum("vd").loss_of(patched_delta(eng, prep, d0, mask), None).sum()
         loss.backward()
         results[engine] = (loss.detach(), mask.grad)
     (loss_f, grad_f), (loss_c, grad_c) = results["full"], results["cached"]

@@ -151,7 +151,7 @@ def test_a_baseline_needs_a_size_that_fits_and_logs_no_lambda(cli, tmp_path):
 
 
 def test_a_typed_backslash_n_in_the_template_is_a_newline(cli, tmp_path):
-    res = cli("train", *SMOKE, 'dataset.template="x = {x}\\ny = {y}\\nx {op} y = "', f"hydra.run.dir={tmp_path / 'r'}")
+    res = cli("train", *SMOKE, 'task.template="x = {x}\\ny = {y}\\nx {op} y = "', f"hydra.run.dir={tmp_path / 'r'}")
     assert res.returncode == 0, res.stderr[-2000:]
     record = json.loads((tmp_path / "r" / "circuit.json").read_text())
     assert record["data"]["template"] == "x = {x}\ny = {y}\nx {op} y = "
@@ -163,9 +163,9 @@ def test_a_typed_backslash_n_in_the_template_is_a_newline(cli, tmp_path):
 
 
 def test_too_many_pairs_says_how_many_the_ranges_allow(cli, tmp_path):
-    res = cli("train", *SMOKE, "dataset.n_train=100000", f"hydra.run.dir={tmp_path / 'r'}")
+    res = cli("train", *SMOKE, "task.n_train=100000", f"hydra.run.dir={tmp_path / 'r'}")
     line = one_error_line(res)
-    assert res.returncode == 1 and "dataset.n_train can be at most" in line
+    assert res.returncode == 1 and "task.n_train can be at most" in line
 
 
 def test_a_typo_gets_the_nearest_key(cli, tmp_path):
@@ -184,7 +184,7 @@ def test_organism_names_the_wrong_key(tmp_path):
 def test_version_and_quiet_loading(cli, tmp_path):
     version = cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("circuitfind ")
-    organism = ("+desiderata=vd_oi", "plots=false", "optimizer.steps=2", "dataset.n_transfer=0")
+    organism = ("+desiderata=vd_oi", "plots=false", "optimizer.steps=2", "task.n_transfer=0")
     loud = cli("train", *organism, f"hydra.run.dir={tmp_path / 'loud'}")
     assert loud.returncode == 0 and "Loading weights" in loud.stderr, "the organism is loaded by transformers"
     quiet = cli("train", *organism, "progress=false", f"hydra.run.dir={tmp_path / 'quiet'}")

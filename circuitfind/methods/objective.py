@@ -45,13 +45,19 @@ def unpatched_logit_diff(engine: FullEngine, prep: Prepared) -> torch.Tensor:
         return clean_logit_diff(engine, engine.clean_hidden(prep.pairs.base_ids, prep.pairs.base_attn), prep.pairs)
 
 
+def patched_delta(engine: FullEngine, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """d(patched) - d0 for each mask. mask (K, L, H+1) -> (K, B)"""
+    hidden = engine.final_hidden(prep, mask)  # (K, B, hidden)
+    d = engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down)
+    return d - d0.to(d.device)
+
+
 def term_loss(engine: FullEngine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
     """A desideratum's loss on one sub-batch for each mask. mask (K, L, H+1) -> (K,)"""
-    hidden = engine.final_hidden(prep, mask)  # (K, B, hidden)
     if des.loss == "cross_entropy":
+        hidden = engine.final_hidden(prep, mask)
         return des.loss_of(None, engine.readout.target_logprob(hidden, prep.pairs.target))
-    d = engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down)
-    return des.loss_of(d - d0.to(d.device), None)
+    return des.loss_of(patched_delta(engine, prep, d0, mask), None)
 
 
 def loss_parts(engine: FullEngine, obj: Objective, mask: torch.Tensor) -> Iterator[torch.Tensor]:

@@ -47,6 +47,7 @@ def task_accuracy(
 ) -> Accuracy:
     """Greedy first-token accuracy of the engine's unpatched model on n prompts of `split`."""
     encoder = PairEncoder(tokenizer, task.answer_prefix)
+    encoder.check_one_token_slots(task)
     prompts = task_prompts(task, split, n, seed)
     correct, examples = 0, []
     for start in range(0, len(prompts), batch):

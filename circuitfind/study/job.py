@@ -19,7 +19,7 @@ from circuitfind.study.validation import normalised, validate
 from circuitfind.task.desiderata import desiderata_from, trained
 from circuitfind.task.encoding import EncodedPairs, PairEncoder
 from circuitfind.task.pairs import build_data
-from circuitfind.task.spec import SPLITS, TaskSpec
+from circuitfind.task.spec import TaskSpec
 
 
 def task_of(cfg: DictConfig) -> TaskSpec:
@@ -63,10 +63,7 @@ class Job:
         """Tokenise every pair of every split, so that values and answers the tokenizer cannot
         take stop the run before the model's weights are read."""
         self.encoder = PairEncoder(tokenizer, self.task.answer_prefix)
-        for slot in self.task.one_token:
-            for split in SPLITS:
-                for value in self.task.domains[split].get(slot, []):
-                    self.encoder.single_token(f" {value}", f"task.slots.{slot} (one_token: true)")
+        self.encoder.check_one_token_slots(self.task)
         self.encoded: Dict[Tuple[str, str], EncodedPairs] = {
             (name, split): self.encoder.encode(pairs, dd.desideratum)
             for name, dd in self.data.items()

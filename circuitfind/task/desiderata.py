@@ -45,8 +45,9 @@ class Desideratum:
         return self.contrast is None and self.target != "tokens"
 
     def alternates(self, task: TaskSpec, base: Problem, split: str) -> List[Problem]:
-        """Candidate alternates of `base`: every change of the varied slots the task allows."""
-        return task.varied(base, self.vary, "train" if self.within == "train" else split)
+        """Candidate alternates of `base`: every change of the varied slots the task allows, whose
+        answer starts otherwise when d compares the two answers (a pair with no signal is never drawn)."""
+        return task.varied(base, self.vary, "train" if self.within == "train" else split, self.needs_new_answer)
 
     def loss_of(self, delta: torch.Tensor, target_logprob: Optional[torch.Tensor]) -> torch.Tensor:
         """Loss per mask from delta = d(patched) - d(unpatched) or log p(target), (K, B) -> (K,)."""

@@ -10,6 +10,7 @@ import torch
 from circuitfind.errors import CircuitfindError
 from circuitfind.task.desiderata import Desideratum
 from circuitfind.task.pairs import Pair
+from circuitfind.task.spec import SPLITS, TaskSpec
 
 
 @dataclass
@@ -84,6 +85,13 @@ class PairEncoder:
                 f"{where}: {text!r} is {len(ids)} tokens {pieces} for this tokenizer; use one-token values"
             )
         return ids[0]
+
+    def check_one_token_slots(self, task: TaskSpec) -> None:
+        """Every value of a `one_token: true` slot is one token after a space, in every split."""
+        for slot in task.one_token:
+            for split in SPLITS:
+                for value in task.domains[split].get(slot, []):
+                    self.single_token(f" {value}", f"task.slots.{slot} (one_token: true)")
 
     def encode(self, pairs: Sequence[Pair], des: Desideratum) -> EncodedPairs:
         base_ids, base_attn = left_pad([self.ids(p.base.text) for p in pairs], self.pad_id)

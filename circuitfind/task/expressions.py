@@ -54,6 +54,7 @@ class Expression:
         if unknown:
             raise CircuitfindError(f"{where}: {self.text!r} pastes {{{unknown[0]}}}, which is not a slot of the task")
         self._compiled: Dict[str, Compiled] = {}
+        self._by_paste: Dict[tuple, Compiled] = {}  # pasted texts -> compiled expression
         if not self.pastes:
             self.compile(self.text)
 
@@ -74,12 +75,20 @@ class Expression:
             self._compiled[text] = self._node(tree.body, text)
         return self._compiled[text]
 
-    def __call__(self, env: Env, texts: Mapping[str, str] | None = None) -> Any:
-        """The value under slot values `env`; `texts` are the slot texts pasted into `{slot}`."""
-        text = self.text.format_map(texts) if self.pastes else self.text
+    def __call__(self, env: Env) -> Any:
+        """The value under slot values `env` (a pasted `{slot}` is the text of its value)."""
+        if self.pastes:
+            pasted = tuple([str(env[p]) for p in self.pastes])
+            compiled = self._by_paste.get(pasted)
+            if compiled is None:
+                text = self.text.format_map(dict(zip(self.pastes, pasted)))
+                compiled = self._by_paste[pasted] = self.compile(text)
+        else:
+            text, compiled = self.text, self._compiled[self.text]
         try:
-            return self.compile(text)(env)
+            return compiled(env)
         except (TypeError, ZeroDivisionError, KeyError) as exc:
+            text = self.text.format_map({p: str(env[p]) for p in self.pastes}) if self.pastes else self.text
             raise CircuitfindError(f"{self.where}: {text!r} cannot be evaluated for {dict(env)} ({exc!r})") from None
 
     def _node(self, node: ast.AST, text: str) -> Compiled:
@@ -103,6 +112,9 @@ class Expression:
         if isinstance(node, ast.Compare) and all(type(op) in COMPARE for op in node.ops):
             first = self._node(node.left, text)
             rest = [(COMPARE[type(op)], self._node(c, text)) for op, c in zip(node.ops, node.comparators)]
+            if len(rest) == 1:  # the common case, `answer >= 0`, without the loop
+                (f, right), left = rest[0], first
+                return lambda env: f(left(env), right(env))
 
             def compare(env: Env) -> bool:
                 left = first(env)

@@ -46,6 +46,12 @@ def load_task(name: str, overrides: Mapping[str, Any] = {}) -> TaskSpec:
     return TaskSpec(cfg)
 
 
+def default_desiderata(task_name: str) -> str | None:
+    """The desiderata a shipped task names in its defaults list (`/desiderata@desiderata: <name>`)."""
+    defaults = OmegaConf.load(CONFIGS / "task" / f"{task_name}.yaml").get("defaults") or []
+    return next((e[k] for e in defaults if isinstance(e, Mapping) for k in e if k.startswith("/desiderata")), None)
+
+
 def load_desiderata(name: str, task: TaskSpec) -> List[Desideratum]:
     """A shipped desiderata config's desiderata, checked against the task."""
     return desiderata_from(_load("desiderata", name, DesiderataConfig, {}), task)

@@ -28,11 +28,6 @@ def balanced_counts(n: int, keys: Sequence[str]) -> Dict[str, int]:
     return {k: n // len(keys) + (1 if i < n % len(keys) else 0) for i, k in enumerate(keys)}
 
 
-def usable(des: Desideratum, base: Problem, alt: Problem) -> bool:
-    """An alternate carries signal: its answer starts otherwise, unless d does not compare the answers."""
-    return not des.needs_new_answer or alt.key != base.key
-
-
 def make_pairs(
     task: TaskSpec,
     des: Desideratum,
@@ -65,7 +60,7 @@ def make_pairs(
             if len(pairs) == needed[key]:
                 break
             form = task.draw_form(rng)
-            valid = [a for a in des.alternates(task, base, split) if usable(des, base, a)]
+            valid = des.alternates(task, base, split)
             if valid:
                 pairs.append(Pair(task.render(base, form), task.render(rng.choice(valid), form)))
         if len(pairs) < needed[key]:
@@ -84,9 +79,7 @@ def make_pairs(
 
 def too_few(task, des, split, key, found, needed, sizes, names, by_key, keys) -> str:
     """The error for a split that cannot be filled: how many pairs exist, and the largest size that fits."""
-    available = {
-        k: sum(any(usable(des, b, a) for a in des.alternates(task, b, split)) for b in by_key[k]) for k in keys
-    }
+    available = {k: sum(bool(des.alternates(task, b, split)) for b in by_key[k]) for k in keys}
     largest = ""
     if names:
         most = largest_first_size(available, keys, sizes[1:])

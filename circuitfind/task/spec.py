@@ -20,13 +20,17 @@ SPLITS = ("train", "transfer")  # test pairs are drawn from the train split's pr
 BALANCES = ("first_char", "answer", "none")
 
 
-@dataclass(frozen=True)
 class Problem:
-    """One value per enumerated slot, with what they give: derived slots and the answer."""
+    """One value per enumerated slot, with what they give: derived slots and the answer.
 
-    values: Tuple[Any, ...]  # in the task's slot order
-    env: Mapping[str, Any] = field(compare=False, hash=False)  # every slot's value, and `answer`
-    key: str = field(compare=False, hash=False)  # the balance key of the answer
+    A plain class with slots, not a dataclass: a task may enumerate hundreds of thousands."""
+
+    __slots__ = ("values", "env", "key")
+
+    def __init__(self, values: Tuple[Any, ...], env: Mapping[str, Any], key: str):
+        self.values = values  # in the task's slot order
+        self.env = env  # every slot's value, and `answer`
+        self.key = key  # the balance key of the answer
 
     @property
     def answer(self) -> Any:
@@ -34,6 +38,15 @@ class Problem:
 
     def __getitem__(self, slot: str) -> Any:
         return self.env[slot]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Problem) and self.values == other.values
+
+    def __hash__(self) -> int:
+        return hash(self.values)
+
+    def __repr__(self) -> str:
+        return f"Problem({dict(self.env)})"
 
 
 @dataclass(frozen=True)
@@ -198,6 +211,8 @@ class TaskSpec:
         self.balance_keys = [str(k) for k in keys] if keys is not None else None
         self._check_templates(names)
         self._problems: Dict[Tuple[Any, ...], Optional[Problem]] = {}
+        self._varied: Dict[tuple, List[Tuple[tuple, Problem]]] = {}
+        self._split_problems: Dict[str, List[Problem]] = {}
 
     def _check_templates(self, names: set) -> None:
         """Every `{slot}` of every template has a domain or is given by a variant."""
@@ -219,20 +234,24 @@ class TaskSpec:
         """The problem of these slot values, or None when a constraint rules it out (memoised)."""
         if values not in self._problems:
             env = dict(zip(self.enumerated, values))
-            texts = {k: str(v) for k, v in env.items()}
             for slot, expr in self.derived:
-                env[slot] = expr(env, texts)
-                texts[slot] = str(env[slot])
-            env["answer"] = self.answer(env, texts)
-            texts["answer"] = str(env["answer"])
-            ok = all(c(env, texts) for c in self.constraints)
+                env[slot] = expr(env)
+            env["answer"] = self.answer(env)
+            ok = True
+            for constraint in self.constraints:
+                if not constraint(env):
+                    ok = False
+                    break
             self._problems[values] = Problem(values, env, self.key(env["answer"])) if ok else None
         return self._problems[values]
 
     def problems(self, split: str) -> List[Problem]:
-        """Every problem of a split, in the order of the slots' domains."""
-        domains = [self.domains[split][s] for s in self.enumerated]
-        return [p for values in itertools.product(*domains) if (p := self.problem(values)) is not None]
+        """Every problem of a split, in the order of the slots' domains (memoised)."""
+        if split not in self._split_problems:
+            domains = [self.domains[split][s] for s in self.enumerated]
+            found = [p for values in itertools.product(*domains) if (p := self.problem(values)) is not None]
+            self._split_problems[split] = found
+        return self._split_problems[split]
 
     def key(self, answer: Any) -> str:
         """What splits are balanced over: the answer's first character, the answer, or nothing."""
@@ -243,19 +262,27 @@ class TaskSpec:
         """The balance keys, in order: as configured, or every key the problems have."""
         return self.balance_keys if self.balance_keys is not None else sorted({p.key for p in problems})
 
-    def varied(self, base: Problem, slots: Sequence[str], split: str) -> List[Problem]:
-        """Problems that differ from `base` in the given slots (over `split`'s domains), the rest kept."""
+    def varied(self, base: Problem, slots: Sequence[str], split: str, new_key: bool = False) -> List[Problem]:
+        """Problems that differ from `base` in the given slots (over `split`'s domains), the rest kept;
+        with new_key, only those whose answer has another balance key.
+
+        Memoised on the kept values: bases that share them share their candidates."""
         index = [self.enumerated.index(s) for s in slots]
-        out = []
-        for combo in itertools.product(*(self.domains[split][s] for s in slots)):
-            if all(base.values[i] == v for i, v in zip(index, combo)):
-                continue
-            values = list(base.values)
-            for i, v in zip(index, combo):
-                values[i] = v
-            if (p := self.problem(tuple(values))) is not None:
-                out.append(p)
-        return out
+        kept = tuple(v for i, v in enumerate(base.values) if i not in index)
+        key = (kept, tuple(slots), split)
+        if key not in self._varied:
+            candidates = []
+            for combo in itertools.product(*(self.domains[split][s] for s in slots)):
+                values = list(base.values)
+                for i, v in zip(index, combo):
+                    values[i] = v
+                if (p := self.problem(tuple(values))) is not None:
+                    candidates.append((combo, p))
+            self._varied[key] = candidates
+        own = tuple(base.values[i] for i in index)
+        if not new_key:
+            return [p for combo, p in self._varied[key] if combo != own]
+        return [p for combo, p in self._varied[key] if combo != own and p.key != base.key]
 
     # Prompts -------------------------------------------------------------------------------
 
