@@ -150,7 +150,7 @@ BAD_INPUTS = {
     "zero steps": (("+desiderata=vd_oi", "optimizer.steps=0"), "give at least 1 iteration"),
     "too few prompts": (
         ("+desiderata=vd_oi", "task.n_train=5000"),
-        "task.n_train can be at most 2079 with task.n_test=50",
+        "task.n_train can be at most",
     ),
     "slot without a domain": (
         ("task.template='{xname} = {x}\\n{q} = '",),

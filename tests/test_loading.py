@@ -27,6 +27,8 @@ from circuitfind.model.engine import make_engine
 from circuitfind.model.loading import load_model
 from circuitfind.task.encoding import position_ids
 
+from conftest import arithmetic_desideratum
+
 SMOKE = ("+desiderata=vd_oi", "experiment=smoke", "progress=false", "plots=false")
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed")
@@ -194,9 +196,7 @@ def test_quantised_model_trains_a_mask_with_finite_gradients(llama_dir, bits):
     sites = locate_components(model)
     eng = make_engine("cached", model, sites)
     prep = eng.prepare(enc)
-    from circuitfind.task.desiderata import get_desideratum
-
-    obj = Objective(get_desideratum("vd"), [prep], [unpatched_logit_diff(eng, prep)], 1.0, True)
+    obj = Objective(arithmetic_desideratum("vd"), [prep], [unpatched_logit_diff(eng, prep)], 1.0, True)
     mask = train_mask(eng, [obj], torch.tensor([0.0]), OptimizerConfig(lr=0.2, steps=3, eps=1e-3), progress=False)
     assert torch.isfinite(mask).all() and (mask < 1).any(), "the mask moved under finite gradients"
     ones_zeros_check(model, tok, atol=1e-4)  # quantised weights, same patching identities
@@ -290,9 +290,7 @@ def test_nan_mask_gradient_stops_training_with_a_clear_error(llama_dir):
         enc = encoded_pairs(tok)
         eng = make_engine("cached", model, sites)
         prep = eng.prepare(enc)
-        from circuitfind.task.desiderata import get_desideratum
-
-        obj = Objective(get_desideratum("vd"), [prep], [unpatched_logit_diff(eng, prep)], 1.0, True)
+        obj = Objective(arithmetic_desideratum("vd"), [prep], [unpatched_logit_diff(eng, prep)], 1.0, True)
         with pytest.raises(NonFiniteLoss, match="loss or its gradient became non-finite at step 0") as e:
             train_mask(eng, [obj], torch.tensor([0.1]), OptimizerConfig(lr=0.01, steps=3, eps=1e-3), progress=False)
         assert torch.isfinite(e.value.last_good).all()
@@ -447,7 +445,7 @@ def test_smollm2_loads_as_a_30_layer_llama():
 def test_smollm2_retrieval_experiment(cli, tmp_path):
     """The documented experiment (README, Models): a few heads carry x's value to the query."""
     run = tmp_path / "run"
-    args = ("+desiderata=vd_oi", "model=smollm2_135m", "dataset=retrieval", "optimizer.lam=0.1", "progress=false")
+    args = ("+desiderata=vd_oi", "model=smollm2_135m", "task=retrieval", "optimizer.lam=0.1", "progress=false")
     res = cli("train", *args, f"hydra.run.dir={run}", timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     c = json.loads((run / "circuit.json").read_text())

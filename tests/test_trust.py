@@ -119,7 +119,7 @@ def test_sweeps_over_other_keys_name_their_jobs_and_columns(cli, tmp_path):
 
 def test_the_accuracy_curves_have_points():
     history = [{"step": s, "vd_loss": 1.0} | ({"vd_test/acc": 0.5} if s % 10 == 9 else {}) for s in range(30)]
-    panels = dict(plots.curve_panels(history, ["vd", "oi"]))
+    panels = dict(plots.curve_panels(history, {"vd": "Value Dependence", "oi": "Operation Invariance"}))
     assert len(panels["held-out accuracy (rounded mask)"]["vd_test/acc"]) == 3
     assert compose("+desiderata=vd_oi").optimizer.eval_every <= 10
 
@@ -127,7 +127,7 @@ def test_the_accuracy_curves_have_points():
 def test_the_sweep_figure_has_integer_ticks_visible_lines_and_no_overlapping_labels():
     rows = [{"lam": lam, "n_patched": n, "vd_test/acc": 1.0, "oi_test/acc": 1.0, "vd_transfer/acc": 1.0}
             for lam, n in ((0.005, 6), (0.01, 6), (0.02, 6), (0.05, 5), (0.1, 5), (0.2, 4), (0.3, 3))]  # fmt: skip
-    fig = plots.sweep_axes(rows, ["vd", "oi"])
+    fig = plots.sweep_axes(rows, {"vd": "Value Dependence", "oi": "Operation Invariance"})
     ax = fig.axes[0]
     assert all(float(t).is_integer() for t in ax.get_xticks())
     lines = ax.get_lines()

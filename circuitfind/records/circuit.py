@@ -80,6 +80,7 @@ class CircuitRecord:
     timing: Dict[str, Any] = field(default_factory=dict)
     versions: Dict[str, str] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict)  # the whole composed config, resolved
+    attention: Dict[str, Dict[str, float]] = field(default_factory=dict)  # circuit head -> slot -> attention
     status: str = "complete"
 
     @property

@@ -109,6 +109,10 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
         page.text(f"Planted circuit {p['planted']}: precision {p['precision']:.2f}, recall {p['recall']:.2f}.")
     if (run / "attention.png").is_file():
         page.image(run / "attention.png", f"attention of the circuit heads, {run.name}")
+    if result.attention:
+        labels = list(dict.fromkeys(label for masses in result.attention.values() for label in masses))
+        page.text("Where each circuit head looks from the final position (mean attention to each slot's tokens):")
+        page.table(["head", *labels], [[head, *(m.get(x) for x in labels)] for head, m in result.attention.items()])
     if (run / "curves.png").is_file():
         page.image(run / "curves.png", f"training curves (losses, sparsity, size, held-out accuracy), {run.name}")
     transfer = [

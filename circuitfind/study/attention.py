@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from circuitfind.task.encoding import EncodedPairs, position_ids
+from circuitfind.task.encoding import EncodedPairs, left_pad, position_ids
+from circuitfind.task.spec import Prompt, TaskSpec
 
 
 @torch.no_grad()
@@ -45,3 +46,42 @@ def final_position_attention(
     weights = torch.stack([attentions[layer][:, head, -1].float().mean(dim=0).cpu() for layer, head in heads])
     labels = [tokenizer.decode([t]).replace("\n", "\\n").replace(" ", "␣") or "·" for t in ids[0].tolist()]
     return weights, labels
+
+
+def slot_positions(tokenizer, text: str, spans: Sequence[Tuple[str, int, int]]) -> Dict[str, List[int]]:
+    """Token indices of each slot value written in `text` (tokenised as the encoder does).
+
+    A slot written more than once is split by mention, `s#1`, `s#2`, in reading order: in IOI
+    the subject's first and second mentions play different roles."""
+    offsets = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+    mentions = Counter(slot for slot, _, _ in spans)
+    seen: Counter = Counter()
+    out: Dict[str, List[int]] = {}
+    for slot, start, end in sorted(spans, key=lambda s: s[1]):
+        seen[slot] += 1
+        label = slot if mentions[slot] == 1 else f"{slot}#{seen[slot]}"
+        out[label] = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    return out
+
+
+@torch.no_grad()
+def attention_by_slot(
+    model: torch.nn.Module, tokenizer, task: TaskSpec, prompts: Sequence[Prompt], heads: Sequence[Tuple[int, int]]
+) -> Dict[str, Dict[str, float]]:
+    """For each (layer, head): the final position's mean attention to the tokens of each slot of
+    the prompts, and to everything else (`other`: template words, the BOS token)."""
+    ids = [tokenizer(p.text, add_special_tokens=True)["input_ids"] for p in prompts]
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    batch, attn = left_pad(ids, pad)
+    attentions = attention_maps(model, batch, attn)
+    width = batch.shape[1]
+    totals: Dict[str, Dict[str, float]] = {f"L{layer}.H{head}": Counter() for layer, head in heads}
+    for b, prompt in enumerate(prompts):
+        shift = width - len(ids[b])  # left padding
+        positions = slot_positions(tokenizer, prompt.text, task.spans(prompt))
+        for layer, head in heads:
+            row = attentions[layer][b, head, -1].float().cpu()
+            masses = {label: float(row[[shift + i for i in idx]].sum()) for label, idx in positions.items()}
+            masses["other"] = float(row.sum()) - sum(masses.values())
+            totals[f"L{layer}.H{head}"].update(masses)
+    return {name: {label: round(v / len(prompts), 4) for label, v in t.items()} for name, t in totals.items()}

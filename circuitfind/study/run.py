@@ -29,7 +29,7 @@ from circuitfind.records.circuit import CircuitRecord, circuit_table
 from circuitfind.records.sink import Figure, RunSink, SearchResult
 from circuitfind.records.sweep import write_summary
 from circuitfind.records.tracking import Tracker
-from circuitfind.study.attention import final_position_attention
+from circuitfind.study.attention import attention_by_slot, final_position_attention
 from circuitfind.study.evaluate import EvalSplit, baseline_of, evaluate_splits, low_baseline_warnings
 from circuitfind.study.evidence import gather_evidence, wants_evidence
 from circuitfind.study.job import Job
@@ -145,7 +145,17 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
             "transformers": transformers.__version__,
         },
         config=OmegaConf.to_container(cfg, resolve=True),
+        attention=slot_attention(job, circuit),
     )
+
+
+def slot_attention(job: Job, circuit: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    """Where each circuit head looks from the final position, by slot, on the first desideratum's test prompts."""
+    heads = [(row["layer"], row["head"]) for row in circuit if row["kind"] == "head"]
+    if not heads:
+        return {}
+    prompts = [pair.base for pair in next(iter(job.data.values())).test]
+    return attention_by_slot(job.model, job.tokenizer, job.task, prompts, heads)
 
 
 def attention_figure(job: Job, record: CircuitRecord) -> Dict[str, Figure]:

@@ -8,13 +8,15 @@ alternate; a *prompt* is a problem rendered in a form, with its answer text.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
-from dataclasses import dataclass, field
+import string
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from circuitfind.errors import CircuitfindError
-from circuitfind.task.expressions import Expression, pasted_slots
+from circuitfind.task.expressions import Expression
 
 SPLITS = ("train", "transfer")  # test pairs are drawn from the train split's problems
 BALANCES = ("first_char", "answer", "none")
@@ -221,7 +223,13 @@ class TaskSpec:
         templates += [(f"task.variants.{v.name}.templates", t) for v in self.variants for t in v.templates]
         templates += [(f"task.variants.{v.name}.insert", v.insert) for v in self.variants if v.insert]
         for where, template in templates:
-            for slot in pasted_slots(template):
+            for _, slot, spec, conversion in string.Formatter().parse(template):
+                if slot is None:
+                    continue
+                if spec or conversion:
+                    raise CircuitfindError(
+                        f"{where}: {{{slot}}} has a format ({spec or conversion!r}); write plain {{{slot}}}"
+                    )
                 if slot not in names | bound:
                     raise CircuitfindError(
                         f"{where} uses {{{slot}}}, which has no domain; add task.slots.{slot} "
@@ -295,13 +303,50 @@ class TaskSpec:
         return Form(template, tuple(texts.items()), tuple(edits))
 
     def render(self, problem: Problem, form: Form) -> Prompt:
+        text = "\n".join(line for line, _ in self._lines(problem, form))
+        return Prompt(problem, form, text, self.answer_prefix + str(problem.answer))
+
+    def spans(self, prompt: Prompt) -> List[Tuple[str, int, int]]:
+        """(slot, start, end) character spans of every slot value written in the prompt's text."""
+        out, offset = [], 0
+        for line, spans in self._lines(prompt.problem, prompt.form):
+            out += [(slot, offset + start, offset + end) for slot, start, end in spans]
+            offset += len(line) + 1
+        return out
+
+    def _lines(self, problem: Problem, form: Form) -> List[Tuple[str, List[Tuple[str, int, int]]]]:
+        """The prompt's lines, each with the spans of the slot values in it, after the form's edits."""
         texts = {k: str(v) for k, v in problem.env.items()} | dict(form.texts)
-        lines = form.template.format_map(texts).split("\n")
+        lines = [filled(pieces, texts) for pieces in parsed_lines(form.template)]
         for edit in form.edits:
             if edit[0] == "swap":
                 i, j = edit[1:]
                 lines[i], lines[j] = lines[j], lines[i]
             else:
                 line, text, slots = edit[1:]
-                lines.insert(line, text.format_map(texts | dict(slots)))
-        return Prompt(problem, form, "\n".join(lines), self.answer_prefix + str(problem.answer))
+                lines.insert(line, filled(parsed_lines(text)[0], texts | dict(slots)))
+        return lines
+
+
+@functools.lru_cache(maxsize=None)
+def parsed_lines(template: str) -> List[List[Tuple[str, Optional[str]]]]:
+    """A template's lines as (literal text, slot or None) pieces."""
+    return [
+        [(literal, field) for literal, field, _, _ in string.Formatter().parse(line)] for line in template.split("\n")
+    ]
+
+
+def filled(
+    pieces: Sequence[Tuple[str, Optional[str]]], texts: Mapping[str, str]
+) -> Tuple[str, List[Tuple[str, int, int]]]:
+    """One line with its slots filled in, and the (slot, start, end) span of each value."""
+    parts, spans, position = [], [], 0
+    for literal, slot in pieces:
+        parts.append(literal)
+        position += len(literal)
+        if slot is not None:
+            value = texts[slot]
+            spans.append((slot, position, position + len(value)))
+            parts.append(value)
+            position += len(value)
+    return "".join(parts), spans
