@@ -81,6 +81,23 @@ def nearest_key(error: BaseException) -> str | None:
     return f"{parent + '.' if parent else ''}{match[0]}" if match else None
 
 
+def check_train_overrides(args: list[str]) -> None:
+    """One line, before Hydra, for overrides whose target does not exist in this config."""
+    renamed = [a for a in args if a.lstrip("+~").startswith("dataset")]
+    if renamed:
+        print(f"circuitfind: error: {renamed[0]!r}: {DATASET_RENAMED}", file=sys.stderr)
+        sys.exit(2)
+    chosen = any(a.lstrip("+").startswith("desiderata=") for a in args)
+    inner = [a for a in args if a.lstrip("+~").startswith("desiderata.")]
+    if inner and not chosen:
+        print(
+            f"circuitfind: error: {inner[0]!r}: no desiderata were chosen, so there is nothing to change; "
+            f"edit the task's own as task.{inner[0].lstrip('+~')}, or choose them first: +desiderata=<name> {inner[0]}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def yaml_location(error: BaseException, args: list[str]) -> str:
     """` (file, line N: key)` for a bad value composed from a config file (`In 'task/bad': ...`).
 
@@ -146,10 +163,8 @@ def main() -> None:
     if command not in COMMANDS:
         print(f"circuitfind: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    renamed = [a for a in args[1:] if a.lstrip("+~").startswith("dataset")] if command == "train" else []
-    if renamed:
-        print(f"circuitfind: error: {renamed[0]!r}: {DATASET_RENAMED}", file=sys.stderr)
-        sys.exit(2)
+    if command == "train":
+        check_train_overrides(args[1:])
     import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

@@ -160,6 +160,7 @@ BAD_INPUTS = {
     "desideratum varies a missing slot": (("task=ioi", "+desiderata=vd_oi"), "names slot 'x', which task ioi lacks"),
     "unsafe expression": (("task.answer='x ** y'",), "uses 'x ** y', which task expressions do not allow"),
     "old dataset group": (("dataset=paper",), "dataset= is now task="),
+    "desiderata key without desiderata": (("desiderata.terms=[]",), "edit the task's own as task.desiderata.terms=[]"),
     "wrong type in a task": (("task.n_train=ten",), "task.n_train"),
     "missing model": (("+desiderata=vd_oi", "model=hf", "model.name_or_path=/no/such/model"), "does not exist"),
     "engine": (("+desiderata=vd_oi", "engine=fast"), "engine='fast' is unknown; choose from ['cached', 'full']"),

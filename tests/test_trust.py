@@ -265,7 +265,7 @@ def test_tracking_runs_are_named_by_time_and_method(tmp_path):
     from circuitfind.study.run import run_name
 
     run_dir = tmp_path / "outputs" / "train" / "2026-11-25" / "18-24-28"
-    assert run_name(compose("+desiderata=vd_oi"), run_dir) == "2026-11-25_18-24-28 dbm λ=0.05"
+    assert run_name(compose("+desiderata=vd_oi"), run_dir) == "2026-11-25_18-24-28 arithmetic dbm λ=0.05"
     lams = compose("+desiderata=vd_oi", "optimizer.lams=[0.01,0.1]")
-    assert run_name(lams, run_dir / "0_lam=0.01").endswith("18-24-28_0_lam=0.01 dbm λ=0.01,0.1")
+    assert run_name(lams, run_dir / "0_lam=0.01").endswith("18-24-28_0_lam=0.01 arithmetic dbm λ=0.01,0.1")
     assert run_name(compose("+desiderata=vd_oi", "method=random", "method.k=3"), run_dir).endswith("random k=3")

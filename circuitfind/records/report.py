@@ -201,7 +201,7 @@ def setup_of(record: CircuitRecord) -> Dict[str, Any]:
         "model_type": record.model.get("model_type"),
         "components": record.n_components,
         "desiderata": record.desiderata.get("name"),
-        "task": [record.data.get("template"), record.data.get("train_ops"), record.data.get("transfer_ops")],
+        "task": [record.data.get("task"), record.data.get("template")],
         "method": record.method.get("name"),
     }
 
@@ -219,7 +219,8 @@ def add_group(page: Page, root: Path, suffix: str, results: Dict[Path, CircuitRe
     first = next(iter(results.values()))
     page.text(
         f"Model {first.model['model_type']} ({first.model.get('name_or_path') or first.model['kind']}), "
-        f"{first.n_components} components; desiderata {first.desiderata['name']}; method {first.method.get('name')}; "
+        f"{first.n_components} components; task {first.data.get('task')}; desiderata {first.desiderata['name']}; "
+        f"method {first.method.get('name')}; "
         f"{len(results)} finished run(s). Accuracies are on held-out pairs with the rounded mask."
     )
     columns = summary_columns(first)

@@ -110,8 +110,8 @@ def log_result(record: CircuitRecord, out_dir: Path) -> None:
     """The run's log line: the circuit, each desideratum's held-out accuracy, and planted scores."""
     m, names = record.metrics, record.evaluated
     accs = [f"{d.upper()} acc {m.get(metric_key(d, 'test', 'acc'), float('nan')):.2f}" for d in names]
-    if names:
-        accs.append(f"{names[0].upper()} transfer {m.get(metric_key(names[0], 'transfer', 'acc'), float('nan')):.2f}")
+    if names and metric_key(names[0], "transfer", "acc") in m:  # a task may have no transfer split
+        accs.append(f"{names[0].upper()} transfer {m[metric_key(names[0], 'transfer', 'acc')]:.2f}")
     head = f"{record.label}: {record.n_patched} of {record.n_components} components patched {record.names[:12]}"
     log.info(f"{head}; held-out {', '.join(accs)}; written to {out_dir}")
     if record.planted:

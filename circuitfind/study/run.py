@@ -270,9 +270,9 @@ class Run:
 
 
 def run_name(cfg: DictConfig, run_dir: Path) -> str:
-    """A tracking run's name that says what it is: when, which method, which lambda(s) or size."""
+    """A tracking run's name that says what it is: when, which task, which method, which lambda(s) or size."""
     when = "_".join(Path(run_dir).resolve().parts[-2:]) if Path(run_dir).parent.name else Path(run_dir).name
-    return f"{when} {method_label(cfg)}"
+    return f"{when} {cfg.task.name} {method_label(cfg)}"
 
 
 def method_label(cfg: DictConfig) -> str:
