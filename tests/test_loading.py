@@ -455,3 +455,21 @@ def test_smollm2_retrieval_experiment(cli, tmp_path):
     m = c["metrics"]
     assert m["vd_test/acc"] >= 0.4 and m["vd_test/acc_model"] >= 0.5, m
     assert m["oi_test/acc_model"] >= 0.5, m
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_ioi_circuit(cli, tmp_path):
+    """README (IOI in SmolLM2-135M): a few heads and MLPs carry the indirect object, and the
+    circuit's strongest heads attend from the final token to the IO name, as name movers do."""
+    run = tmp_path / "run"
+    args = ("task=ioi", "model=smollm2_135m", "optimizer.lam=0.3", "progress=false", "plots=false")
+    res = cli("train", *args, f"hydra.run.dir={run}", timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = json.loads((run / "circuit.json").read_text())
+    assert c["baseline"]["io_test/task_acc"] >= 0.9 and c["baseline"]["io_test/acc_unpatched"] == 0
+    assert 2 <= c["n_patched"] <= 12, c["circuit"]
+    m = c["metrics"]
+    assert m["io_test/acc"] >= 0.6 and m["context_test/acc"] >= 0.9 and m["io_transfer/acc"] >= 0.6, m
+    io_heads = [h for h, masses in c["attention"].items() if masses["io"] > masses["s#1"] + masses["s#2"]]
+    assert len(io_heads) >= 2, c["attention"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Dict, List, Tuple
 
@@ -43,6 +44,7 @@ class Job:
         self.data = build_data(self.task, cfg.task, self.desiderata, cfg.seed)
         if not cfg.progress:
             transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
+            os.environ["TQDM_DISABLE"] = "1"  # and the GGUF loader's, a plain tqdm
         if loaded is None:
             self.loaded = load_model(cfg.model, before_weights=self.encode_all)
         else:
