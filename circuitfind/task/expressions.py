@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 import string
 from typing import Any, Callable, Dict, Iterable, Mapping
 
@@ -53,18 +54,12 @@ class Expression:
         unknown = [p for p in self.pastes if p not in self.names]
         if unknown:
             raise CircuitfindError(f"{where}: {self.text!r} pastes {{{unknown[0]}}}, which is not a slot of the task")
+        # The slot names it reads (a pasted slot counts): every identifier of its text that is a slot.
+        self.used = set(re.findall(r"[A-Za-z_]\w*", self.text)) & self.names
         self._compiled: Dict[str, Compiled] = {}
         self._by_paste: Dict[tuple, Compiled] = {}  # pasted texts -> compiled expression
         if not self.pastes:
             self.compile(self.text)
-
-    @property
-    def used(self) -> set[str]:
-        """The slot names this expression reads (a pasted slot counts)."""
-        names = set(self.pastes)
-        if not self.pastes:
-            names |= {n.id for n in ast.walk(ast.parse(self.text, mode="eval")) if isinstance(n, ast.Name)}
-        return names & self.names
 
     def compile(self, text: str) -> Compiled:
         if text not in self._compiled:
