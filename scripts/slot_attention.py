@@ -1,10 +1,13 @@
-"""Which heads look at which slot: every head's final-position attention to each slot of a task.
+"""Which heads look at which slot, and what patching each alone does.
 
-    python scripts/slot_attention.py --task ioi --model smollm2 --slot io --top 12
+    python scripts/slot_attention.py task=ioi model=smollm2_135m --slot io --top 12
 
-Prints the heads that attend most to `--slot` from the final position (mean over n prompts of
-the task's train split, forms drawn as a run draws them), with their attention to every other
-slot, so a circuit's heads can be set against the model's own candidates (README, IOI).
+For every head: its final-position attention to each slot of the task (mean over the first
+desideratum's held-out base prompts), and the mean change of that desideratum's logit
+difference when this head alone is patched from the alternates, also as a share of patching
+everything. Prints the `--top` heads by attention to `--slot` (or `slot#k`, the k-th mention),
+so a circuit's heads can be set against the model's own candidates (README, IOI). Any
+`circuitfind train` override selects the task, desiderata and model.
 """
 
 from __future__ import annotations
@@ -13,35 +16,37 @@ import argparse
 
 import torch
 
-from circuitfind.config import ModelConfig
-from circuitfind.model.components import locate_components
-from circuitfind.model.loading import load_model
-from circuitfind.study.accuracy import task_prompts
+from circuitfind.api import compose_train_config
+from circuitfind.methods.objective import patched_delta
 from circuitfind.study.attention import attention_by_slot
-from circuitfind.task.library import load_task
+from circuitfind.study.job import Job
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="ioi")
-    parser.add_argument("--model", default="smollm2", help="a model kind: smollm2, organism, tiny_llama")
+    parser.add_argument("overrides", nargs="*", help="circuitfind train overrides, e.g. task=ioi model=smollm2_135m")
     parser.add_argument("--slot", default="io", help="rank heads by attention to this slot (or slot#k)")
-    parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(ModelConfig(kind=args.model))
-    space = locate_components(loaded.model).space
-    heads = [(layer, head) for layer in range(space.n_layers) for head in range(space.n_heads)]
-    task = load_task(args.task)
-    attention = attention_by_slot(loaded.model, loaded.tokenizer, task, task_prompts(task, "train", args.n), heads)
-    ranked = sorted(attention.items(), key=lambda item: -item[1].get(args.slot, 0.0))[: args.top]
-    labels = list(ranked[0][1])
-    print(f"| head | {' | '.join(labels)} |\n|---|{'---|' * len(labels)}")
-    for name, masses in ranked:
-        print(f"| {name} | " + " | ".join(f"{masses[label]:.2f}" for label in labels) + " |")
+    job = Job(compose_train_config([*args.overrides, "progress=false"]))
+    space = job.space
+    split = next(s for s in job.eval_splits() if s.kind == "test")
+    heads = [(u.layer, u.head) for u in space.units() if u.head is not None]
+    prompts = [pair.base for pair in job.data[split.desideratum.name].test]
+    attention = attention_by_slot(job.model, job.tokenizer, job.task, prompts, heads)
+    ranked = sorted(attention, key=lambda name: -attention[name].get(args.slot, 0.0))[: args.top]
+    masks = torch.ones(len(ranked), *space.shape)
+    for i, unit in enumerate(space.index(ranked)):
+        masks[i, unit.layer, unit.col] = 0.0  # this head alone patched
+    with torch.no_grad():
+        delta = torch.cat([patched_delta(job.engine, b, d0, masks) for b, d0 in zip(split.batches, split.d0)], 1)
+    full = float((torch.cat(split.d_alt) - torch.cat(split.d0)).mean())
+    labels = list(attention[ranked[0]])
+    print(f"{split.name}: d = logit[up] - logit[down]; patching everything moves it by {full:+.2f}")
+    print(f"| head | {' | '.join(labels)} | Δd patched alone | share |\n|---|{'---|' * (len(labels) + 2)}")
+    for name, d in zip(ranked, delta.mean(dim=1).tolist()):
+        row = " | ".join(f"{attention[name][label]:.2f}" for label in labels)
+        print(f"| {name} | {row} | {d:+.2f} | {d / full:+.2f} |")
 
 
 if __name__ == "__main__":
