@@ -153,3 +153,12 @@ def test_ioi_pairs_name_the_indirect_object_and_contrast_the_subject():
         assert p.base.answer_text == p.alt.answer_text  # invariance: the answer stays
     names = sorted({p.base["io"] for p in sample_pairs(task, des["io"], 32)})
     assert len(names) == 16  # balanced over the answer: every name is an answer
+
+
+def test_an_answer_whose_first_token_is_a_bare_space_is_refused():
+    # The trap of a tokenizer that writes ` 8` as ` ` then `8`: every answer would start with the
+    # space, accuracy would score the space, and no logit difference could tell answers apart.
+    enc = PairEncoder(build_char_tokenizer())
+    with pytest.raises(CircuitfindError, match="first token is only whitespace"):
+        enc.answer_token("Then b =", " 57")
+    assert enc.tokenizer.decode([enc.answer_token("Then b = ", "57")]) == "5"

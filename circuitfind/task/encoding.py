@@ -73,6 +73,14 @@ class PairEncoder:
                     f"({prompt[-12:]!r} + {text!r} -> first answer piece {piece!r}); use a tokenizer that "
                     "splits it there, or end task.template where a token ends (set task.answer_prefix)"
                 )
+            if not piece.strip() and text.strip():
+                # SmolLM2 writes ` 8` as ` ` then `8`: every answer would start with the same space token,
+                # so accuracy would score the space and no logit difference could tell answers apart.
+                raise CircuitfindError(
+                    f"the answer's first token is only whitespace ({prompt[-12:]!r} + {text!r} -> {piece!r}); "
+                    "end task.template with that space and drop it from task.answer_prefix, so the first "
+                    "token carries the answer"
+                )
             self._answer_tokens[key] = first
         return self._answer_tokens[key]
 
