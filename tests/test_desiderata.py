@@ -85,11 +85,12 @@ def test_a_contrast_slot_is_the_other_token_of_the_logit_difference():
 
 
 def test_two_tokens_that_coincide_are_refused():
-    _, tok, _, _ = tiny()  # a character tokenizer: ` Mary` and ` John` both start with a space
-    task = load_task("ioi")
-    des = {d.name: d for d in load_desiderata("ioi", task)}["context"]
-    with pytest.raises(CircuitfindError, match="are the same token for"):
-        PairEncoder(tok, task.answer_prefix).encode(sample_pairs(task, des, 4), des)
+    _, tok, _, _ = tiny()  # a character tokenizer: `57` and `52` both start with `5`
+    task = TaskSpec({**TWO_VALUES, "constraints": ["v // 10 == w // 10", "v != w"]})
+    entry = {"name": "wi", "vary": ["w"], "target": "base", "contrast": "w", "loss": "delta_squared"}
+    (des,) = desiderata_from({"terms": [entry]}, task)
+    with pytest.raises(CircuitfindError, match="are the same token for 4 pairs"):
+        PairEncoder(tok).encode(sample_pairs(task, des, 4), des)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 import transformers
@@ -30,6 +31,21 @@ def task_of(cfg: DictConfig) -> TaskSpec:
     return TaskSpec(task)
 
 
+@contextmanager
+def plain_tqdm_disabled(disabled: bool) -> Iterator[None]:
+    """tqdm bars made inside silenced (TQDM_DISABLE), and the environment as it was afterwards."""
+    before = os.environ.get("TQDM_DISABLE")
+    if disabled:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
 class Job:
     """Everything one run needs, built once: data, model, engine, prepared splits."""
 
@@ -44,9 +60,9 @@ class Job:
         self.data = build_data(self.task, cfg.task, self.desiderata, cfg.seed)
         if not cfg.progress:
             transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
-            os.environ["TQDM_DISABLE"] = "1"  # and the GGUF loader's, a plain tqdm
         if loaded is None:
-            self.loaded = load_model(cfg.model, before_weights=self.encode_all)
+            with plain_tqdm_disabled(not cfg.progress):  # the GGUF loader's bar is a plain tqdm
+                self.loaded = load_model(cfg.model, before_weights=self.encode_all)
         else:
             self.loaded = loaded
             self.encode_all(loaded.tokenizer)

@@ -64,7 +64,12 @@ def make_pairs(
             if valid:
                 pairs.append(Pair(task.render(base, form), task.render(rng.choice(valid), form)))
         if len(pairs) < needed[key]:
-            raise CircuitfindError(too_few(task, des, split, key, len(pairs), needed[key], sizes, names, by_key, keys))
+            available = {k: sum(bool(des.alternates(task, b, split)) for b in by_key[k]) for k in keys}
+            label = f"{des.name} {split} pairs"
+            where = f"the {split} slot domains and constraints of task {task.name}"
+            raise CircuitfindError(
+                too_few(label, where, key, len(pairs), needed[key], available, list(zip(names, sizes)))
+            )
         drawn[key] = pairs
     splits, offset = [], defaultdict(int)
     for n in sizes:
@@ -77,18 +82,19 @@ def make_pairs(
     return splits
 
 
-def too_few(task, des, split, key, found, needed, sizes, names, by_key, keys) -> str:
-    """The error for a split that cannot be filled: how many pairs exist, and the largest size that fits."""
-    available = {k: sum(bool(des.alternates(task, b, split)) for b in by_key[k]) for k in keys}
+def too_few(label, where, key, found, needed, available: Dict[str, int], requested) -> str:
+    """The error for a split that cannot be filled: how many pairs exist, and the largest first
+    size that fits. `requested` is [(config key, size)] of every split drawn together."""
     largest = ""
-    if names:
-        most = largest_first_size(available, keys, sizes[1:])
-        others = ", ".join(f"{k}={n}" for k, n in zip(names[1:], sizes[1:]))
-        largest = f"; {names[0]} can be at most {most}" + (f" with {others}" if others else "")
+    if requested:
+        (first, _), others = requested[0], requested[1:]
+        most = largest_first_size(available, list(available), [n for _, n in others])
+        beside = ", ".join(f"{k}={n}" for k, n in others)
+        largest = f"; {first} can be at most {most}" + (f" with {beside}" if beside else "")
     return (
-        f"{des.name} {split} pairs: only {found} pairs whose answer has key {key!r} can be made from the "
-        f"{split} slot domains and constraints of task {task.name} ({sum(available.values())} usable bases in all), "
-        f"but {needed} are needed{largest}; widen the task's slot domains or lower task.n_train / n_test / n_transfer"
+        f"{label}: only {found} pairs whose answer has key {key!r} can be made from {where} "
+        f"({sum(available.values())} usable bases in all), but {needed} are needed{largest}; "
+        "widen the task's slot domains or lower task.n_train / n_test / n_transfer"
     )
 
 

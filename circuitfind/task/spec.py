@@ -8,7 +8,6 @@ alternate; a *prompt* is a problem rendered in a form, with its answer text.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import random
 import string
@@ -17,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.task.expressions import Expression
+from circuitfind.task.forms import Form, Line, Variant
 
 SPLITS = ("train", "transfer")  # test pairs are drawn from the train split's problems
 BALANCES = ("first_char", "answer", "none")
@@ -52,15 +52,6 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Form:
-    """How a prompt is written: the template, the texts of form slots, and line edits."""
-
-    template: str
-    texts: Tuple[Tuple[str, str], ...] = ()  # (slot, text) of the slots bound by variants
-    edits: Tuple[Tuple[Any, ...], ...] = ()  # ("swap", i, j) | ("insert", line, text)
-
-
-@dataclass(frozen=True)
 class Prompt:
     """A problem written in a form: the text the model reads and the answer it should give."""
 
@@ -93,79 +84,6 @@ def domain_of(slot: Mapping, where: str) -> List[Any]:
             raise CircuitfindError(f"{where}.range={r} is empty or not two integers; give [low, high] with low <= high")
         return list(range(r[0], r[1] + 1))
     return []
-
-
-class Variant:
-    """One dimension of a prompt's form, drawn once per prompt (always with the same random calls)."""
-
-    def __init__(self, name: str, cfg: Mapping, n_lines: int, tables: Mapping, earlier: set):
-        self.name, where = name, f"task.variants.{name}"
-        self.p = cfg.get("p")
-        self.templates = list(cfg.get("templates") or [])
-        self.bind = list(cfg.get("bind") or [])
-        self.values = [list(v) if isinstance(v, (list, tuple)) else [v] for v in cfg.get("values") or []]
-        self.swap = list(cfg.get("swap") or [])
-        self.insert = cfg.get("insert")
-        self.at = list(cfg.get("at") or [0, n_lines - 1])
-        self.slots = {s: domain_of(c, f"{where}.slots.{s}") for s, c in (cfg.get("slots") or {}).items()}
-        kinds = [
-            k
-            for k, on in (
-                ("templates", self.templates),
-                ("bind", self.bind),
-                ("swap", self.swap),
-                ("insert", self.insert),
-            )
-            if on
-        ]
-        if len(kinds) != 1:
-            raise CircuitfindError(
-                f"{where} needs exactly one of templates, bind, swap or insert; it has {kinds or 'none'}"
-            )
-        self.kind = kinds[0]
-        if self.kind in ("swap", "insert") and not (self.p is not None and 0 <= self.p <= 1):
-            raise CircuitfindError(f"{where}.p={self.p} is a probability; give a value in [0, 1]")
-        if self.kind == "bind" and (not self.values or any(len(v) != len(self.bind) for v in self.values)):
-            raise CircuitfindError(
-                f"{where}.values must list tuples of {len(self.bind)} values, one for each of {self.bind}"
-            )
-        if self.kind == "swap" and not (len(self.swap) == 2 and all(0 <= i < n_lines for i in self.swap)):
-            raise CircuitfindError(f"{where}.swap={self.swap}: give two line numbers in 0..{n_lines - 1}")
-        if self.kind == "insert" and not (len(self.at) == 2 and 0 <= self.at[0] <= self.at[1] <= n_lines):
-            raise CircuitfindError(f"{where}.at={self.at}: give [first, last] line positions in 0..{n_lines}")
-        form_names = earlier | set(self.bind) | set(self.slots)  # `where` reads slots drawn before
-        self.where = [Expression(w, form_names, tables, f"{where}.where") for w in cfg.get("where") or []]
-
-    @property
-    def bound(self) -> List[str]:
-        """The slots this variant gives a text to."""
-        return self.bind + list(self.slots)
-
-    def draw(self, rng: random.Random, texts: Dict[str, str], edits: list, template: str) -> str:
-        """Draw this dimension: add slot texts and edits; return the (possibly replaced) template."""
-        if self.kind == "templates":
-            return rng.choice(self.templates)
-        if self.kind == "bind":
-            texts.update(zip(self.bind, map(str, rng.choice(self.values))))
-            return template
-        if rng.random() >= self.p:
-            return template
-        if self.kind == "swap":
-            edits.append(("swap", *self.swap))
-            return template
-        drawn = dict(texts)
-        for slot, domain in self.slots.items():
-            fits = [v for v in domain if self._allowed(drawn | {slot: str(v)})]
-            if not fits:
-                return template  # no value fits beside the names drawn: no insertion
-            drawn[slot] = str(rng.choice(fits))
-        line = rng.choice(range(self.at[0], self.at[1] + 1))
-        edits.append(("insert", line, self.insert, tuple((s, drawn[s]) for s in self.slots)))
-        return template
-
-    def _allowed(self, texts: Mapping[str, str]) -> bool:
-        """The variant's `where` conditions that can be judged with the slots drawn so far."""
-        return all(w(texts) for w in self.where if w.used <= texts.keys())
 
 
 class TaskSpec:
@@ -205,7 +123,9 @@ class TaskSpec:
         lines = self.template.split("\n")
         self.variants: List[Variant] = []
         for n, v in (cfg.get("variants") or {}).items():
-            self.variants.append(Variant(n, v, len(lines), self.tables, {s for w in self.variants for s in w.bound}))
+            own = {x: domain_of(c, f"task.variants.{n}.slots.{x}") for x, c in (v.get("slots") or {}).items()}
+            earlier = {x for w in self.variants for x in w.bound}
+            self.variants.append(Variant(n, v, own, len(lines), self.tables, earlier))
         self.balance = str(cfg.get("balance") or "first_char")
         if self.balance not in BALANCES:
             raise CircuitfindError(f"task.balance={self.balance!r} is unknown; choose from {list(BALANCES)}")
@@ -314,39 +234,5 @@ class TaskSpec:
             offset += len(line) + 1
         return out
 
-    def _lines(self, problem: Problem, form: Form) -> List[Tuple[str, List[Tuple[str, int, int]]]]:
-        """The prompt's lines, each with the spans of the slot values in it, after the form's edits."""
-        texts = {k: str(v) for k, v in problem.env.items()} | dict(form.texts)
-        lines = [filled(pieces, texts) for pieces in parsed_lines(form.template)]
-        for edit in form.edits:
-            if edit[0] == "swap":
-                i, j = edit[1:]
-                lines[i], lines[j] = lines[j], lines[i]
-            else:
-                line, text, slots = edit[1:]
-                lines.insert(line, filled(parsed_lines(text)[0], texts | dict(slots)))
-        return lines
-
-
-@functools.lru_cache(maxsize=None)
-def parsed_lines(template: str) -> List[List[Tuple[str, Optional[str]]]]:
-    """A template's lines as (literal text, slot or None) pieces."""
-    return [
-        [(literal, field) for literal, field, _, _ in string.Formatter().parse(line)] for line in template.split("\n")
-    ]
-
-
-def filled(
-    pieces: Sequence[Tuple[str, Optional[str]]], texts: Mapping[str, str]
-) -> Tuple[str, List[Tuple[str, int, int]]]:
-    """One line with its slots filled in, and the (slot, start, end) span of each value."""
-    parts, spans, position = [], [], 0
-    for literal, slot in pieces:
-        parts.append(literal)
-        position += len(literal)
-        if slot is not None:
-            value = texts[slot]
-            spans.append((slot, position, position + len(value)))
-            parts.append(value)
-            position += len(value)
-    return "".join(parts), spans
+    def _lines(self, problem: Problem, form: Form) -> List[Line]:
+        return form.lines({k: str(v) for k, v in problem.env.items()} | dict(form.texts))
