@@ -36,7 +36,7 @@ def test_help_lists_commands_and_groups(cli):
     for group in (
         "model:",
         "task: arithmetic, entity_binding, ioi",
-        "desiderata: chain, entity, ioi, vd, vd_oi",
+        "desiderata: chain, entity, ioi, oi, vd, vd_oi",
         "optimizer:",
     ):
         assert group in train_help.stdout

@@ -450,10 +450,13 @@ def test_smollm2_retrieval_experiment(cli, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     c = json.loads((run / "circuit.json").read_text())
     assert c["n_components"] == 30 * (9 + 1)
-    assert c["baseline"]["vd_test/acc_unpatched"] < 0.1, "unpatched, the base answer is not the alternate's"
+    # Unpatched, the model rarely gives the alternate's answer: only by its bias to the digit 1 (the
+    # alternates' first digits are not balanced, so this floor depends on the draw: 0.02, then 0.22).
+    floor = c["baseline"]["vd_test/acc_unpatched"]
+    assert floor < 0.3, "unpatched, the base answer is not the alternate's"
     assert 1 <= c["n_patched"] <= 10, c["circuit"]
     m = c["metrics"]
-    assert m["vd_test/acc"] >= 0.4 and m["vd_test/acc_model"] >= 0.5, m
+    assert m["vd_test/acc"] >= floor + 0.4 and m["vd_test/acc_model"] >= 0.5, m
     assert m["oi_test/acc_model"] >= 0.5, m
 
 
