@@ -118,3 +118,10 @@ def test_cross_entropy_and_token_targets_train_and_evaluate_end_to_end(tmp_path)
     assert {"vd_test/acc", "low_test/acc", "low_transfer/acc"} <= set(record.metrics)
     assert all(math.isfinite(v) for k, v in record.metrics.items() if "/acc" in k)
     assert record.titles == {"vd": "vd", "low": "low"}
+
+
+def test_operation_invariance_alone_finds_the_empty_circuit(tmp_path):
+    """README: `+desiderata=oi` is a sanity check; keeping the answer is best served by patching nothing."""
+    (record,) = run_search(compose("+desiderata=oi", "progress=false", "plots=false"), tmp_path / "run")
+    assert record.n_patched == 0 and record.metrics["oi_test/acc"] == 1.0
+    assert list(record.titles) == ["oi", "vd"]
