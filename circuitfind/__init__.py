@@ -1,6 +1,6 @@
 """circuitfind: find the circuit that performs a subtask, from causal desiderata."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def find_circuit(*overrides: str, run_dir=None):

@@ -72,3 +72,15 @@ def test_a_new_desideratum_names_every_metric_summary_and_log_line(tmp_path, cap
     row = read_record(tmp_path / "evidence").metrics
     assert "xv_test/acc" in row and not any(k.startswith("vd") for k in row)
     assert (tmp_path / "evidence" / "curves.png").is_file()
+
+
+def test_a_run_made_before_tasks_is_refused_with_one_line(tmp_path):
+    from circuitfind.records.rundir import load_config
+
+    empty = dict(method={"name": "dbm"}, metrics={}, baseline={}, planted=None, warnings=[])
+    old = {"dataset": {"template": "x = {x}\ny = {y}\nx {op} y = "}, "seed": 0}
+    record = CircuitRecord([], 0, 36, 0.0, 0.05, **empty, model={}, data={}, desiderata={}, optimizer={}, engine={})
+    record.config = old
+    write_record(tmp_path, record)
+    with pytest.raises(CircuitfindError, match="made by circuitfind 0.1, whose `dataset` config is now `task`"):
+        load_config(tmp_path)

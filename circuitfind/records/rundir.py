@@ -56,12 +56,19 @@ def write_invocation(run_dir: Path, cfg: DictConfig, overrides: List[str], hydra
 def load_config(run: Path) -> DictConfig:
     """The composed config a finished run was made with: its record's, or (older runs) Hydra's copy in .hydra/."""
     config = read_record(run).config
-    if config:
-        return OmegaConf.create(config)
-    path = invocation_file(run, "config.yaml")
-    if path:
-        return OmegaConf.load(path)
-    raise CircuitfindError(f"{run} has no .hydra/config.yaml; re-run it with `circuitfind train` to record its config")
+    if not config:
+        path = invocation_file(run, "config.yaml")
+        if not path:
+            raise CircuitfindError(
+                f"{run} has no .hydra/config.yaml; re-run it with `circuitfind train` to record its config"
+            )
+        config = OmegaConf.to_container(OmegaConf.load(path))
+    if "dataset" in config and "task" not in config:
+        raise CircuitfindError(
+            f"{run} was made by circuitfind 0.1, whose `dataset` config is now `task`; re-run it "
+            "with `circuitfind train task=arithmetic ...` (README, Tasks and desiderata as data)"
+        )
+    return OmegaConf.create(config)
 
 
 # A run directory also holds what Hydra keeps of the invocation; anything else is a run's output.
