@@ -17,8 +17,8 @@ import argparse
 import torch
 
 from circuitfind.api import compose_train_config
-from circuitfind.methods.objective import patched_delta
 from circuitfind.study.attention import attention_by_slot
+from circuitfind.study.evaluate import evaluate_masks, full_effect
 from circuitfind.study.job import Job
 
 
@@ -33,20 +33,19 @@ def main() -> None:
     split = next(s for s in job.eval_splits() if s.kind == "test")
     heads = [(u.layer, u.head) for u in space.units() if u.head is not None]
     prompts = [pair.base for pair in job.data[split.desideratum.name].test]
-    attention = attention_by_slot(job.model, job.tokenizer, job.task, prompts, heads)
+    attention = attention_by_slot(job.model, job.encoder, job.task, prompts, heads)
     ranked = sorted(attention, key=lambda name: -attention[name].get(args.slot, 0.0))[: args.top]
     masks = torch.ones(len(ranked), *space.shape)
     for i, unit in enumerate(space.index(ranked)):
         masks[i, unit.layer, unit.col] = 0.0  # this head alone patched
-    with torch.no_grad():
-        delta = torch.cat([patched_delta(job.engine, b, d0, masks) for b, d0 in zip(split.batches, split.d0)], 1)
-    full = float((torch.cat(split.d_alt) - torch.cat(split.d0)).mean())
+    effect = evaluate_masks(split, job.engine, masks)
+    full = float(full_effect(split))
     labels = list(attention[ranked[0]])
     print(f"{split.name}: d = logit[up] - logit[down]; patching everything moves it by {full:+.2f}")
     print(f"| head | {' | '.join(labels)} | Δd patched alone | share |\n|---|{'---|' * (len(labels) + 2)}")
-    for name, d in zip(ranked, delta.mean(dim=1).tolist()):
+    for name, d, share in zip(ranked, effect["logit_diff"].tolist(), effect["logit_diff_norm"].tolist()):
         row = " | ".join(f"{attention[name][label]:.2f}" for label in labels)
-        print(f"| {name} | {row} | {d:+.2f} | {d / full:+.2f} |")
+        print(f"| {name} | {row} | {d:+.2f} | {share:+.2f} |")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from circuitfind.task.encoding import EncodedPairs, left_pad, position_ids
+from circuitfind.task.encoding import EncodedPairs, PairEncoder, left_pad, position_ids
 from circuitfind.task.spec import Prompt, TaskSpec
 
 
@@ -48,12 +48,11 @@ def final_position_attention(
     return weights, labels
 
 
-def slot_positions(tokenizer, text: str, spans: Sequence[Tuple[str, int, int]]) -> Dict[str, List[int]]:
-    """Token indices of each slot value written in `text` (tokenised as the encoder does).
+def slot_positions(offsets: Sequence[Tuple[int, int]], spans: Sequence[Tuple[str, int, int]]) -> Dict[str, List[int]]:
+    """Token indices of each slot value, from the tokens' character offsets and the slots' spans.
 
     A slot written more than once is split by mention, `s#1`, `s#2`, in reading order: in IOI
     the subject's first and second mentions play different roles."""
-    offsets = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
     mentions = Counter(slot for slot, _, _ in spans)
     seen: Counter = Counter()
     out: Dict[str, List[int]] = {}
@@ -66,19 +65,23 @@ def slot_positions(tokenizer, text: str, spans: Sequence[Tuple[str, int, int]]) 
 
 @torch.no_grad()
 def attention_by_slot(
-    model: torch.nn.Module, tokenizer, task: TaskSpec, prompts: Sequence[Prompt], heads: Sequence[Tuple[int, int]]
+    model: torch.nn.Module,
+    encoder: PairEncoder,
+    task: TaskSpec,
+    prompts: Sequence[Prompt],
+    heads: Sequence[Tuple[int, int]],
 ) -> Dict[str, Dict[str, float]]:
     """For each (layer, head): the final position's mean attention to the tokens of each slot of
     the prompts, and to everything else (`other`: template words, the BOS token)."""
-    ids = [tokenizer(p.text, add_special_tokens=True)["input_ids"] for p in prompts]
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    batch, attn = left_pad(ids, pad)
+    tokens = [encoder.tokenizer(p.text, add_special_tokens=True, return_offsets_mapping=True) for p in prompts]
+    ids = [t["input_ids"] for t in tokens]  # as the encoder tokenises, with each token's offsets
+    batch, attn = left_pad(ids, encoder.pad_id)
     attentions = attention_maps(model, batch, attn)
     width = batch.shape[1]
     totals: Dict[str, Dict[str, float]] = {f"L{layer}.H{head}": Counter() for layer, head in heads}
     for b, prompt in enumerate(prompts):
         shift = width - len(ids[b])  # left padding
-        positions = slot_positions(tokenizer, prompt.text, task.spans(prompt))
+        positions = slot_positions(tokens[b]["offset_mapping"], task.spans(prompt))
         for layer, head in heads:
             row = attentions[layer][b, head, -1].float().cpu()
             masses = {label: float(row[[shift + i for i in idx]].sum()) for label, idx in positions.items()}

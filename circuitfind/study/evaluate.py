@@ -107,6 +107,11 @@ def hits(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (pred[..., None] == targets).any(-1)
 
 
+def full_effect(split: EvalSplit) -> torch.Tensor:
+    """The mean effect of patching everything: the clean alternate's d minus the base's d0."""
+    return (torch.cat(split.d_alt) - torch.cat(split.d0)).cpu().mean()
+
+
 @torch.no_grad()
 def evaluate_masks(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Metrics of each of K masks on a split. mask (K, L, H+1) -> {metric: (K,)}
@@ -123,12 +128,12 @@ def evaluate_masks(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> 
         deltas.append(engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down) - d0)
     pred = torch.cat(preds, dim=1)
     delta = torch.cat(deltas, dim=1).cpu()  # (K, N)
-    full_effect = (torch.cat(split.d_alt) - torch.cat(split.d0)).cpu().mean()
+    full = full_effect(split)
     return {
         "acc": hits(pred, _targets(split, own=False)).float().mean(dim=1),
         "acc_model": hits(pred, _targets(split, own=True)).float().mean(dim=1),
         "logit_diff": delta.mean(dim=1),
-        "logit_diff_norm": delta.mean(dim=1) / full_effect,
+        "logit_diff_norm": delta.mean(dim=1) / full,
     }
 
 

@@ -25,10 +25,8 @@ from circuitfind.task.spec import TaskSpec
 
 
 def task_of(cfg: DictConfig) -> TaskSpec:
-    """The run's task, checked and compiled (its default desiderata are not part of it)."""
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    task.pop("desiderata", None)
-    return TaskSpec(task)
+    """The run's task, checked and compiled (TaskSpec ignores its default desiderata)."""
+    return TaskSpec(OmegaConf.to_container(cfg.task, resolve=True))
 
 
 @contextmanager

@@ -155,7 +155,7 @@ def slot_attention(job: Job, circuit: List[Dict[str, Any]]) -> Dict[str, Dict[st
     if not heads:
         return {}
     prompts = [pair.base for pair in next(iter(job.data.values())).test]
-    return attention_by_slot(job.model, job.tokenizer, job.task, prompts, heads)
+    return attention_by_slot(job.model, job.encoder, job.task, prompts, heads)
 
 
 def attention_figure(job: Job, record: CircuitRecord) -> Dict[str, Figure]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import List
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -13,13 +11,9 @@ from circuitfind.methods.baselines import BASELINES, METHODS
 from circuitfind.model.engine import CACHE_POLICIES, ENGINES
 from circuitfind.records.tracking import BACKENDS, WANDB_MODES
 from circuitfind.study.evidence import wants_evidence
+from circuitfind.task.library import shipped
 
 log = logging.getLogger(__name__)
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def available_desiderata() -> List[str]:
-    return sorted(p.stem for p in (CONFIGS / "desiderata").glob("*.yaml"))
 
 
 ESCAPES = {"\\n": "\n", "\\t": "\t"}  # as typed on a command line -> the characters meant
@@ -52,7 +46,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.desiderata is None:
         raise CircuitfindError(
             f"task {cfg.task.name} names no desiderata and none were chosen; add +desiderata=<name>, "
-            f"one of: {', '.join(available_desiderata())}"
+            f"one of: {', '.join(shipped('desiderata'))}"
         )
     o, d, m, e, lg = cfg.optimizer, cfg.task, cfg.method, cfg.evidence, cfg.logger
     lams = list(o.lams or [])

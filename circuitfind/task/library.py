@@ -41,9 +41,7 @@ def task_config(name: str, overrides: Mapping[str, Any] = {}) -> dict:
 
 
 def load_task(name: str, overrides: Mapping[str, Any] = {}) -> TaskSpec:
-    cfg = task_config(name, overrides)
-    cfg.pop("desiderata", None)
-    return TaskSpec(cfg)
+    return TaskSpec(task_config(name, overrides))  # TaskSpec reads only the keys it knows
 
 
 def default_desiderata(task_name: str) -> str | None:
