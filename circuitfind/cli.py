@@ -14,6 +14,7 @@ from typing import Callable, Dict
 COMMANDS: Dict[str, str] = {
     "train": "find a circuit: train a sparse mask from desiderata (Hydra app, configs/train.yaml)",
     "organism": "train the model organism, a small LLaMA with a planted circuit (Hydra app, configs/organism.yaml)",
+    "eval": "test a circuit (a run's, or named, or a mask or MIB file): necessity, sufficiency, minimality, intervals",
     "optimum": "exhaustive search for the best circuit of each small size; the gap to a run's circuit",
     "report": "an HTML and Markdown report of a run or sweep directory, with every plot embedded",
 }
@@ -31,6 +32,8 @@ USAGE = (
     "  circuitfind train +desiderata=vd_oi -m optimizer.lam=0.02,0.05,0.1\n"
     "  circuitfind train --help        (config groups and options)\n"
     "  circuitfind organism ship=true  (retrain the shipped model organism)\n"
+    "  circuitfind eval outputs/train/<date>/<time> --n-test 200\n"
+    "  circuitfind eval +desiderata=vd_oi 'circuit=[L2.H1,L2.H3,L2.H4,L2.H6]' 'evaluate.ablations=[zero,mean,resample]'\n"
     "  circuitfind optimum outputs/train/<date>/<time> --k 4\n"
     "  circuitfind report outputs/sweeps/<date>/<time>\n"
     "  circuitfind --version\n"

@@ -145,6 +145,15 @@ class EvidenceConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """The circuit's tests at the end of a run and in `circuitfind eval` (study/circuit_eval.py)."""
+
+    ablations: List[str] = field(default_factory=list)  # kinds besides patching (always done): zero, mean, resample
+    min_reference: int = 20  # mean and resample ablations need at least this many reference prompts
+    min_share: float = 0.01  # minimality: a unit below this share of the circuit's effect is flagged
+
+
+@dataclass
 class LoggerConfig:
     """Experiment tracking; metrics.jsonl is written whatever the backend."""
 
@@ -166,6 +175,8 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     method: MethodConfig = field(default_factory=MethodConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    checks: bool = True  # self-checks of the engine against the model before the search (study/selfcheck.py)
     engine: str = "cached"  # cached: prefix run once, final token per step | full: whole prompt per step
     cache: str = "device"  # engine=cached: prefix KV kept on the device | cpu (moved per batch) | recompute
     seed: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -82,21 +83,35 @@ class FullEngine:
         return self._run(ids, attn, use_cache=False).last_hidden_state[:, -1]
 
     @torch.no_grad()
-    def prepare(self, pairs: EncodedPairs) -> Prepared:
-        with record_final_values(self.sites) as alt_values:
-            self._run(pairs.alt_ids, pairs.alt_attn, use_cache=False)
-        return Prepared(pairs=pairs, alt_values=alt_values)
+    def final_values(self, ids: torch.Tensor, attn: torch.Tensor) -> FinalValues:
+        """Every component's clean value at the final position of these prompts."""
+        with record_final_values(self.sites) as values:
+            self._run(ids, attn, use_cache=False)
+        return values
 
-    def final_hidden(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def prepare(self, pairs: EncodedPairs) -> Prepared:
+        return Prepared(pairs=pairs, alt_values=self.final_values(pairs.alt_ids, pairs.alt_attn))
+
+    def final_hidden(
+        self, prep: Prepared, mask: torch.Tensor | None, values: FinalValues | None = None
+    ) -> torch.Tensor:
         """Final-position hidden state of the base prompts patched under each of K masks.
 
+        The values patched in are the alternates' unless `values` (an ablation's) are given;
+        mask None runs the same computation with no hook at all (the self-checks compare the two).
         mask (K, L, H+1) -> (K, B, hidden)
         """
-        k, b = mask.shape[0], len(prep.pairs)
+        k, b = (1 if mask is None else mask.shape[0]), len(prep.pairs)
         ids, attn = prep.pairs.base_ids.repeat(k, 1), prep.pairs.base_attn.repeat(k, 1)
-        with patch_final_position(self.sites, mask, prep.alt_values):
+        with self._patched(prep, mask, values):
             out = self._run(ids, attn, use_cache=False)
         return out.last_hidden_state[:, -1].view(k, b, -1)
+
+    def _patched(self, prep: Prepared, mask: torch.Tensor | None, values: FinalValues | None):
+        if mask is None:
+            return nullcontext()
+        return patch_final_position(self.sites, mask, prep.alt_values if values is None else values)
 
 
 class FinalSlotLayer(DynamicLayer):
@@ -190,11 +205,13 @@ class CachedEngine(FullEngine):
             prep.prefix_kv = [(k.cpu(), v.cpu()) for k, v in kv] if self.cache == "cpu" else kv
         return prep
 
-    def final_hidden(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
-        k, b = mask.shape[0], len(prep.pairs)
+    def final_hidden(
+        self, prep: Prepared, mask: torch.Tensor | None, values: FinalValues | None = None
+    ) -> torch.Tensor:
+        k, b = (1 if mask is None else mask.shape[0]), len(prep.pairs)
         attn = prep.pairs.base_attn.repeat(k, 1)
         cache = final_slot_cache(self._buffers(prep, k))  # outside the hooks: it may run the prefix
-        with patch_final_position(self.sites, mask, prep.alt_values):
+        with self._patched(prep, mask, values):
             out = self.body(
                 input_ids=prep.pairs.base_ids[:, -1:].repeat(k, 1).to(self.device),
                 attention_mask=attn.to(self.device),

@@ -27,9 +27,22 @@ class FinalValues:
     heads: List[torch.Tensor] = field(default_factory=list)  # per layer (B, n_heads * head_dim)
     mlps: List[torch.Tensor] = field(default_factory=list)  # per layer (B, hidden)
 
-    def rows(self, sl: slice) -> "FinalValues":
-        """The values of some of the prompts."""
+    def rows(self, sl: slice | torch.Tensor) -> "FinalValues":
+        """The values of some of the prompts (a slice, or an index tensor: rows may repeat)."""
         return FinalValues(heads=[h[sl] for h in self.heads], mlps=[m[sl] for m in self.mlps])
+
+    def map(self, fn) -> "FinalValues":
+        """The values with `fn` applied to each layer's tensor (B, C) -> (B', C)."""
+        return FinalValues(heads=[fn(h) for h in self.heads], mlps=[fn(m) for m in self.mlps])
+
+    @staticmethod
+    def concat(parts: List["FinalValues"]) -> "FinalValues":
+        """The values of several batches of prompts, one after another."""
+        n = len(parts[0].heads)
+        return FinalValues(
+            heads=[torch.cat([p.heads[i] for p in parts]) for i in range(n)],
+            mlps=[torch.cat([p.mlps[i] for p in parts]) for i in range(n)],
+        )
 
 
 @contextmanager

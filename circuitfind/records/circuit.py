@@ -81,6 +81,9 @@ class CircuitRecord:
     versions: Dict[str, str] = field(default_factory=dict)
     config: Dict[str, Any] = field(default_factory=dict)  # the whole composed config, resolved
     attention: Dict[str, Dict[str, float]] = field(default_factory=dict)  # circuit head -> slot -> attention
+    metrics_ci: Dict[str, List[float]] = field(default_factory=dict)  # metric key -> 95% bootstrap [low, high]
+    baseline_ci: Dict[str, List[float]] = field(default_factory=dict)  # the same for `baseline`
+    checks: Dict[str, Any] = field(default_factory=dict)  # the engine's self-checks (study/selfcheck.py)
     status: str = "complete"
 
     @property

@@ -22,11 +22,13 @@ from circuitfind.records import plots
 from circuitfind.records.circuit import (
     CIRCUIT_COLUMNS,
     EVAL_METRICS,
+    RECORD_FILE,
     CircuitRecord,
     headline_metrics,
     metric_key,
     read_record,
 )
+from circuitfind.records.evaluation import EVAL_FILE, evaluation_tables, read_evaluation
 from circuitfind.records.files import write_text
 from circuitfind.records.rundir import finished_runs, invocation_file, job_overrides
 from circuitfind.records.sweep import format_value as fmt
@@ -124,11 +126,79 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
     if transfer:
         page.text("Transfer split (slot values never used in training; rounded mask):")
         page.table(["split", "metric", "value"], transfer)
+    add_metrics_with_intervals(page, result.metrics, result.metrics_ci)
+    add_checks(page, result.checks)
+    evaluation = read_evaluation(run)
+    if evaluation is not None:
+        add_evaluation(page, evaluation)
     page.text(
         "Unpatched model on the same splits (task_acc: its first token is the answer's on the split's base "
         "prompts; acc_unpatched: the desideratum's accuracy when nothing is patched):"
     )
     page.table(["metric", "value"], [[k, v] for k, v in result.baseline.items()])
+
+
+def add_metrics_with_intervals(
+    page: Page, metrics: Mapping[str, float], intervals: Mapping[str, Sequence[float]]
+) -> None:
+    """Every held-out figure with its 95% bootstrap interval over the split's pairs."""
+    if not intervals:
+        return
+    page.text("Held-out figures of the circuit patched from the alternates, with 95% bootstrap intervals over pairs:")
+    page.table(
+        ["metric", "value", "95% interval"],
+        [[key, metrics[key], f"[{fmt(low)}, {fmt(high)}]"] for key, (low, high) in intervals.items() if key in metrics],
+    )
+
+
+def add_checks(page: Page, checks: Mapping[str, Any]) -> None:
+    """One line: the engine's self-checks, passed or skipped."""
+    if not checks:
+        return
+    if "skipped" in checks:
+        page.text(f"Self-checks skipped ({checks['skipped']}).")
+        return
+    passed = ", ".join(
+        f"{name} ({r['max_abs_diff']:.2g} <= {r['tolerance']:.2g})"
+        if name != "patch_all"
+        else f"{name} ({r['max_abs_diff']:.2g} > {r['tolerance']:.2g})"
+        for name, r in checks["results"].items()
+    )
+    page.text(f"Self-checks passed on {checks['pairs']} pairs in {checks['dtype']}: {passed}.")
+
+
+def add_evaluation(page: Page, ev: Dict[str, Any]) -> None:
+    """eval.json: necessity, sufficiency, areas and minimality under every ablation kind."""
+    page.html.append("<h4>Evaluation (eval.json)</h4>")
+    page.md += ["#### Evaluation (eval.json)", ""]
+    data = ev["data"]
+    page.text(
+        f"Circuit {', '.join(ev['circuit'])} ({ev['n_units']} of {ev['n_components']} units, from {ev['source']}); "
+        f"{data['n_test']} held-out pairs per desideratum, seed {data['seed']}; {ev['intervals']}. "
+        f"Faithfulness = {ev['faithfulness']}. Conditions: "
+        + "; ".join(f"{k}: {v}" for k, v in ev["conditions"].items())
+        + "."
+    )
+    for caption, columns, rows in evaluation_tables(ev):
+        page.text(caption)
+        page.table(columns, rows)
+    if ev["minimality"]["not_needed"]:
+        page.text(f"Not needed on held-out pairs: {', '.join(ev['minimality']['not_needed'])}.")
+    if "metrics" in ev:
+        add_metrics_with_intervals(page, ev["metrics"], ev["metrics_ci"])
+    if "checks" in ev:
+        add_checks(page, ev["checks"])
+
+
+def evaluation_only_report(path: Path, ev: Dict[str, Any]) -> Page:
+    """The report of a `circuitfind eval` folder that holds no run: its evaluation alone."""
+    page = Page(f"circuitfind evaluation: {path.name}", path)
+    page.section(
+        "evaluation",
+        f"{ev['desiderata']} on {ev['data']['task']}, model {ev['model']['name_or_path'] or ev['model']['kind']}",
+    )
+    add_evaluation(page, ev)
+    return page
 
 
 def add_evidence(page: Page, evidence: Dict[Path, Dict[str, Any]], desiderata: Mapping[str, str]) -> None:
@@ -244,6 +314,8 @@ def build_report(path: Path) -> tuple[Path, Path]:
     header: each setup gets its own section.
     """
     path = Path(path)
+    if (path / EVAL_FILE).is_file() and not (path / RECORD_FILE).is_file():
+        return write_page(path, evaluation_only_report(path, read_evaluation(path)))
     runs = finished_runs(path)
     results = {run: read_record(run) for run in runs}
     groups = group_by_setup(results)
@@ -263,6 +335,10 @@ def build_report(path: Path) -> tuple[Path, Path]:
     }
     add_evidence(page, evidence, next(iter(results.values())).titles)
     add_optimality(page, runs)
+    return write_page(path, page)
+
+
+def write_page(path: Path, page: Page) -> tuple[Path, Path]:
     html_path, md_path = path / "report.html", path / "report.md"
     write_text(html_path, page.render())
     write_text(md_path, "\n".join(page.md) + "\n")

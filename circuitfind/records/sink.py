@@ -19,6 +19,7 @@ import torch
 from circuitfind.model.space import ComponentSpace
 from circuitfind.records import plots
 from circuitfind.records.circuit import CIRCUIT_COLUMNS, CircuitRecord, metric_key, write_record
+from circuitfind.records.evaluation import EVAL_FILE, evaluation_lines
 from circuitfind.records.export import export_circuit
 from circuitfind.records.files import write_json, write_tensors, write_text
 from circuitfind.records.tracking import Tracker
@@ -34,7 +35,9 @@ class SearchResult:
     lam: float | None  # None for a baseline method
     mask: torch.Tensor  # (L, H+1) continuous weights, 1 = keep
     rounded: torch.Tensor  # (L, H+1) 0 = patched
+    scores: torch.Tensor  # (L, H+1) the ranking the mask comes from, higher = more important
     metrics: Dict[str, float]  # metric_key(...) -> value, rounded mask; continuous/... for the weights
+    metrics_ci: Dict[str, List[float]]  # metric_key(...) -> 95% bootstrap interval, rounded mask
     history: List[Dict[str, float]]  # one row per training step
 
 
@@ -70,12 +73,20 @@ class RunSink:
         self.tracker.table("baselines", keys, [[r.get(k) for k in keys] for r in rows])
 
     def write_result(
-        self, k: int, result: SearchResult, record: CircuitRecord, space: ComponentSpace, figures: Dict[str, Figure]
+        self,
+        k: int,
+        result: SearchResult,
+        record: CircuitRecord,
+        space: ComponentSpace,
+        figures: Dict[str, Figure],
+        evaluation: Dict[str, Any],
     ) -> Path:
-        """The k-th result's files, circuit.json last; `figures` are drawn besides the standard ones."""
+        """The k-th result's files, circuit.json last; `figures` are drawn besides the standard ones,
+        `evaluation` (study/circuit_eval.py) is eval.json."""
         out_dir, prefix = self.dirs[k], self.prefixes[k]
         names = space.names()
-        tensors = {"continuous": result.mask, "rounded": result.rounded}
+        write_evaluation(out_dir, evaluation)
+        tensors = {"continuous": result.mask, "rounded": result.rounded, "scores": result.scores}
         write_tensors(out_dir / "mask.safetensors", tensors, {"names": json.dumps(names)})
         if self.batched:  # the run directory's metrics.jsonl holds every lambda; each result gets its own
             write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in result.history))
@@ -120,3 +131,12 @@ def log_result(record: CircuitRecord, out_dir: Path) -> None:
             f"{record.label}: against the circuit planted in the model {p['planted']}: "
             f"precision {p['precision']:.2f}, recall {p['recall']:.2f}"
         )
+
+
+def write_evaluation(out_dir: Path, evaluation: Dict[str, Any]) -> Path:
+    """eval.json, and its summary in the log."""
+    path = Path(out_dir) / EVAL_FILE
+    write_json(path, evaluation)
+    for line in evaluation_lines(evaluation):
+        log.info(line)
+    return path

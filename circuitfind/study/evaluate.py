@@ -7,6 +7,7 @@ so the paper's "generated first digit" is read off one patched forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Dict, List, Sequence
 
 import torch
@@ -15,6 +16,7 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.methods.objective import clean_logit_diff
 from circuitfind.model.engine import FullEngine, Prepared
 from circuitfind.records.circuit import metric_key
+from circuitfind.study.bootstrap import as_pair, interval, resampled_means
 from circuitfind.task.desiderata import Desideratum
 
 
@@ -54,8 +56,8 @@ def prepare_split(desideratum: Desideratum, kind: str, batches: List[Prepared], 
     return split
 
 
-def baseline_metrics(split: EvalSplit) -> Dict[str, float]:
-    """How well the unpatched model does on the split's base prompts, the ones a circuit is judged on.
+def baseline_hits(split: EvalSplit) -> Dict[str, torch.Tensor]:
+    """How well the unpatched model does on the split's base prompts, the ones a circuit is judged on, per pair.
 
     task_acc: its first token is the answer's first token (on a transfer split: the transfer
     operation's own prompts, not the alternates, which may use another operation);
@@ -63,12 +65,25 @@ def baseline_metrics(split: EvalSplit) -> Dict[str, float]:
     """
     base_ok = torch.cat([pb == b.pairs.base_answer for pb, b in zip(split.pred_base, split.batches)])
     unpatched = hits(torch.cat(split.pred_base), _targets(split, own=False))
-    return {"task_acc": base_ok.float().mean().item(), "acc_unpatched": unpatched.float().mean().item()}
+    return {"task_acc": base_ok, "acc_unpatched": unpatched}
+
+
+def baseline_metrics(split: EvalSplit) -> Dict[str, float]:
+    return {k: v.float().mean().item() for k, v in baseline_hits(split).items()}
 
 
 def baseline_of(splits: Sequence[EvalSplit]) -> Dict[str, float]:
     """The unpatched model's metrics on every split, under their flat keys."""
     return {split.key(k): v for split in splits for k, v in baseline_metrics(split).items()}
+
+
+def baseline_intervals(splits: Sequence[EvalSplit], seed: int = 0) -> Dict[str, List[float]]:
+    """95% bootstrap intervals of baseline_of's figures, under the same keys."""
+    out = {}
+    for split in splits:
+        for metric, per_pair in baseline_hits(split).items():
+            out[split.key(metric)] = as_pair(interval(partial(resampled_means, per_pair), len(per_pair), seed=seed))
+    return out
 
 
 def low_baseline_warnings(
@@ -112,6 +127,57 @@ def full_effect(split: EvalSplit) -> torch.Tensor:
     return (torch.cat(split.d_alt) - torch.cat(split.d0)).cpu().mean()
 
 
+@dataclass
+class PairOutcomes:
+    """What K masks do to each pair of a split: the figures of `evaluate_masks` before averaging."""
+
+    hits: torch.Tensor  # (K, N) the first token is the task's target
+    hits_model: torch.Tensor  # (K, N) ... is the unpatched model's own answer on the target prompt
+    delta: torch.Tensor  # (K, N) d(patched) - d0
+    full: torch.Tensor  # (N,) the effect of patching everything: the clean alternate's d minus d0
+
+    def metrics(self, index: torch.Tensor | None = None) -> Dict[str, torch.Tensor]:
+        """Each metric per mask, (K,); with `index` (R, N), on each resample of the pairs, (K, R)."""
+        if index is None:
+            index = torch.arange(self.full.shape[0])[None]
+            return {k: v[:, 0] for k, v in self.metrics(index).items()}
+        delta = resampled_means(self.delta, index)
+        return {
+            "acc": resampled_means(self.hits, index),
+            "acc_model": resampled_means(self.hits_model, index),
+            "logit_diff": delta,
+            "logit_diff_norm": delta / resampled_means(self.full, index),
+        }
+
+    def intervals(self, seed: int = 0) -> Dict[str, torch.Tensor]:
+        """95% bootstrap interval of each metric per mask. {metric: (K, 2)}"""
+        stats: Dict[str, torch.Tensor] = {}
+
+        def statistic(index: torch.Tensor) -> torch.Tensor:
+            stats.update(self.metrics(index))
+            return torch.stack(list(stats.values()))  # (M, K, R)
+
+        bounds = interval(statistic, self.full.shape[0], seed=seed)
+        return dict(zip(stats, bounds))
+
+
+@torch.no_grad()
+def pair_outcomes(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> PairOutcomes:
+    """What each of K masks does to each pair of the split. mask (K, L, H+1)"""
+    preds, deltas = [], []
+    for prep, d0 in zip(split.batches, split.d0):
+        hidden = engine.final_hidden(prep, mask)  # (K, B, hidden)
+        preds.append(engine.readout.logits(hidden).argmax(-1).cpu())  # (K, B)
+        deltas.append(engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down) - d0)
+    pred = torch.cat(preds, dim=1)
+    return PairOutcomes(
+        hits=hits(pred, _targets(split, own=False)),
+        hits_model=hits(pred, _targets(split, own=True)),
+        delta=torch.cat(deltas, dim=1).cpu(),
+        full=(torch.cat(split.d_alt) - torch.cat(split.d0)).cpu(),
+    )
+
+
 @torch.no_grad()
 def evaluate_masks(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Metrics of each of K masks on a split. mask (K, L, H+1) -> {metric: (K,)}
@@ -121,30 +187,25 @@ def evaluate_masks(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> 
     d(patched) - d0; logit_diff_norm: that mean over the mean effect of patching
     everything (the clean alternate's d minus d0): 1 = full effect, 0 = none.
     """
-    preds, deltas = [], []
-    for prep, d0 in zip(split.batches, split.d0):
-        hidden = engine.final_hidden(prep, mask)  # (K, B, hidden)
-        preds.append(engine.readout.logits(hidden).argmax(-1).cpu())  # (K, B)
-        deltas.append(engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down) - d0)
-    pred = torch.cat(preds, dim=1)
-    delta = torch.cat(deltas, dim=1).cpu()  # (K, N)
-    full = full_effect(split)
-    return {
-        "acc": hits(pred, _targets(split, own=False)).float().mean(dim=1),
-        "acc_model": hits(pred, _targets(split, own=True)).float().mean(dim=1),
-        "logit_diff": delta.mean(dim=1),
-        "logit_diff_norm": delta.mean(dim=1) / full,
-    }
+    return pair_outcomes(split, engine, mask).metrics()
 
 
 @torch.no_grad()
 def evaluate_splits(
-    splits: Sequence[EvalSplit], engine: FullEngine, mask: torch.Tensor, kinds: Sequence[str] = ("test", "transfer")
+    splits: Sequence[EvalSplit],
+    engine: FullEngine,
+    mask: torch.Tensor,
+    kinds: Sequence[str] = ("test", "transfer"),
+    intervals: Dict[str, torch.Tensor] | None = None,
 ) -> Dict[str, torch.Tensor]:
-    """Every metric of each of K masks on the splits of the given kinds. {key: (K,)}"""
-    return {
-        split.key(metric): value
-        for split in splits
-        if split.kind in kinds
-        for metric, value in evaluate_masks(split, engine, mask).items()
-    }
+    """Every metric of each of K masks on the splits of the given kinds. {key: (K,)}
+
+    With `intervals` (a dict), their 95% bootstrap intervals are put in it under the same keys, (K, 2)."""
+    out = {}
+    for split in splits:
+        if split.kind in kinds:
+            outcomes = pair_outcomes(split, engine, mask)
+            out |= {split.key(metric): value for metric, value in outcomes.metrics().items()}
+            if intervals is not None:
+                intervals |= {split.key(metric): value for metric, value in outcomes.intervals().items()}
+    return out

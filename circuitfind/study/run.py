@@ -26,14 +26,24 @@ from circuitfind.methods.dbm import NonFiniteLoss, OnStep, round_mask, train_mas
 from circuitfind.methods.objective import Objective
 from circuitfind.records import plots
 from circuitfind.records.circuit import CircuitRecord, circuit_table
+from circuitfind.records.circuit_source import CircuitUnderTest, from_members
 from circuitfind.records.sink import Figure, RunSink, SearchResult
 from circuitfind.records.sweep import write_summary
 from circuitfind.records.tracking import Tracker
 from circuitfind.study.attention import attention_by_slot, final_position_attention
-from circuitfind.study.evaluate import EvalSplit, baseline_of, evaluate_splits, low_baseline_warnings
+from circuitfind.study.bootstrap import as_pair
+from circuitfind.study.circuit_eval import CircuitEvaluation
+from circuitfind.study.evaluate import (
+    EvalSplit,
+    baseline_intervals,
+    baseline_of,
+    evaluate_splits,
+    low_baseline_warnings,
+)
 from circuitfind.study.evidence import gather_evidence, wants_evidence
 from circuitfind.study.job import Job
 from circuitfind.study.planted import planted_scores
+from circuitfind.study.selfcheck import job_self_checks
 from circuitfind.task.pairs import data_fingerprint
 
 log = logging.getLogger(__name__)
@@ -50,14 +60,18 @@ def lambdas(cfg: DictConfig) -> List[float]:
     return [float(v) for v in cfg.optimizer.lams] if cfg.optimizer.lams else [float(cfg.optimizer.lam)]
 
 
-def find_masks(job: Job, objectives: Sequence[Objective], lams: List[float], on_step: OnStep) -> torch.Tensor:
-    """The K masks of this run: trained by DBM, or the top k of a baseline's ranking. (K, L, H+1)"""
+def find_masks(
+    job: Job, objectives: Sequence[Objective], lams: List[float], on_step: OnStep
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K masks of this run, trained by DBM or the top k of a baseline's ranking, and the ranking
+    of the units each comes from (higher = more important: 1 - weight for DBM). (K, L, H+1) each"""
     cfg = job.cfg
     if cfg.method.name == "dbm":
         lam = torch.tensor(lams, dtype=torch.float32, device=job.device)
-        return train_mask(job.engine, objectives, lam, cfg.optimizer, on_step, progress=cfg.progress)
+        mask = train_mask(job.engine, objectives, lam, cfg.optimizer, on_step, progress=cfg.progress)
+        return mask, 1 - mask
     scores = component_scores(cfg.method.name, job.engine, objectives, job.device, cfg.seed)
-    return top_k_mask(scores, cfg.method.k)[None]
+    return top_k_mask(scores, cfg.method.k)[None], scores[None]
 
 
 class StepLog:
@@ -94,8 +108,10 @@ class RunFacts:
     """What every result of one run shares: the unpatched model's metrics, warnings and timings."""
 
     baseline: Dict[str, float]
+    baseline_ci: Dict[str, List[float]]
     warnings: List[str]
     timing: Dict[str, Any]
+    checks: Dict[str, Any]
 
 
 def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecord:
@@ -111,7 +127,10 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
         lam=result.lam,
         method=OmegaConf.to_container(cfg.method, resolve=True),
         metrics=result.metrics,
+        metrics_ci=result.metrics_ci,
         baseline=facts.baseline,
+        baseline_ci=facts.baseline_ci,
+        checks=facts.checks,
         planted=planted_scores(job.model, [row["name"] for row in circuit]),
         warnings=facts.warnings,
         model={
@@ -172,23 +191,34 @@ def attention_figure(job: Job, record: CircuitRecord) -> Dict[str, Figure]:
     return {"attention": draw}
 
 
-def results_of(job: Job, splits, mask: torch.Tensor, lams: List[float], histories) -> List[SearchResult]:
-    """Each mask's held-out metrics, rounded (and, for accuracy, continuous). mask (K, L, H+1)"""
+def results_of(
+    job: Job, splits, mask: torch.Tensor, scores: torch.Tensor, lams: List[float], histories
+) -> List[SearchResult]:
+    """Each mask's held-out metrics with their 95% intervals, rounded (and, for accuracy, continuous).
+    mask, scores (K, L, H+1)"""
     rounded = round_mask(mask)
+    intervals: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        final = evaluate_splits(splits, job.engine, rounded)
+        final = evaluate_splits(splits, job.engine, rounded, intervals=intervals)
         continuous = held_out_accuracy(job, splits, mask)
     return [
         SearchResult(
             lam=lam if job.cfg.method.name == "dbm" else None,  # a baseline has no sparsity weight
             mask=mask[k],
             rounded=rounded[k],
+            scores=scores[k],
             metrics={key: float(v[k]) for key, v in final.items()}
             | {f"continuous/{key}": float(v[k]) for key, v in continuous.items()},
+            metrics_ci={key: as_pair(v[k]) for key, v in intervals.items()},
             history=histories[k],
         )
         for k, lam in enumerate(lams)
     ]
+
+
+def circuit_of(result: SearchResult, space) -> CircuitUnderTest:
+    """The circuit a result found (its rounded mask's patched units), ranked by its scores."""
+    return from_members(result.rounded.cpu() == 0, space, result.scores.detach().cpu(), "this run")
 
 
 class Run:
@@ -203,6 +233,9 @@ class Run:
         ):
             self.splits = job.eval_splits()
             self.objectives = job.objectives()
+        self.checks = job_self_checks(job)
+        self.evaluation = CircuitEvaluation(job, self.splits)
+        self.evaluation.check_reference()  # too few prompts for a mean ablation stops the run here
         self.baseline = baseline_of(self.splits)
         self.warnings = low_baseline_warnings(self.splits, self.baseline, job.cfg.min_baseline_acc, job.cfg.strict)
 
@@ -223,9 +256,9 @@ class Run:
         failed = True
         try:
             t_train = time.perf_counter()
-            mask = self.find(sink, step_log, lams)
+            mask, scores = self.find(sink, step_log, lams)
             train_s = time.perf_counter() - t_train
-            results = results_of(job, self.splits, mask, lams, step_log.histories)
+            results = results_of(job, self.splits, mask, scores, lams, step_log.histories)
             timing = {
                 "train_s": round(train_s, 3),
                 "total_s": round(time.perf_counter() - job.started, 3),
@@ -235,11 +268,12 @@ class Run:
             if wants_evidence(cfg.evidence):
                 evidence = gather_evidence(job, self.splits, self.objectives, mask[0])
                 sink.write_evidence(evidence, {d.name: d.title for d in job.desiderata})
-            facts = RunFacts(self.baseline, self.warnings, timing)
+            facts = RunFacts(self.baseline, baseline_intervals(self.splits), self.warnings, timing, self.checks)
             records = []
             for k, result in enumerate(results):
                 record = make_record(job, result, facts)
-                sink.write_result(k, result, record, job.space, attention_figure(job, record))
+                evaluation = self.evaluation(circuit_of(result, job.space))
+                sink.write_result(k, result, record, job.space, attention_figure(job, record), evaluation)
                 records.append(record)
             if sink.batched:
                 write_summary(Path(run_dir))
@@ -248,8 +282,8 @@ class Run:
         finally:
             sink.close(failed=failed)
 
-    def find(self, sink: RunSink, step_log: StepLog, lams: List[float]) -> torch.Tensor:
-        """The masks, with what to keep when training stops early (NaN, Ctrl-C). (K, L, H+1)"""
+    def find(self, sink: RunSink, step_log: StepLog, lams: List[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The masks and their rankings, with what to keep when training stops early (NaN, Ctrl-C). (K, L, H+1)"""
         try:
             with out_of_memory_hint(
                 "during mask training; set optimizer.batch_size smaller, train fewer lambdas at once, or use cache=cpu"

@@ -51,11 +51,15 @@ class Desideratum:
 
     def loss_of(self, delta: torch.Tensor, target_logprob: Optional[torch.Tensor]) -> torch.Tensor:
         """Loss per mask from delta = d(patched) - d(unpatched) or log p(target), (K, B) -> (K,)."""
+        return self.pair_loss(delta, target_logprob).mean(dim=-1)
+
+    def pair_loss(self, delta: torch.Tensor, target_logprob: Optional[torch.Tensor]) -> torch.Tensor:
+        """Each pair's share of the loss (the loss is their mean), (K, B) -> (K, B)."""
         if self.loss == "neg_delta":
-            return -delta.mean(dim=-1)  # push d towards the target
+            return -delta  # push d towards the target
         if self.loss == "delta_squared":
-            return (delta**2).mean(dim=-1)  # keep d where the unpatched model had it
-        return -target_logprob.mean(dim=-1)
+            return delta**2  # keep d where the unpatched model had it
+        return -target_logprob
 
 
 def desideratum_from(entry: Mapping, task: TaskSpec) -> Desideratum:

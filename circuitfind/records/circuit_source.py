@@ -1,0 +1,133 @@
+"""A circuit to evaluate, from wherever it comes: unit names, a run directory, a saved
+mask.safetensors, or a MIB circuit file (node level; `a{l}.h{h}` heads and `m{l}` MLPs)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from circuitfind.errors import CircuitfindError
+from circuitfind.model.space import ComponentSpace
+from circuitfind.records.circuit import RECORD_FILE
+
+MASK_FILE = "mask.safetensors"
+
+
+@dataclass
+class CircuitUnderTest:
+    """A circuit to evaluate: its units, and a ranking of every unit when the source has one."""
+
+    names: List[str]
+    members: torch.Tensor  # (L, H+1) bool, True = in the circuit
+    scores: Optional[torch.Tensor]  # (L, H+1) higher = more important; None without a ranking
+    source: str  # where it came from, for the record
+
+    @property
+    def ranked_by(self) -> str | None:
+        return None if self.scores is None else "the source's scores (1 - mask weight for a circuitfind mask)"
+
+
+def from_members(members: torch.Tensor, space: ComponentSpace, scores, source: str) -> CircuitUnderTest:
+    names = [u.name for u in space.units() if members[u.layer, u.col]]
+    return CircuitUnderTest(names, members.bool(), scores, source)
+
+
+def from_names(names: Sequence[str], space: ComponentSpace) -> CircuitUnderTest:
+    """The circuit of these units; unknown names are one error with the nearest valid ones."""
+    valid = space.names()
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        hints = [
+            f"{n} (did you mean {', '.join(difflib.get_close_matches(n, valid, n=3)) or 'nothing close'}?)"
+            for n in unknown
+        ]
+        raise CircuitfindError(
+            f"circuit: unknown unit(s) {'; '.join(hints)}; name units L<layer>.H<head> or L<layer>.MLP "
+            f"of this {space.n_layers}-layer, {space.n_heads}-head model"
+        )
+    members = torch.zeros(space.shape, dtype=torch.bool)
+    for unit in space.index(list(names)):
+        members[unit.layer, unit.col] = True
+    return CircuitUnderTest([u.name for u in space.units() if members[u.layer, u.col]], members, None, "names")
+
+
+def from_mask_file(path: Path, space: ComponentSpace) -> CircuitUnderTest:
+    """A circuitfind mask.safetensors: the rounded mask's patched units, ranked by 1 - continuous weight."""
+    tensors = load_file(str(path))
+    rounded, continuous = tensors.get("rounded"), tensors.get("continuous")
+    if rounded is None and continuous is None:
+        raise CircuitfindError(f"{path} holds no 'rounded' or 'continuous' mask; give a circuitfind mask.safetensors")
+    mask = rounded if rounded is not None else (continuous >= 0.5).float()
+    if tuple(mask.shape) != space.shape:
+        raise CircuitfindError(
+            f"{path} is a mask of shape {tuple(mask.shape)} (layers, heads + 1) and this model's is {space.shape}; "
+            "evaluate it on the model it was trained on (model=...)"
+        )
+    scores = 1 - continuous.float() if continuous is not None else None
+    return from_members(mask == 0, space, scores, str(path))
+
+
+def from_mib_file(path: Path, space: ComponentSpace) -> CircuitUnderTest:
+    """A MIB node-level circuit: the nodes in the graph, ranked by their scores when every node has one."""
+    try:
+        data = json.loads(Path(path).read_text())
+        nodes = data["nodes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CircuitfindError(
+            f"{path} is not a MIB circuit file (JSON with a 'nodes' table); give a node-level file"
+        ) from None
+    cfg = data.get("cfg", {})
+    shape = (cfg.get("n_layers"), cfg.get("n_heads"))
+    if shape != (space.n_layers, space.n_heads):
+        raise CircuitfindError(
+            f"{path} is a circuit of a model with {shape[0]} layers and {shape[1]} heads, and this model has "
+            f"{space.n_layers} and {space.n_heads}; evaluate it on the model it was found in (model=...)"
+        )
+    by_node = {u.mib_node: u for u in space.units()}
+    members = torch.zeros(space.shape, dtype=torch.bool)
+    scores = torch.full(space.shape, float("nan"))
+    for node, entry in nodes.items():
+        unit = by_node.get(node)
+        if unit is None:
+            continue  # MIB's `input` and `logits` nodes are not units
+        members[unit.layer, unit.col] = bool(entry.get("in_graph", False))
+        if entry.get("score") is not None:
+            scores[unit.layer, unit.col] = float(entry["score"])
+    ranked = None if torch.isnan(scores).any() else scores
+    return from_members(members, space, ranked, str(path))
+
+
+def read_circuit(spec, space: ComponentSpace) -> CircuitUnderTest:
+    """A circuit from `circuit=`: a list of unit names, or the path of a run directory, mask or MIB file."""
+    if isinstance(spec, (list, tuple)):
+        circuit = from_names([str(n) for n in spec], space)
+    else:
+        path = Path(str(spec))
+        if path.is_dir():
+            if not (path / MASK_FILE).is_file():
+                raise CircuitfindError(
+                    f"{path} holds no {MASK_FILE}; give a finished run directory (with {RECORD_FILE})"
+                )
+            path = path / MASK_FILE
+        if path.suffix == ".safetensors" and path.is_file():
+            circuit = from_mask_file(path, space)
+        elif path.suffix == ".json" and path.is_file():
+            circuit = from_mib_file(path, space)
+        elif path.exists():
+            raise CircuitfindError(
+                f"circuit={spec}: give a mask .safetensors, a MIB .json, a run directory or a list of unit names"
+            )
+        else:
+            circuit = from_names([str(spec)], space)  # one unit named without brackets
+    if not circuit.names:
+        raise CircuitfindError(
+            f"circuit={spec}: the circuit is empty, so there is nothing to test; name at least one unit "
+            "(circuit=[L2.H1,L2.MLP]) or give a mask or MIB file with units in it"
+        )
+    return circuit

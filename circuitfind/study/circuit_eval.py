@@ -1,0 +1,274 @@
+"""Testing a circuit, whoever found it: necessity, sufficiency, MIB-style areas and minimality.
+
+A circuit is a set of units. Under an ablation (study/ablation.py) the model is run in four
+conditions on every held-out pair:
+
+full          nothing ablated (the model itself)
+empty         every unit ablated
+necessity     the circuit's units ablated, the rest kept: how much the model loses without it
+sufficiency   every unit outside the circuit ablated, the circuit kept: how much it does alone
+
+Each condition gives task_acc (the first token is the base prompt's own answer), the
+desideratum's acc (its target; patching only, the other kinds have no alternate to follow)
+and logit_diff d = logit[up] - logit[down] (study/evaluate.py). Faithfulness, MIB's
+normalisation, is (d(condition) - d(empty)) / (d(full) - d(empty)): 1 = the whole model's
+effect, 0 = none. With a ranking of the units (a run's mask weights, a MIB score file), the
+faithfulness of the top n kept for n = 0, 1, 2, 5, ... gives MIB's areas: CPR = the area
+under it (higher is better), CMD = the area under |1 - it| (lower is better), over the
+fraction of units kept.
+
+Minimality: for each unit, the change of the held-out desiderata objective (the training
+objective on held-out pairs, patching) when that unit alone is left out of the circuit.
+
+Every figure carries a 95% bootstrap interval over the split's pairs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from circuitfind.model.engine import FullEngine
+from circuitfind.model.hooks import FinalValues
+from circuitfind.model.space import ComponentSpace
+from circuitfind.records.circuit_source import CircuitUnderTest
+from circuitfind.study.ablation import NEEDS_REFERENCE, Ablation, ablation_kinds, reference_values
+from circuitfind.study.bootstrap import LEVEL, estimates, percentile_interval, resampled_means, resamples
+from circuitfind.study.curves import curve_sizes
+from circuitfind.study.evaluate import EvalSplit, _targets, hits
+from circuitfind.task.pairs import data_fingerprint
+
+if TYPE_CHECKING:
+    from circuitfind.study.job import Job
+
+CONDITIONS = ("full", "empty", "necessity", "sufficiency")
+MASK_CHUNK = 16
+
+
+def keep_masks(members: torch.Tensor) -> torch.Tensor:
+    """The mask of each condition, 1 = keep, 0 = ablate. (L, H+1) -> (4, L, H+1)"""
+    inside = members.float()
+    return torch.stack([torch.ones_like(inside), torch.zeros_like(inside), 1 - inside, inside])
+
+
+def top_n_masks(scores: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Keep the top n units of the ranking, ablate the rest, for each n. (len(sizes), L, H+1)"""
+    order = scores.flatten().argsort(descending=True, stable=True)
+    masks = torch.zeros(len(sizes), scores.numel())
+    for i, n in enumerate(sizes):
+        masks[i, order[:n]] = 1
+    return masks.view(len(sizes), *scores.shape)
+
+
+@torch.no_grad()
+def outcomes(split: EvalSplit, engine: FullEngine, masks: torch.Tensor, ablation: Ablation) -> Dict[str, torch.Tensor]:
+    """Per pair under each mask: the base answer kept, the target hit, and d. {(K, N)}"""
+    preds, ds = [], []
+    for prep in split.batches:
+        values = ablation.values(prep)
+        pred_parts, d_parts = [], []
+        for part in masks.split(MASK_CHUNK):
+            hidden = engine.final_hidden(prep, part.to(engine.device), values)
+            pred_parts.append(engine.readout.logits(hidden).argmax(-1).cpu())
+            d_parts.append(engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down).cpu())
+        preds.append(torch.cat(pred_parts))
+        ds.append(torch.cat(d_parts))
+    pred = torch.cat(preds, dim=1)
+    base_answer = torch.cat([prep.pairs.base_answer for prep in split.batches]).cpu()
+    return {
+        "task_hit": pred == base_answer,
+        "hit": hits(pred, _targets(split, own=False)),
+        "d": torch.cat(ds, dim=1),
+    }
+
+
+def condition_statistic(per_pair: Dict[str, torch.Tensor], kind: str, n_curve: int, x: np.ndarray | None):
+    """The figures of one split under one ablation, on a resample index (R, N) -> {name: (R,)}."""
+
+    def statistic(index: torch.Tensor) -> Dict[str, torch.Tensor]:
+        task_acc = resampled_means(per_pair["task_hit"], index)
+        acc = resampled_means(per_pair["hit"], index)
+        d = resampled_means(per_pair["d"], index)
+        span = d[0] - d[1]  # full - empty
+        faith = (d - d[1]) / span
+        out: Dict[str, torch.Tensor] = {}
+        for c, name in enumerate(CONDITIONS):
+            out[f"{name}/task_acc"] = task_acc[c]
+            if kind == "patching":
+                out[f"{name}/acc"] = acc[c]
+            out[f"{name}/logit_diff"] = d[c]
+            out[f"{name}/faithfulness"] = faith[c]
+        out["necessity/task_acc_drop"] = task_acc[0] - task_acc[2]
+        out["necessity/faithfulness_drop"] = 1 - faith[2]
+        if n_curve:
+            curve = faith[len(CONDITIONS) :].numpy()  # (n_curve, R)
+            out["cpr"] = torch.from_numpy(np.trapezoid(curve, x, axis=0))
+            out["cmd"] = torch.from_numpy(np.trapezoid(np.abs(1 - curve), x, axis=0))
+        return out
+
+    return statistic
+
+
+def split_report(
+    split: EvalSplit, engine: FullEngine, circuit: CircuitUnderTest, ablation: Ablation, seed: int
+) -> Dict[str, Any]:
+    """Necessity, sufficiency and (with a ranking) the areas of one split under one ablation."""
+    masks = keep_masks(circuit.members)
+    sizes: List[int] = []
+    if circuit.scores is not None:
+        sizes = curve_sizes(circuit.members.numel())
+        masks = torch.cat([masks, top_n_masks(circuit.scores, sizes)])
+    per_pair = outcomes(split, engine, masks, ablation)
+    x = np.array(sizes, dtype=float) / circuit.members.numel() if sizes else None
+    n = per_pair["d"].shape[1]
+    figures = estimates(condition_statistic(per_pair, ablation.kind, len(sizes), x), n, seed=seed)
+    out: Dict[str, Any] = {"n_pairs": n}
+    for name, value in figures.items():
+        group, _, metric = name.rpartition("/")
+        (out.setdefault(group, {}) if group else out)[metric] = value
+    if sizes:
+        faith = per_pair["d"][len(CONDITIONS) :].float().mean(1)
+        d_full, d_empty = per_pair["d"][0].float().mean(), per_pair["d"][1].float().mean()
+        out["curve"] = {
+            "sizes": sizes,
+            "faithfulness": [round(float(v), 6) for v in (faith - d_empty) / (d_full - d_empty)],
+        }
+    return out
+
+
+@torch.no_grad()
+def minimality(
+    splits: Sequence[EvalSplit],
+    engine: FullEngine,
+    circuit: CircuitUnderTest,
+    space: ComponentSpace,
+    min_share: float,
+    seed: int,
+) -> Dict[str, Any]:
+    """Each unit's change of the held-out objective when it alone is left out of the circuit (patching).
+
+    The objective is the training one, sum of weight * loss over the trained desiderata, on their
+    held-out pairs; a unit matters when leaving it out raises the objective. `share` is that
+    rise over the circuit's whole improvement on patching nothing. A unit is flagged
+    (`needed: false`) when its rise cannot be told from zero (the interval reaches 0) or is
+    below `min_share` of the circuit's improvement.
+    """
+    units = [u for u in space.units() if circuit.members[u.layer, u.col]]
+    patched = 1 - circuit.members.float()
+    masks = [torch.ones_like(patched), patched]
+    for unit in units:
+        m = patched.clone()
+        m[unit.layer, unit.col] = 1
+        masks.append(m)
+    masks_t = torch.stack(masks)
+    terms = [s for s in splits if s.kind == "test" and s.desideratum.train]
+    losses = [pair_losses(split, engine, masks_t) for split in terms]  # (K, N_t) each
+    indices = [resamples(loss.shape[1], seed=seed + t) for t, loss in enumerate(losses)]
+
+    def objective(index_of: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return sum(
+            s.desideratum.weight * resampled_means(loss, index_of(t, loss))
+            for t, (s, loss) in enumerate(zip(terms, losses))
+        )  # (K, R)
+
+    point = objective(lambda t, loss: torch.arange(loss.shape[1])[None])[:, 0]
+    boot = objective(lambda t, loss: indices[t])
+    total = point[0] - point[1]
+    rows = []
+    for i, unit in enumerate(units):
+        change = float(point[2 + i] - point[1])
+        low, high = percentile_interval(boot[2 + i] - boot[1]).tolist()
+        share = change / float(total) if float(total) > 0 else None
+        rows.append(
+            {
+                "unit": unit.name,
+                "objective_change": {"value": round(change, 6) + 0.0, "ci": [round(low, 6), round(high, 6)]},
+                "share": None if share is None else round(share, 6),
+                "needed": low > 0 and share is not None and share >= min_share,
+            }
+        )
+    return {
+        "objective": "sum of weight * desideratum loss on the held-out pairs of the trained desiderata "
+        "(lower is better), units patched from the alternates",
+        "circuit_objective": round(float(point[1]), 6),
+        "nothing_patched_objective": round(float(point[0]), 6),
+        "min_share": min_share,
+        "units": rows,
+        "not_needed": [row["unit"] for row in rows if not row["needed"]],
+    }
+
+
+def pair_losses(split: EvalSplit, engine: FullEngine, masks: torch.Tensor) -> torch.Tensor:
+    """Each pair's loss of the split's desideratum under each mask (patching). (K, N)"""
+    des, parts = split.desideratum, []
+    for prep, d0 in zip(split.batches, split.d0):
+        chunk_losses = []
+        for part in masks.split(MASK_CHUNK):
+            hidden = engine.final_hidden(prep, part.to(engine.device))
+            if des.loss == "cross_entropy":
+                chunk_losses.append(des.pair_loss(None, engine.readout.target_logprob(hidden, prep.pairs.target)).cpu())
+            else:
+                delta = engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down) - d0.to(hidden.device)
+                chunk_losses.append(des.pair_loss(delta, None).cpu())
+        parts.append(torch.cat(chunk_losses))
+    return torch.cat(parts, dim=1)
+
+
+class CircuitEvaluation:
+    """The tests of any circuit on a job's held-out splits, under every ablation kind the config asks for.
+
+    The reference values of mean and resample ablations are recorded once, on first use."""
+
+    def __init__(self, job: "Job", splits: Sequence[EvalSplit]):
+        self.job, self.splits = job, splits
+        self.kinds = ablation_kinds(list(job.cfg.evaluate.ablations))
+        self._reference: FinalValues | None = None
+
+    def reference(self) -> FinalValues:
+        if self._reference is None:
+            self._reference = reference_values(self.job, self.job.cfg.evaluate.min_reference)
+        return self._reference
+
+    def check_reference(self) -> None:
+        """Stop now, before anything is written, if the mean or resample ablation has too few prompts."""
+        if any(kind in NEEDS_REFERENCE for kind in self.kinds):
+            self.reference()
+
+    def __call__(self, circuit: CircuitUnderTest) -> Dict[str, Any]:
+        job, cfg = self.job, self.job.cfg
+        seed = cfg.seed
+        ablations = {}
+        for kind in self.kinds:
+            ablation = Ablation(kind, self.reference() if kind in NEEDS_REFERENCE else None, seed)
+            ablations[kind] = {
+                "description": f"ablated units are {ablation.description}",
+                "splits": {s.name: split_report(s, job.engine, circuit, ablation, seed) for s in self.splits},
+            }
+        return {
+            "circuit": circuit.names,
+            "n_units": len(circuit.names),
+            "n_components": job.space.n_components,
+            "source": circuit.source,
+            "ranked_by": circuit.ranked_by,
+            "intervals": f"{LEVEL:.0%} bootstrap intervals over each split's pairs",
+            "conditions": {
+                "full": "nothing ablated",
+                "empty": "every unit ablated",
+                "necessity": "the circuit's units ablated, the rest kept",
+                "sufficiency": "every unit outside the circuit ablated, the circuit kept",
+            },
+            "faithfulness": "(d - d(empty)) / (d(full) - d(empty)), d the desideratum's logit difference",
+            "ablations": ablations,
+            "minimality": minimality(self.splits, job.engine, circuit, job.space, cfg.evaluate.min_share, seed),
+            "data": {
+                "task": job.task.name,
+                "fingerprint": data_fingerprint(job.data),
+                "n_test": cfg.task.n_test,
+                "n_transfer": cfg.task.n_transfer,
+                "seed": seed,
+            },
+            "model": {"kind": cfg.model.kind, "name_or_path": cfg.model.name_or_path, "dtype": cfg.model.dtype},
+            "desiderata": cfg.desiderata.name,
+        }
