@@ -1,6 +1,6 @@
 """circuitfind: find the circuit that performs a subtask, from causal desiderata."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def find_circuit(*overrides: str, run_dir=None):
@@ -8,3 +8,10 @@ def find_circuit(*overrides: str, run_dir=None):
     from circuitfind.api import find_circuit as run  # torch and transformers only when called
 
     return run(*overrides, run_dir=run_dir)
+
+
+def evaluate_circuit(*overrides: str, circuit=None, run=None, out_dir=None):
+    """Test a circuit from Python, as `circuitfind eval`; returns eval.json's contents (circuitfind.api)."""
+    from circuitfind.api import evaluate_circuit as evaluate
+
+    return evaluate(*overrides, circuit=circuit, run=run, out_dir=out_dir)

@@ -49,3 +49,24 @@ def find_circuit(*overrides: str, run_dir: str | Path | None = None) -> List[Cir
     clear_outputs(run_dir)
     write_invocation(run_dir, cfg, list(overrides))
     return run.execute(run_dir)
+
+
+def evaluate_circuit(*overrides: str, circuit=None, run: str | Path | None = None, out_dir: str | Path | None = None):
+    """Test a circuit as `circuitfind eval` does and return eval.json's contents.
+
+    `run`: a finished run directory (its config and, unless `circuit` is given, its circuit);
+    otherwise `overrides` compose the config and `circuit` is a list of unit names or the path of
+    a mask.safetensors or MIB circuit file. eval.json goes to `out_dir` (default: the run
+    directory, or `outputs/eval/<date>/<time>`).
+    """
+    import json
+
+    from circuitfind.study.eval_run import evaluate_to
+
+    if run is None and circuit is None:
+        from circuitfind.errors import CircuitfindError
+
+        raise CircuitfindError("give circuit=[unit names] or a mask or MIB file path, or run=<run directory>")
+    default = Path(run) if run is not None else Path("outputs/eval") / time.strftime("%Y-%m-%d/%H-%M-%S")
+    path = evaluate_to(Path(out_dir) if out_dir else default, list(overrides), run=Path(run) if run else None, circuit=circuit)
+    return json.loads(path.read_text())

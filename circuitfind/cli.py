@@ -90,6 +90,14 @@ def check_train_overrides(args: list[str]) -> None:
     if renamed:
         print(f"circuitfind: error: {renamed[0]!r}: {DATASET_RENAMED}", file=sys.stderr)
         sys.exit(2)
+    circuit = [a for a in args if a.lstrip("+").startswith("circuit=")]
+    if circuit:
+        print(
+            f"circuitfind: error: {circuit[0]!r}: train finds a circuit; to test one you have, run "
+            f"circuitfind eval <the same options> {circuit[0]}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     chosen = any(a.lstrip("+").startswith("desiderata=") for a in args)
     inner = [a for a in args if a.lstrip("+~").startswith("desiderata.")]
     if inner and not chosen:

@@ -28,17 +28,22 @@ CASES = {
     "single_patch": ("method=single_patch", "method.k=5"),
     "evidence_full": ("evidence=full",),
 }
-RECORDED_KEYS = ("circuit", "n_patched", "n_components", "lam", "method", "metrics", "baseline", "planted", "data")
+RECORDED_KEYS = (
+    "circuit", "n_patched", "n_components", "lam", "method", "metrics", "metrics_ci", "baseline", "baseline_ci",
+    "planted", "data",
+)  # fmt: skip
 TOLERANCE = 1e-6
 
 
 def snapshot(result_dir: Path) -> dict[str, Any]:
-    """What a user reads of one result: circuit.json without timings and versions, and the masks."""
+    """What a user reads of one result: circuit.json without timings, versions and self-check
+    rounding, the masks, and the circuit's tests (eval.json)."""
     circuit = json.loads((result_dir / "circuit.json").read_text())
     masks = load_file(result_dir / "mask.safetensors")
     return {key: circuit[key] for key in RECORDED_KEYS} | {
         "mask": masks["continuous"].flatten().tolist(),
         "rounded": masks["rounded"].flatten().tolist(),
+        "eval": json.loads((result_dir / "eval.json").read_text()),
     }
 
 

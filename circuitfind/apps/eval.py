@@ -56,7 +56,7 @@ def main(argv: List[str]) -> None:
     parser.add_argument(
         "--out", type=Path, help="where eval.json goes (default: the run directory, or outputs/eval/<date>/<time>)"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and key=value items in any order
     run, circuit, overrides = split_arguments(args.items)
     if args.n_test is not None:
         if args.n_test < 1:

@@ -201,6 +201,14 @@ def evaluation_only_report(path: Path, ev: Dict[str, Any]) -> Page:
     return page
 
 
+def with_ci(row: Mapping[str, Any], key: str) -> Any:
+    """A table cell: the value, with its 95% interval when the row has one (`<key>_ci`)."""
+    if f"{key}_ci" not in row:
+        return row.get(key)
+    low, high = row[f"{key}_ci"]
+    return f"{fmt(row[key])} [{fmt(low)}, {fmt(high)}]"
+
+
 def add_evidence(page: Page, evidence: Dict[Path, Dict[str, Any]], desiderata: Mapping[str, str]) -> None:
     page.section("baselines", "Baselines at equal circuit size")
     if not evidence:
@@ -214,7 +222,7 @@ def add_evidence(page: Page, evidence: Dict[Path, Dict[str, Any]], desiderata: M
             f"{run.name}: DBM circuit size {ev['dbm_size']}; components ranked by {ev['ranked_by']}; "
             "random rows are means over draws (std in evidence.json)."
         )
-        page.table(keys, [[row.get(k) for k in keys] for row in ev["comparison"]])
+        page.table(keys, [[with_ci(row, k) for k in keys] for row in ev["comparison"]])
     page.section("curves", "Faithfulness curves")
     for run, ev in evidence.items():
         if (run / "faithfulness.png").is_file():

@@ -11,8 +11,9 @@ import torch
 from circuitfind.methods.baselines import component_scores, ranking, top_k_mask
 from circuitfind.methods.dbm import train_mask
 from circuitfind.records.circuit import headline_metrics
+from circuitfind.study.bootstrap import as_pair
 from circuitfind.study.curves import faithfulness_curve
-from circuitfind.study.evaluate import EvalSplit, evaluate_masks
+from circuitfind.study.evaluate import EvalSplit, pair_outcomes
 
 if TYPE_CHECKING:
     from circuitfind.study.job import Job
@@ -29,17 +30,22 @@ def evaluated_names(splits: Sequence[EvalSplit]) -> List[str]:
 
 @torch.no_grad()
 def held_out_metrics(
-    splits: Sequence[EvalSplit], engine, masks: torch.Tensor, chunk: int = 16
-) -> List[Dict[str, float]]:
-    """The headline held-out metrics of each mask. (N, L, H+1) -> N dicts"""
+    splits: Sequence[EvalSplit], engine, masks: torch.Tensor, chunk: int = 16, intervals: bool = False
+) -> List[Dict[str, Any]]:
+    """The headline held-out metrics of each mask (with `intervals`, also `<key>_ci`: 95% bootstrap
+    [low, high] over pairs). (N, L, H+1) -> N dicts"""
     headline = set(headline_metrics(evaluated_names(splits), model_acc=False))
-    rows: List[Dict[str, float]] = [{} for _ in range(masks.shape[0])]
+    rows: List[Dict[str, Any]] = [{} for _ in range(masks.shape[0])]
     for split in splits:
         for start, part in zip(itertools.count(0, chunk), masks.split(chunk)):
-            for metric, values in evaluate_masks(split, engine, part).items():
+            outcomes = pair_outcomes(split, engine, part)
+            bounds = outcomes.intervals() if intervals else {}
+            for metric, values in outcomes.metrics().items():
                 if split.key(metric) in headline:
                     for i, v in enumerate(values.tolist()):
                         rows[start + i][split.key(metric)] = v
+                        if intervals:
+                            rows[start + i][f"{split.key(metric)}_ci"] = as_pair(bounds[metric][i])
     return rows
 
 
@@ -79,7 +85,7 @@ def compare_methods(dbm_mask: torch.Tensor, evidence, engine, objectives, splits
                 table += random_rows(draws, sizes, splits, engine)
                 continue
             masks = torch.stack([top_k_mask(s, k) for k in sizes])
-            for k, row in zip(sizes, held_out_metrics(splits, engine, masks)):
+            for k, row in zip(sizes, held_out_metrics(splits, engine, masks, intervals=True)):
                 table.append({"method": method, "k": k, **row})
     result: Dict[str, Any] = {"sizes": sizes, "dbm_size": k_dbm, "comparison": table, "ranked_by": "signed score"}
     if evidence.curves:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Tuple
@@ -31,17 +30,25 @@ def task_of(cfg: DictConfig) -> TaskSpec:
 
 @contextmanager
 def plain_tqdm_disabled(disabled: bool) -> Iterator[None]:
-    """tqdm bars made inside silenced (TQDM_DISABLE), and the environment as it was afterwards."""
-    before = os.environ.get("TQDM_DISABLE")
-    if disabled:
-        os.environ["TQDM_DISABLE"] = "1"
+    """Every tqdm bar made inside is silenced (the GGUF loader's is a plain tqdm, deaf to transformers'
+    switch), and tqdm is as it was afterwards. tqdm reads TQDM_DISABLE only when it is imported, so the
+    bars are turned off at their constructor instead."""
+    if not disabled:
+        yield
+        return
+    import tqdm.std
+
+    original = tqdm.std.tqdm.__init__
+
+    def quiet(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    tqdm.std.tqdm.__init__ = quiet
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
+        tqdm.std.tqdm.__init__ = original
 
 
 class Job:

@@ -97,10 +97,16 @@ class StepLog:
 
 
 @torch.no_grad()
-def held_out_accuracy(job: Job, splits: Sequence[EvalSplit], mask: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Accuracy of each mask on the held-out test splits. {key: (K,)}"""
-    metrics = evaluate_splits(splits, job.engine, mask, kinds=("test",))
-    return {split.key("acc"): metrics[split.key("acc")] for split in splits if split.kind == "test"}
+def held_out_accuracy(
+    job: Job, splits: Sequence[EvalSplit], mask: torch.Tensor, intervals: Dict[str, torch.Tensor] | None = None
+) -> Dict[str, torch.Tensor]:
+    """Accuracy of each mask on the held-out test splits. {key: (K,)}; with `intervals`, theirs go in it."""
+    every: Dict[str, torch.Tensor] = {}
+    metrics = evaluate_splits(splits, job.engine, mask, kinds=("test",), intervals=every)
+    keys = [split.key("acc") for split in splits if split.kind == "test"]
+    if intervals is not None:
+        intervals |= {key: every[key] for key in keys}
+    return {key: metrics[key] for key in keys}
 
 
 @dataclass
@@ -198,9 +204,10 @@ def results_of(
     mask, scores (K, L, H+1)"""
     rounded = round_mask(mask)
     intervals: Dict[str, torch.Tensor] = {}
+    continuous_intervals: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
         final = evaluate_splits(splits, job.engine, rounded, intervals=intervals)
-        continuous = held_out_accuracy(job, splits, mask)
+        continuous = held_out_accuracy(job, splits, mask, continuous_intervals)
     return [
         SearchResult(
             lam=lam if job.cfg.method.name == "dbm" else None,  # a baseline has no sparsity weight
@@ -209,7 +216,8 @@ def results_of(
             scores=scores[k],
             metrics={key: float(v[k]) for key, v in final.items()}
             | {f"continuous/{key}": float(v[k]) for key, v in continuous.items()},
-            metrics_ci={key: as_pair(v[k]) for key, v in intervals.items()},
+            metrics_ci={key: as_pair(v[k]) for key, v in intervals.items()}
+            | {f"continuous/{key}": as_pair(v[k]) for key, v in continuous_intervals.items()},
             history=histories[k],
         )
         for k, lam in enumerate(lams)

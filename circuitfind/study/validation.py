@@ -10,6 +10,7 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.methods.baselines import BASELINES, METHODS
 from circuitfind.model.engine import CACHE_POLICIES, ENGINES
 from circuitfind.records.tracking import BACKENDS, WANDB_MODES
+from circuitfind.study.ablation import ABLATIONS
 from circuitfind.study.evidence import wants_evidence
 from circuitfind.task.library import shipped
 
@@ -48,7 +49,7 @@ def validate(cfg: DictConfig) -> None:
             f"task {cfg.task.name} names no desiderata and none were chosen; add +desiderata=<name>, "
             f"one of: {', '.join(shipped('desiderata'))}"
         )
-    o, d, m, e, lg = cfg.optimizer, cfg.task, cfg.method, cfg.evidence, cfg.logger
+    o, d, m, e, lg, ev = cfg.optimizer, cfg.task, cfg.method, cfg.evidence, cfg.logger, cfg.evaluate
     lams = list(o.lams or [])
     checks = [
         (lg.backend in BACKENDS, f"logger.backend={lg.backend!r} is unknown; use logger=wandb or logger=none"),
@@ -85,6 +86,14 @@ def validate(cfg: DictConfig) -> None:
             e.stability_seeds >= 0 and e.random_draws >= 1,
             "evidence.stability_seeds must be >= 0 and evidence.random_draws >= 1",
         ),
+    ]
+    checks += [
+        (
+            all(k in ABLATIONS for k in ev.ablations),
+            f"evaluate.ablations={list(ev.ablations)} has an unknown kind; choose from {list(ABLATIONS)}",
+        ),
+        (ev.min_reference >= 2, f"evaluate.min_reference={ev.min_reference}; a mean needs at least 2 prompts"),
+        (0 <= ev.min_share < 1, f"evaluate.min_share={ev.min_share} must lie in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:
