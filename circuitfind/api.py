@@ -68,5 +68,7 @@ def evaluate_circuit(*overrides: str, circuit=None, run: str | Path | None = Non
 
         raise CircuitfindError("give circuit=[unit names] or a mask or MIB file path, or run=<run directory>")
     default = Path(run) if run is not None else Path("outputs/eval") / time.strftime("%Y-%m-%d/%H-%M-%S")
-    path = evaluate_to(Path(out_dir) if out_dir else default, list(overrides), run=Path(run) if run else None, circuit=circuit)
+    path = evaluate_to(
+        Path(out_dir) if out_dir else default, list(overrides), run=Path(run) if run else None, circuit=circuit
+    )
     return json.loads(path.read_text())

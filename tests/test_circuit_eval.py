@@ -257,5 +257,8 @@ def test_evaluate_circuit_from_python(tmp_path):
     from circuitfind import evaluate_circuit
 
     ev = evaluate_circuit(*QUIET, circuit=PLANTED, out_dir=tmp_path / "planted")
-    assert ev["ablations"]["patching"]["splits"]["vd_test"]["necessity"]["task_acc_drop"] == {"value": 1.0, "ci": [1.0, 1.0]}
+    assert ev["ablations"]["patching"]["splits"]["vd_test"]["necessity"]["task_acc_drop"] == {
+        "value": 1.0,
+        "ci": [1.0, 1.0],
+    }
     assert ev["minimality"]["not_needed"] == [] and (tmp_path / "planted" / "eval.json").is_file()

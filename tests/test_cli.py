@@ -247,7 +247,11 @@ def test_tokenizer_that_does_not_split_the_answer(cli, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_mask(cli, tmp_path):
     save_tiny_llama(tmp_path / "llama", poison=True)
     run_dir = tmp_path / "r"
-    res = cli("train", *SMOKE, "model=hf", f"model.name_or_path={tmp_path / 'llama'}", f"hydra.run.dir={run_dir}")
+    poisoned = (*SMOKE, "model=hf", f"model.name_or_path={tmp_path / 'llama'}")
+    res = cli("train", *poisoned, f"hydra.run.dir={tmp_path / 'checked'}")  # the self-checks see it first
+    assert res.returncode == 1 and "logits are not finite (NaN or inf) on 4 of the first 4 prompts" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "checked").exists()
+    res = cli("train", *poisoned, "checks=false", f"hydra.run.dir={run_dir}")  # then training does
     assert res.returncode == 1 and "non-finite" in res.stderr
     assert not (run_dir / "circuit.json").exists()
     kept = load_file(run_dir / "mask_last_good.safetensors")["continuous"]

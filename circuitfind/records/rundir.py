@@ -73,7 +73,11 @@ def load_config(run: Path) -> DictConfig:
 
 # A run directory also holds what Hydra keeps of the invocation; anything else is a run's output.
 INVOCATION = (".hydra",)
-IGNORED = ("progress", "overwrite", "checks")  # keys that change how a run looks, starts or is checked, never what it finds
+IGNORED = (
+    "progress",
+    "overwrite",
+    "checks",
+)  # keys that change how a run looks, starts or is checked, never what it finds
 
 
 def earlier_outputs(run_dir: Path) -> List[str]:

@@ -69,9 +69,17 @@ def self_checks(engine: FullEngine, encoded: EncodedPairs) -> Dict[str, Any]:
     shape = engine.space.shape
     results: Dict[str, Dict[str, Any]] = {}
     with torch.no_grad():
+        reference = model_logits(engine, pairs)
+        finite = torch.isfinite(reference).all(-1)
+        if not bool(finite.all()):
+            raise CircuitfindError(
+                f"self-check model failed: the model's own logits are not finite (NaN or inf) on "
+                f"{int((~finite).sum())} of the first {len(pairs)} prompts, before anything is patched; its weights "
+                "hold NaN or inf, or model.dtype overflows (float16: try bfloat16)"
+            )
         clean = engine.readout.logits(engine.clean_hidden(pairs.base_ids, pairs.base_attn))
         results["model"] = agreement(
-            "the engine's clean final logits against the unhooked model's", clean, model_logits(engine, pairs), dtype
+            "the engine's clean final logits against the unhooked model's", clean, reference, dtype
         )
         prep = engine.prepare(pairs)
         unhooked = engine.final_hidden(prep, None)
