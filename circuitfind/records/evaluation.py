@@ -1,12 +1,14 @@
-"""eval.json: the tests of one circuit (study/circuit_eval.py), as log lines and report tables."""
+"""eval.json: the tests of one circuit (study/circuit_eval.py), as log lines and report sections."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from circuitfind.errors import CircuitfindError
+from circuitfind.records.page import Page
+from circuitfind.records.sweep import format_value as fmt
 
 EVAL_FILE = "eval.json"
 COLUMNS = ("task_acc", "acc", "logit_diff", "faithfulness")
@@ -92,3 +94,66 @@ def evaluation_tables(ev: Dict[str, Any]) -> List[Table]:
         )
     )
     return tables
+
+
+def add_metrics_with_intervals(
+    page: Page, metrics: Mapping[str, float], intervals: Mapping[str, Sequence[float]]
+) -> None:
+    """Every held-out figure with its 95% bootstrap interval over the split's pairs."""
+    if not intervals:
+        return
+    page.text("Held-out figures of the circuit patched from the alternates, with 95% bootstrap intervals over pairs:")
+    page.table(
+        ["metric", "value", "95% interval"],
+        [[key, metrics[key], f"[{fmt(low)}, {fmt(high)}]"] for key, (low, high) in intervals.items() if key in metrics],
+    )
+
+
+def add_checks(page: Page, checks: Mapping[str, Any]) -> None:
+    """One line: the engine's self-checks, passed or skipped."""
+    if not checks:
+        return
+    if "skipped" in checks:
+        page.text(f"Self-checks skipped ({checks['skipped']}).")
+        return
+    passed = ", ".join(
+        f"{name} ({r['max_abs_diff']:.2g} <= {r['tolerance']:.2g})"
+        if name != "patch_all"
+        else f"{name} ({r['max_abs_diff']:.2g} > {r['tolerance']:.2g})"
+        for name, r in checks["results"].items()
+    )
+    page.text(f"Self-checks passed on {checks['pairs']} pairs in {checks['dtype']}: {passed}.")
+
+
+def add_evaluation(page: Page, ev: Dict[str, Any]) -> None:
+    """eval.json: necessity, sufficiency, areas and minimality under every ablation kind."""
+    page.html.append("<h4>Evaluation (eval.json)</h4>")
+    page.md += ["#### Evaluation (eval.json)", ""]
+    data = ev["data"]
+    page.text(
+        f"Circuit {', '.join(ev['circuit'])} ({ev['n_units']} of {ev['n_components']} units, from {ev['source']}); "
+        f"{data['n_test']} held-out pairs per desideratum, seed {data['seed']}; {ev['intervals']}. "
+        f"Faithfulness = {ev['faithfulness']}. Conditions: "
+        + "; ".join(f"{k}: {v}" for k, v in ev["conditions"].items())
+        + "."
+    )
+    for caption, columns, rows in evaluation_tables(ev):
+        page.text(caption)
+        page.table(columns, rows)
+    if ev["minimality"]["not_needed"]:
+        page.text(f"Not needed on held-out pairs: {', '.join(ev['minimality']['not_needed'])}.")
+    if "metrics" in ev:
+        add_metrics_with_intervals(page, ev["metrics"], ev["metrics_ci"])
+    if "checks" in ev:
+        add_checks(page, ev["checks"])
+
+
+def evaluation_only_report(path: Path, ev: Dict[str, Any]) -> Page:
+    """The report of a `circuitfind eval` folder that holds no run: its evaluation alone."""
+    page = Page(f"circuitfind evaluation: {path.name}", path)
+    page.section(
+        "evaluation",
+        f"{ev['desiderata']} on {ev['data']['task']}, model {ev['model']['name_or_path'] or ev['model']['kind']}",
+    )
+    add_evaluation(page, ev)
+    return page

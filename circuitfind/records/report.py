@@ -10,7 +10,6 @@ optimality where computed.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
@@ -28,60 +27,19 @@ from circuitfind.records.circuit import (
     metric_key,
     read_record,
 )
-from circuitfind.records.evaluation import EVAL_FILE, evaluation_tables, read_evaluation
+from circuitfind.records.evaluation import (
+    EVAL_FILE,
+    add_checks,
+    add_evaluation,
+    add_metrics_with_intervals,
+    evaluation_only_report,
+    read_evaluation,
+)
 from circuitfind.records.files import write_text
+from circuitfind.records.page import Page
 from circuitfind.records.rundir import finished_runs, invocation_file, job_overrides
 from circuitfind.records.sweep import format_value as fmt
 from circuitfind.records.sweep import summary_columns
-
-
-class Page:
-    """Builds the HTML and the Markdown side by side."""
-
-    def __init__(self, title: str, root: Path):
-        self.root = root
-        self.html: List[str] = [f"<h1>{html.escape(title)}</h1>"]
-        self.md: List[str] = [f"# {title}", ""]
-
-    def section(self, anchor: str, title: str) -> None:
-        self.html.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
-        self.md += [f"## {title}", ""]
-
-    def text(self, text: str) -> None:
-        self.html.append(f"<p>{html.escape(text)}</p>")
-        self.md += [text, ""]
-
-    def table(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
-        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        self.md += ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
-        self.md += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows] + [""]
-
-    def details(self, summary: str, text: str) -> None:
-        """A collapsed block of preformatted text (the composed config)."""
-        self.html.append(f"<details><summary>{html.escape(summary)}</summary><pre>{html.escape(text)}</pre></details>")
-        self.md += [f"<details><summary>{summary}</summary>", "", "```", text.rstrip(), "```", "", "</details>", ""]
-
-    def image(self, path: Path, alt: str) -> None:
-        data = base64.b64encode(Path(path).read_bytes()).decode()
-        self.html.append(
-            f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>'
-            f"<figcaption>{html.escape(alt)}</figcaption></figure>"
-        )
-        self.md += [f"![{alt}]({Path(path).relative_to(self.root)})", ""]
-
-    def render(self) -> str:
-        style = (
-            "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-            "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
-            "padding:3px 7px;text-align:right}th{background:#f4f4f4}img{max-width:100%}"
-            "figcaption{font-size:12px;color:#555}"
-        )
-        return (
-            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>circuitfind report</title>"
-            f"<style>{style}</style></head><body>{''.join(self.html)}</body></html>\n"
-        )
 
 
 def summary_rows(results: Dict[Path, CircuitRecord], columns: Sequence[str]) -> List[List[Any]]:
@@ -136,69 +94,6 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
         "prompts; acc_unpatched: the desideratum's accuracy when nothing is patched):"
     )
     page.table(["metric", "value"], [[k, v] for k, v in result.baseline.items()])
-
-
-def add_metrics_with_intervals(
-    page: Page, metrics: Mapping[str, float], intervals: Mapping[str, Sequence[float]]
-) -> None:
-    """Every held-out figure with its 95% bootstrap interval over the split's pairs."""
-    if not intervals:
-        return
-    page.text("Held-out figures of the circuit patched from the alternates, with 95% bootstrap intervals over pairs:")
-    page.table(
-        ["metric", "value", "95% interval"],
-        [[key, metrics[key], f"[{fmt(low)}, {fmt(high)}]"] for key, (low, high) in intervals.items() if key in metrics],
-    )
-
-
-def add_checks(page: Page, checks: Mapping[str, Any]) -> None:
-    """One line: the engine's self-checks, passed or skipped."""
-    if not checks:
-        return
-    if "skipped" in checks:
-        page.text(f"Self-checks skipped ({checks['skipped']}).")
-        return
-    passed = ", ".join(
-        f"{name} ({r['max_abs_diff']:.2g} <= {r['tolerance']:.2g})"
-        if name != "patch_all"
-        else f"{name} ({r['max_abs_diff']:.2g} > {r['tolerance']:.2g})"
-        for name, r in checks["results"].items()
-    )
-    page.text(f"Self-checks passed on {checks['pairs']} pairs in {checks['dtype']}: {passed}.")
-
-
-def add_evaluation(page: Page, ev: Dict[str, Any]) -> None:
-    """eval.json: necessity, sufficiency, areas and minimality under every ablation kind."""
-    page.html.append("<h4>Evaluation (eval.json)</h4>")
-    page.md += ["#### Evaluation (eval.json)", ""]
-    data = ev["data"]
-    page.text(
-        f"Circuit {', '.join(ev['circuit'])} ({ev['n_units']} of {ev['n_components']} units, from {ev['source']}); "
-        f"{data['n_test']} held-out pairs per desideratum, seed {data['seed']}; {ev['intervals']}. "
-        f"Faithfulness = {ev['faithfulness']}. Conditions: "
-        + "; ".join(f"{k}: {v}" for k, v in ev["conditions"].items())
-        + "."
-    )
-    for caption, columns, rows in evaluation_tables(ev):
-        page.text(caption)
-        page.table(columns, rows)
-    if ev["minimality"]["not_needed"]:
-        page.text(f"Not needed on held-out pairs: {', '.join(ev['minimality']['not_needed'])}.")
-    if "metrics" in ev:
-        add_metrics_with_intervals(page, ev["metrics"], ev["metrics_ci"])
-    if "checks" in ev:
-        add_checks(page, ev["checks"])
-
-
-def evaluation_only_report(path: Path, ev: Dict[str, Any]) -> Page:
-    """The report of a `circuitfind eval` folder that holds no run: its evaluation alone."""
-    page = Page(f"circuitfind evaluation: {path.name}", path)
-    page.section(
-        "evaluation",
-        f"{ev['desiderata']} on {ev['data']['task']}, model {ev['model']['name_or_path'] or ev['model']['kind']}",
-    )
-    add_evaluation(page, ev)
-    return page
 
 
 def with_ci(row: Mapping[str, Any], key: str) -> Any:

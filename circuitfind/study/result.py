@@ -1,0 +1,114 @@
+"""What one result of a search becomes: its circuit.json record, its attention figure, the circuit it tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+import transformers
+from omegaconf import OmegaConf
+
+import circuitfind
+from circuitfind.records import plots
+from circuitfind.records.circuit import CircuitRecord, circuit_table
+from circuitfind.records.circuit_source import CircuitUnderTest, from_members
+from circuitfind.records.sink import Figure, SearchResult
+from circuitfind.study.attention import attention_by_slot, final_position_attention
+from circuitfind.study.job import Job
+from circuitfind.study.planted import planted_scores
+from circuitfind.task.pairs import data_fingerprint
+
+
+@dataclass
+class RunFacts:
+    """What every result of one run shares: the unpatched model's metrics, warnings and timings."""
+
+    baseline: Dict[str, float]
+    baseline_ci: Dict[str, List[float]]
+    warnings: List[str]
+    timing: Dict[str, Any]
+    checks: Dict[str, Any]
+
+
+def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecord:
+    """The circuit.json record of one result."""
+    cfg, space = job.cfg, job.space
+    circuit = circuit_table(result.mask, result.rounded, space)
+    model_config = job.model.config.get_text_config()
+    return CircuitRecord(
+        circuit=circuit,
+        n_patched=len(circuit),
+        n_components=space.n_components,
+        fraction_patched=len(circuit) / space.n_components,
+        lam=result.lam,
+        method=OmegaConf.to_container(cfg.method, resolve=True),
+        metrics=result.metrics,
+        metrics_ci=result.metrics_ci,
+        baseline=facts.baseline,
+        baseline_ci=facts.baseline_ci,
+        checks=facts.checks,
+        planted=planted_scores(job.model, [row["name"] for row in circuit]),
+        warnings=facts.warnings,
+        model={
+            "kind": cfg.model.kind,
+            "name_or_path": cfg.model.name_or_path,
+            "model_type": job.model.config.model_type,
+            "n_layers": space.n_layers,
+            "n_heads": space.n_heads,
+            "hidden_size": model_config.hidden_size,
+            "dtype": cfg.model.dtype,
+            "device": str(job.device),
+            **{key: cfg.model.get(key) for key in ("device_map", "quantization", "gguf_file")},
+        },
+        data={
+            "fingerprint": data_fingerprint(job.data),
+            "task": job.task.name,
+            "template": job.task.template,
+            "sizes": {
+                n: {"train": len(v.train), "test": len(v.test), "transfer": len(v.transfer)}
+                for n, v in job.data.items()
+            },
+            "seed": cfg.seed,
+        },
+        desiderata=OmegaConf.to_container(cfg.desiderata, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        engine={"name": cfg.engine, "cache": cfg.cache},
+        timing=facts.timing,
+        versions={
+            "circuitfind": circuitfind.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        config=OmegaConf.to_container(cfg, resolve=True),
+        attention=slot_attention(job, circuit),
+    )
+
+
+def slot_attention(job: Job, circuit: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    """Where each circuit head looks from the final position, by slot, on the first desideratum's test prompts."""
+    heads = [(row["layer"], row["head"]) for row in circuit if row["kind"] == "head"]
+    if not heads:
+        return {}
+    prompts = [pair.base for pair in next(iter(job.data.values())).test]
+    return attention_by_slot(job.model, job.encoder, job.task, prompts, heads)
+
+
+def attention_figure(job: Job, record: CircuitRecord) -> Dict[str, Figure]:
+    """The final-position attention of the circuit's heads over the first desideratum's test prompts."""
+    heads = [(row["layer"], row["head"]) for row in record.circuit if row["kind"] == "head"]
+    if not heads:
+        return {}
+
+    def draw(path: Path) -> None:
+        first = next(iter(job.data))
+        weights, labels = final_position_attention(job.model, job.tokenizer, job.encoded[(first, "test")], heads)
+        plots.attention_figure(weights.numpy(), labels, [f"L{layer}.H{head}" for layer, head in heads], path)
+
+    return {"attention": draw}
+
+
+def circuit_of(result: SearchResult, space) -> CircuitUnderTest:
+    """The circuit a result found (its rounded mask's patched units), ranked by its scores."""
+    return from_members(result.rounded.cpu() == 0, space, result.scores.detach().cpu(), "this run")
