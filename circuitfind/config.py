@@ -118,6 +118,10 @@ class OptimizerConfig:
 
     lam: float = 0.05  # sparsity weight lambda
     lams: Optional[List[float]] = None  # several lambdas trained at once, K masks on shared batches
+    target_size: Optional[int] = None  # find the lambda whose circuit has exactly this many units (bisection)
+    target_range: List[float] = field(default_factory=lambda: [0.001, 10.0])  # lambdas searched, low and high
+    target_lams: int = 4  # lambdas trained side by side per round of the search
+    target_rounds: int = 4  # rounds before the search gives the nearest size found
     lr: float = 1e-2
     steps: int = 100  # iterations; each runs one step per desideratum
     eps: float = 1e-3  # the 1.001 of the l0.5 penalty: (1 + eps - w) ** 0.5

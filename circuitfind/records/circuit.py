@@ -84,6 +84,7 @@ class CircuitRecord:
     metrics_ci: Dict[str, List[float]] = field(default_factory=dict)  # metric key -> 95% bootstrap [low, high]
     baseline_ci: Dict[str, List[float]] = field(default_factory=dict)  # the same for `baseline`
     checks: Dict[str, Any] = field(default_factory=dict)  # the engine's self-checks (study/selfcheck.py)
+    lambda_search: Dict[str, Any] = field(default_factory=dict)  # optimizer.target_size (methods/target_size.py)
     status: str = "complete"
 
     @property

@@ -64,6 +64,13 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
     if (run / "mask_heatmap.png").is_file():
         page.image(run / "mask_heatmap.png", f"mask heatmap, {run.name}")
     page.table(CIRCUIT_COLUMNS, [[row.get(c) for c in CIRCUIT_COLUMNS] for row in result.circuit])
+    if result.lambda_search:
+        s = result.lambda_search
+        tried = ", ".join(f"λ={lam:g}: {size}" for lam, size in s["tried"])
+        page.text(
+            f"Target size {s['target_size']}: {'reached' if s['reached'] else 'not reached; the nearest is shown'} "
+            f"at λ={s['lam']:g}. Lambdas tried (units): {tried}."
+        )
     if result.planted:
         p = result.planted
         page.text(f"Planted circuit {p['planted']}: precision {p['precision']:.2f}, recall {p['recall']:.2f}.")

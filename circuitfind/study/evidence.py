@@ -117,15 +117,15 @@ def run_stability(seeds: Sequence[int], find_circuit: Callable[[int], List[str]]
     return stability({seed: find_circuit(seed) for seed in seeds}, names)
 
 
-def gather_evidence(job: "Job", splits, objectives, mask: torch.Tensor) -> Dict[str, Any]:
-    """Baselines at equal size, faithfulness curves and stability of the DBM circuit. mask (L, H+1)"""
+def gather_evidence(job: "Job", splits, objectives, mask: torch.Tensor, lam: float) -> Dict[str, Any]:
+    """Baselines at equal size, faithfulness curves and stability of the DBM circuit at `lam`. mask (L, H+1)"""
     cfg = job.cfg
     evidence = compare_methods(mask, cfg.evidence, job.engine, objectives, splits, cfg.seed)
     if cfg.evidence.stability_seeds:
         names = job.space.names()
 
         def find_circuit(seed: int) -> List[str]:
-            found = mask if seed == cfg.seed else retrain(job.with_seed(seed))
+            found = mask if seed == cfg.seed else retrain(job.with_seed(seed), lam)
             return [n for n, w in zip(names, found.flatten().tolist()) if w < 0.5]
 
         seeds = [cfg.seed + i for i in range(cfg.evidence.stability_seeds)]
@@ -133,9 +133,9 @@ def gather_evidence(job: "Job", splits, objectives, mask: torch.Tensor) -> Dict[
     return evidence
 
 
-def retrain(job: "Job") -> torch.Tensor:
-    """DBM's continuous mask at the job's lambda, without logging. (L, H+1)"""
-    lam = torch.tensor([job.cfg.optimizer.lam], device=job.device)
+def retrain(job: "Job", lam: float) -> torch.Tensor:
+    """DBM's continuous mask at `lam`, without logging. (L, H+1)"""
+    lams = torch.tensor([lam], device=job.device)
     cfg = job.cfg
     desc = f"stability: seed {cfg.seed}"
-    return train_mask(job.engine, job.objectives(), lam, cfg.optimizer, progress=cfg.progress, desc=desc)[0]
+    return train_mask(job.engine, job.objectives(), lams, cfg.optimizer, progress=cfg.progress, desc=desc)[0]

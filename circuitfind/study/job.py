@@ -75,6 +75,12 @@ class Job:
         self.sites = locate_components(self.model)
         self.space = self.sites.space
         k = cfg.method.k
+        size = cfg.optimizer.target_size
+        if size is not None and size > self.space.n_components:
+            raise CircuitfindError(
+                f"optimizer.target_size={size} is more than the model's {self.space.n_components} units; "
+                f"give a size between 0 and {self.space.n_components}"
+            )
         if cfg.method.name != "dbm" and k > self.space.n_components:
             raise CircuitfindError(
                 f"method.k={k} is more than the model's {self.space.n_components} components; "

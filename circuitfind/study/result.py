@@ -30,6 +30,7 @@ class RunFacts:
     warnings: List[str]
     timing: Dict[str, Any]
     checks: Dict[str, Any]
+    lambda_search: Dict[str, Any]  # optimizer.target_size: every lambda tried and the one chosen
 
 
 def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecord:
@@ -49,6 +50,7 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
         baseline=facts.baseline,
         baseline_ci=facts.baseline_ci,
         checks=facts.checks,
+        lambda_search=facts.lambda_search,
         planted=planted_scores(job.model, [row["name"] for row in circuit]),
         warnings=facts.warnings,
         model={

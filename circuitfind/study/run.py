@@ -21,6 +21,7 @@ from circuitfind.errors import CircuitfindError, out_of_memory_hint
 from circuitfind.methods.baselines import component_scores, top_k_mask
 from circuitfind.methods.dbm import NonFiniteLoss, OnStep, round_mask, train_mask
 from circuitfind.methods.objective import Objective
+from circuitfind.methods.target_size import LambdaSearch, search_lambda
 from circuitfind.records.circuit import CircuitRecord
 from circuitfind.records.sink import RunSink, SearchResult
 from circuitfind.records.sweep import write_summary
@@ -156,7 +157,10 @@ class Run:
         job, cfg = self.job, self.job.cfg
         for warning in self.warnings:
             log.warning(warning)
-        lams = lambdas(cfg)
+        t_search = time.perf_counter()
+        search = self.search_size() if cfg.optimizer.target_size is not None else None
+        search_s = time.perf_counter() - t_search
+        lams = [search.chosen] if search else lambdas(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
         tracker = Tracker(run_dir, cfg.logger, config, name=run_name(cfg, run_dir), group=group)
         sink = RunSink(run_dir, lams, bool(cfg.optimizer.lams), tracker, cfg.plots)
@@ -172,11 +176,14 @@ class Run:
                 "total_s": round(time.perf_counter() - job.started, 3),
                 "train_s_per_step": round(train_s / cfg.optimizer.steps, 5),
                 "masks_trained_together": len(lams),
-            }
+            } | ({"target_search_s": round(search_s, 3)} if search else {})
             if wants_evidence(cfg.evidence):
-                evidence = gather_evidence(job, self.splits, self.objectives, mask[0])
+                evidence = gather_evidence(job, self.splits, self.objectives, mask[0], lams[0])
                 sink.write_evidence(evidence, {d.name: d.title for d in job.desiderata})
-            facts = RunFacts(self.baseline, baseline_intervals(self.splits), self.warnings, timing, self.checks)
+            facts = RunFacts(
+                self.baseline, baseline_intervals(self.splits), self.warnings, timing, self.checks,
+                search.record() if search else {},
+            )  # fmt: skip
             records = []
             for k, result in enumerate(results):
                 record = make_record(job, result, facts)
@@ -189,6 +196,21 @@ class Run:
             return records
         finally:
             sink.close(failed=failed)
+
+    def search_size(self) -> LambdaSearch:
+        """The lambda whose circuit has optimizer.target_size units, by rounds of lambdas trained side by side."""
+        job, o = self.job, self.job.cfg.optimizer
+
+        def sizes_of(lams: Sequence[float]) -> List[int]:
+            lam = torch.tensor(list(lams), dtype=torch.float32, device=job.device)
+            desc = f"target size {o.target_size}: λ={','.join(f'{v:g}' for v in lams)}"
+            mask = train_mask(job.engine, self.objectives, lam, o, progress=job.cfg.progress, desc=desc)
+            return [int(n) for n in (mask < 0.5).flatten(1).sum(dim=1)]
+
+        with out_of_memory_hint("while searching for the target size; lower optimizer.target_lams"):
+            search = search_lambda(sizes_of, o.target_size, o.target_range, o.target_lams, o.target_rounds)
+        (log.info if search.found is not None else log.warning)(search.summary())
+        return search
 
     def find(self, sink: RunSink, step_log: StepLog, lams: List[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """The masks and their rankings, with what to keep when training stops early (NaN, Ctrl-C). (K, L, H+1)"""
@@ -221,6 +243,8 @@ def method_label(cfg: DictConfig) -> str:
     """`dbm λ=0.05`, `dbm λ=0.01,0.05`, or `single_patch k=5`."""
     if cfg.method.name != "dbm":
         return f"{cfg.method.name} k={cfg.method.k}"
+    if cfg.optimizer.target_size is not None:
+        return f"dbm size={cfg.optimizer.target_size}"
     return f"dbm λ={','.join(f'{lam:g}' for lam in lambdas(cfg))}"
 
 

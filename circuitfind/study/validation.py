@@ -95,6 +95,19 @@ def validate(cfg: DictConfig) -> None:
         (ev.min_reference >= 2, f"evaluate.min_reference={ev.min_reference}; a mean needs at least 2 prompts"),
         (0 <= ev.min_share < 1, f"evaluate.min_share={ev.min_share} must lie in [0, 1)"),
     ]
+    t = o.target_range
+    checks += [
+        (
+            o.target_size is None or (m.name == "dbm" and not lams),
+            "optimizer.target_size needs method=dbm and no optimizer.lams: the search chooses the lambda",
+        ),
+        (o.target_size is None or o.target_size >= 0, f"optimizer.target_size={o.target_size}; give a size >= 0"),
+        (
+            len(t) == 2 and 0 < t[0] < t[1],
+            f"optimizer.target_range={list(t)}; give [low, high] with 0 < low < high",
+        ),
+        (o.target_lams >= 2 and o.target_rounds >= 1, "optimizer.target_lams must be >= 2 and target_rounds >= 1"),
+    ]
     for ok, message in checks:
         if not ok:
             raise CircuitfindError(message)
