@@ -15,6 +15,7 @@ Variants are timed in turn within each repeat, so that other load hits all of th
     python scripts/bench.py                       # organism + SmolLM2-135M shape, batch 32
     python scripts/bench.py --shapes smollm2 --batch 32 --repeats 7
     python scripts/bench.py --shapes llama13b --device cuda --dtype float16   # on a GPU
+    python scripts/bench.py --setup tinyllama1b   # preparation and evaluation against 100 training steps
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ SHAPES = {
     "organism": (4, 8, 8, 64, 256, None),
     "smollm2": (30, 9, 3, 576, 1536, 49152),
     "llama13b": (40, 40, 40, 5120, 13824, 32000),
+    "tinyllama1b": (22, 32, 4, 2048, 5632, 32000),  # TinyLlama-1.1B's shape
 }
 
 
@@ -283,6 +285,63 @@ def bench_pairs(n: int = 10_000, repeats: int = 3) -> None:
         )
 
 
+def bench_setup(shape: str, steps: int = 3) -> None:
+    """Set-up cost: one `circuitfind train` run (random weights of this shape, the paper's 50 pairs
+    per split) timed by phase, with the whole-prompt pass that preparation no longer runs timed
+    beside it, in the same process; then preparation and evaluation as a share of a 100-step run."""
+    import tempfile
+    from pathlib import Path
+
+    from circuitfind.api import compose_train_config
+    from circuitfind.study.job import Job
+    from circuitfind.study.run import Run
+
+    layers, heads, kv, hidden, inter, _ = SHAPES[shape]
+    shape_keys = dict(n_layers=layers, n_heads=heads, n_kv_heads=kv, hidden=hidden, intermediate=inter)
+    overrides = ["+desiderata=vd_oi", "model=tiny_llama", f"optimizer.steps={steps}", "progress=false", "plots=false"]
+    cfg = compose_train_config(overrides + [f"model.tiny.{k}={v}" for k, v in shape_keys.items()])
+    started = time.perf_counter()
+    job = Job(cfg)
+    load = time.perf_counter() - started
+    started = time.perf_counter()
+    run = Run(job)  # every batch prepared, unpatched references, self-checks
+    prepare = time.perf_counter() - started
+    started = time.perf_counter()
+    with torch.no_grad():  # the passes the old preparation also ran: clean base runs, clean alternate runs
+        for split in run.splits:
+            for prep in split.batches:
+                job.engine.clean_hidden(prep.pairs.base_ids, prep.pairs.base_attn)
+                job.engine.clean_hidden(prep.pairs.alt_ids, prep.pairs.alt_attn)
+        for objective in run.objectives:
+            for prep in objective.batches:
+                job.engine.clean_hidden(prep.pairs.base_ids, prep.pairs.base_attn)
+    old_extra = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        record = run.execute(Path(folder) / "run")[0]
+        execute = time.perf_counter() - started
+    train = record.timing["train_s"]
+    evaluate = execute - train
+    step = train / steps
+    hundred = 100 * step
+    share = (prepare + evaluate) / (prepare + evaluate + hundred)
+    share_before = (prepare + old_extra + evaluate) / (prepare + old_extra + evaluate + hundred)
+    print(f"\n## set-up cost, {shape} {SHAPES[shape][:5]}, {torch.get_num_threads()} threads")
+    print("| phase | s |\n|---|---|")
+    for name, value in [
+        ("load (random weights)", load),
+        ("prepare (2 whole-prompt passes per batch, self-checks)", prepare),
+        ("the passes no longer run (old: 3 per train batch, 4 per held-out batch)", old_extra),
+        (f"train, per step ({steps} steps)", step),
+        ("evaluate (held-out metrics, circuit tests, records)", evaluate),
+    ]:
+        print(f"| {name} | {value:.1f} |")
+    print(
+        f"preparation + evaluation = {share:.0%} of a 100-step run [target <= 30%]; with the old passes "
+        f"{share_before:.0%}; preparation {prepare + old_extra:.0f} s -> {prepare:.0f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["organism", "smollm2"], choices=list(SHAPES))
@@ -292,9 +351,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--pairs", action="store_true", help="only the pair-generation benchmark")
+    parser.add_argument("--setup", choices=list(SHAPES), help="only the set-up cost of one run at this shape")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.setup:
+        bench_setup(args.setup)
+        return
     print(
         f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, batch {args.batch}, "
         f"median of {args.repeats}, {torch.get_num_threads()} threads"

@@ -115,3 +115,29 @@ def test_out_of_memory_is_a_clear_error(monkeypatch, tmp_path):
     cfg = compose("+desiderata=vd_oi", "experiment=smoke", "progress=false")
     with pytest.raises(CircuitfindError, match="optimizer.batch_size smaller"):
         run_search(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("engine", ["cached", "full"])
+def test_preparing_a_batch_runs_two_whole_prompts_and_keeps_nothing_patched_exact(engine):
+    """The alternate's run gives its values and its clean final state; the base's prefix and final token
+    (cached) give the clean base state: two passes over whole prompts per batch, not three or four."""
+    from circuitfind.study.job import Job
+
+    from conftest import compose
+
+    job = Job(compose("+desiderata=vd_oi", "progress=false", f"engine={engine}"))
+    lengths = []
+    handle = job.engine.body.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        splits, objectives = job.eval_splits(), job.objectives()
+    finally:
+        handle.remove()
+    batches = sum(len(s.batches) for s in splits) + sum(len(o.batches) for o in objectives)
+    whole = [n for n in lengths if n > 1]
+    assert len(whole) == 2 * batches and len(lengths) == (3 if engine == "cached" else 2) * batches
+    for split in splits:  # d0 is the no-hook run of the engine itself: keeping every unit moves nothing
+        prep, d0 = split.batches[0], split.d0[0]
+        keep_all = torch.ones(1, *job.space.shape)
+        assert torch.equal(patched_delta(job.engine, prep, d0, keep_all)[0], torch.zeros_like(d0))

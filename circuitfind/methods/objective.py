@@ -42,7 +42,7 @@ def clean_logit_diff(engine: FullEngine, hidden: torch.Tensor, pairs: EncodedPai
 def unpatched_logit_diff(engine: FullEngine, prep: Prepared) -> torch.Tensor:
     """d0: the logit difference on the clean base run. (B,)"""
     with torch.no_grad():
-        return clean_logit_diff(engine, engine.clean_hidden(prep.pairs.base_ids, prep.pairs.base_attn), prep.pairs)
+        return clean_logit_diff(engine, engine.clean_final(prep), prep.pairs)
 
 
 def patched_delta(engine: FullEngine, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ class Prepared:
 
     pairs: EncodedPairs
     alt_values: FinalValues  # the alternate prompts' clean final-position values
+    alt_hidden: torch.Tensor  # (B, hidden) the alternate prompts' clean final hidden state, from the same run
     prefix_kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per layer (B, kvH, T-1, D)
     buffers: Optional[Tuple[int, list]] = None  # (K, per layer (K*B, kvH, T, D)): engine=cached, cache=device
 
@@ -83,15 +84,22 @@ class FullEngine:
         return self._run(ids, attn, use_cache=False).last_hidden_state[:, -1]
 
     @torch.no_grad()
-    def final_values(self, ids: torch.Tensor, attn: torch.Tensor) -> FinalValues:
-        """Every component's clean value at the final position of these prompts."""
+    def final_values(self, ids: torch.Tensor, attn: torch.Tensor) -> tuple[FinalValues, torch.Tensor]:
+        """Every component's clean value at the final position of these prompts, and the final hidden state."""
         with record_final_values(self.sites) as values:
-            self._run(ids, attn, use_cache=False)
-        return values
+            out = self._run(ids, attn, use_cache=False)
+        return values, out.last_hidden_state[:, -1]
 
     @torch.no_grad()
     def prepare(self, pairs: EncodedPairs) -> Prepared:
-        return Prepared(pairs=pairs, alt_values=self.final_values(pairs.alt_ids, pairs.alt_attn))
+        values, hidden = self.final_values(pairs.alt_ids, pairs.alt_attn)
+        return Prepared(pairs=pairs, alt_values=values, alt_hidden=hidden)
+
+    @torch.no_grad()
+    def clean_final(self, prep: Prepared) -> torch.Tensor:
+        """The base prompts' unpatched final hidden state: the same computation as a patched step with
+        no hook, so that d(patched) - d0 is exactly 0 for a mask that keeps everything. (B, hidden)"""
+        return self.final_hidden(prep, None)[0]
 
     def final_hidden(
         self, prep: Prepared, mask: torch.Tensor | None, values: FinalValues | None = None

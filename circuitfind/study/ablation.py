@@ -56,7 +56,7 @@ def reference_values(job: "Job", minimum: int) -> FinalValues:
     parts = []
     for start in range(0, len(texts), size):
         ids, attn = left_pad([job.encoder.ids(t) for t in texts[start : start + size]], job.encoder.pad_id)
-        parts.append(job.engine.final_values(ids, attn))
+        parts.append(job.engine.final_values(ids, attn)[0])
     return FinalValues.concat(parts)
 
 

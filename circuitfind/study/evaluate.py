@@ -47,8 +47,8 @@ def prepare_split(desideratum: Desideratum, kind: str, batches: List[Prepared], 
     with torch.no_grad():
         for prep in batches:
             p = prep.pairs
-            h_base = engine.clean_hidden(p.base_ids, p.base_attn)
-            h_alt = engine.clean_hidden(p.alt_ids, p.alt_attn)
+            h_base = engine.clean_final(prep)  # the cached engine: its prefix and the final token
+            h_alt = prep.alt_hidden  # kept from the run that recorded the alternates' values
             split.d0.append(clean_logit_diff(engine, h_base, p))
             split.d_alt.append(clean_logit_diff(engine, h_alt, p))
             split.pred_base.append(readout.logits(h_base).argmax(-1).cpu())
