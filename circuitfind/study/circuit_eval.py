@@ -13,7 +13,7 @@ desideratum's acc (its target; patching only, the other kinds have no alternate 
 and logit_diff d = logit[up] - logit[down] (study/evaluate.py). Faithfulness, MIB's
 normalisation, is (d(condition) - d(empty)) / (d(full) - d(empty)): 1 = the whole model's
 effect, 0 = none. With a ranking of the units (a run's mask weights, a MIB score file), the
-faithfulness of the top n kept for n = 0, 1, 2, 5, ... gives MIB's areas: CPR = the area
+faithfulness of the top n kept for n = 0, 1, 2, 5, ... on each held-out test split gives MIB's areas: CPR = the area
 under it (higher is better), CMD = the area under |1 - it| (lower is better), over the
 fraction of units kept.
 
@@ -35,7 +35,7 @@ from circuitfind.model.hooks import FinalValues
 from circuitfind.model.space import ComponentSpace
 from circuitfind.records.circuit_source import CircuitUnderTest
 from circuitfind.study.ablation import NEEDS_REFERENCE, Ablation, ablation_kinds, reference_values
-from circuitfind.study.bootstrap import LEVEL, estimates, percentile_interval, resampled_means, resamples
+from circuitfind.study.bootstrap import LEVEL, estimates, percentile_interval, resampled_means, resamples, rounded
 from circuitfind.study.curves import curve_sizes
 from circuitfind.study.evaluate import EvalSplit, _targets, hits
 from circuitfind.task.pairs import data_fingerprint
@@ -64,7 +64,8 @@ def top_n_masks(scores: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def outcomes(split: EvalSplit, engine: FullEngine, masks: torch.Tensor, ablation: Ablation) -> Dict[str, torch.Tensor]:
-    """Per pair under each mask: the base answer kept, the target hit, and d. {(K, N)}"""
+    """Per pair, for the unpatched model (row 0, kept from the split's clean run) and under each mask:
+    the base answer kept, the target hit, and d. {(1 + K, N)}"""
     preds, ds = [], []
     for prep in split.batches:
         values = ablation.values(prep)
@@ -75,17 +76,17 @@ def outcomes(split: EvalSplit, engine: FullEngine, masks: torch.Tensor, ablation
             d_parts.append(engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down).cpu())
         preds.append(torch.cat(pred_parts))
         ds.append(torch.cat(d_parts))
-    pred = torch.cat(preds, dim=1)
+    pred = torch.cat([torch.cat(split.pred_base)[None], torch.cat(preds, dim=1)])
+    d = torch.cat([torch.cat(split.d0).cpu()[None], torch.cat(ds, dim=1)])
     base_answer = torch.cat([prep.pairs.base_answer for prep in split.batches]).cpu()
-    return {
-        "task_hit": pred == base_answer,
-        "hit": hits(pred, _targets(split, own=False)),
-        "d": torch.cat(ds, dim=1),
-    }
+    return {"task_hit": pred == base_answer, "hit": hits(pred, _targets(split, own=False)), "d": d}
 
 
 def condition_statistic(per_pair: Dict[str, torch.Tensor], kind: str, n_curve: int, x: np.ndarray | None):
-    """The figures of one split under one ablation, on a resample index (R, N) -> {name: (R,)}."""
+    """The figures of one split under one ablation, on a resample index (R, N) -> {name: (R,)}.
+
+    Rows of per_pair: the CONDITIONS, then the top n kept for each n of the curve but its ends (n = 0
+    is the empty condition, n = all the full one)."""
 
     def statistic(index: torch.Tensor) -> Dict[str, torch.Tensor]:
         task_acc = resampled_means(per_pair["task_hit"], index)
@@ -103,7 +104,7 @@ def condition_statistic(per_pair: Dict[str, torch.Tensor], kind: str, n_curve: i
         out["necessity/task_acc_drop"] = task_acc[0] - task_acc[2]
         out["necessity/faithfulness_drop"] = 1 - faith[2]
         if n_curve:
-            curve = faith[len(CONDITIONS) :].numpy()  # (n_curve, R)
+            curve = faith[[1, *range(len(CONDITIONS), len(CONDITIONS) + n_curve - 2), 0]].numpy()  # (n_curve, R)
             out["cpr"] = torch.from_numpy(np.trapezoid(curve, x, axis=0))
             out["cmd"] = torch.from_numpy(np.trapezoid(np.abs(1 - curve), x, axis=0))
         return out
@@ -114,12 +115,13 @@ def condition_statistic(per_pair: Dict[str, torch.Tensor], kind: str, n_curve: i
 def split_report(
     split: EvalSplit, engine: FullEngine, circuit: CircuitUnderTest, ablation: Ablation, seed: int
 ) -> Dict[str, Any]:
-    """Necessity, sufficiency and (with a ranking) the areas of one split under one ablation."""
-    masks = keep_masks(circuit.members)
+    """Necessity, sufficiency and (with a ranking, on a held-out test split) the areas of one split
+    under one ablation. The full condition is the split's clean run, not run again."""
+    masks = keep_masks(circuit.members)[1:]
     sizes: List[int] = []
-    if circuit.scores is not None:
+    if circuit.scores is not None and split.kind == "test":
         sizes = curve_sizes(circuit.members.numel())
-        masks = torch.cat([masks, top_n_masks(circuit.scores, sizes)])
+        masks = torch.cat([masks, top_n_masks(circuit.scores, sizes[1:-1])])
     per_pair = outcomes(split, engine, masks, ablation)
     x = np.array(sizes, dtype=float) / circuit.members.numel() if sizes else None
     n = per_pair["d"].shape[1]
@@ -129,12 +131,9 @@ def split_report(
         group, _, metric = name.rpartition("/")
         (out.setdefault(group, {}) if group else out)[metric] = value
     if sizes:
-        faith = per_pair["d"][len(CONDITIONS) :].float().mean(1)
-        d_full, d_empty = per_pair["d"][0].float().mean(), per_pair["d"][1].float().mean()
-        out["curve"] = {
-            "sizes": sizes,
-            "faithfulness": [round(float(v), 6) for v in (faith - d_empty) / (d_full - d_empty)],
-        }
+        d = per_pair["d"].float().mean(1)
+        curve = d[[1, *range(len(CONDITIONS), len(d)), 0]]
+        out["curve"] = {"sizes": sizes, "faithfulness": [rounded(v) for v in (curve - d[1]) / (d[0] - d[1])]}
     return out
 
 
