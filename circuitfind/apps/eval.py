@@ -73,8 +73,10 @@ def main(argv: List[str]) -> None:
     if run is not None:
         from circuitfind.records.rundir import finished_runs
 
+        models: dict = {}  # the runs of a sweep share their model: it is loaded once
         for one in finished_runs(run):
-            path = evaluate_to(args.out or one, overrides, run=one, circuit=circuit_spec(circuit) if circuit else None)
+            spec = circuit_spec(circuit) if circuit else None
+            path = evaluate_to(args.out or one, overrides, run=one, circuit=spec, models=models)
             print(f"evaluation written: {path}")
         return
     out = args.out or Path("outputs/eval") / time.strftime("%Y-%m-%d/%H-%M-%S")

@@ -52,12 +52,22 @@ def patched_delta(engine: FullEngine, prep: Prepared, d0: torch.Tensor, mask: to
     return d - d0.to(d.device)
 
 
+def loss_inputs(engine: FullEngine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
+    """What a desideratum's loss reads under each mask: (delta, None), or (None, log p(target)) for
+    cross-entropy. mask (K, L, H+1) -> (K, B) tensors"""
+    if des.loss == "cross_entropy":
+        return None, engine.readout.target_logprob(engine.final_hidden(prep, mask), prep.pairs.target)
+    return patched_delta(engine, prep, d0, mask), None
+
+
 def term_loss(engine: FullEngine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
     """A desideratum's loss on one sub-batch for each mask. mask (K, L, H+1) -> (K,)"""
-    if des.loss == "cross_entropy":
-        hidden = engine.final_hidden(prep, mask)
-        return des.loss_of(None, engine.readout.target_logprob(hidden, prep.pairs.target))
-    return des.loss_of(patched_delta(engine, prep, d0, mask), None)
+    return des.loss_of(*loss_inputs(engine, des, prep, d0, mask))
+
+
+def term_pair_loss(engine: FullEngine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
+    """Each pair's share of that loss (the loss is their mean). mask (K, L, H+1) -> (K, B)"""
+    return des.pair_loss(*loss_inputs(engine, des, prep, d0, mask))
 
 
 def loss_parts(engine: FullEngine, obj: Objective, mask: torch.Tensor) -> Iterator[torch.Tensor]:

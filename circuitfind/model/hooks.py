@@ -27,8 +27,8 @@ class FinalValues:
     heads: List[torch.Tensor] = field(default_factory=list)  # per layer (B, n_heads * head_dim)
     mlps: List[torch.Tensor] = field(default_factory=list)  # per layer (B, hidden)
 
-    def rows(self, sl: slice | torch.Tensor) -> "FinalValues":
-        """The values of some of the prompts (a slice, or an index tensor: rows may repeat)."""
+    def rows(self, sl: slice) -> "FinalValues":
+        """The values of some of the prompts."""
         return FinalValues(heads=[h[sl] for h in self.heads], mlps=[m[sl] for m in self.mlps])
 
     def map(self, fn) -> "FinalValues":

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence
 import numpy as np
 import torch
 
+from circuitfind.methods.objective import term_pair_loss
 from circuitfind.model.engine import FullEngine
 from circuitfind.model.hooks import FinalValues
 from circuitfind.model.space import ComponentSpace
@@ -47,10 +48,11 @@ CONDITIONS = ("full", "empty", "necessity", "sufficiency")
 MASK_CHUNK = 16
 
 
-def keep_masks(members: torch.Tensor) -> torch.Tensor:
-    """The mask of each condition, 1 = keep, 0 = ablate. (L, H+1) -> (4, L, H+1)"""
+def ablating_masks(members: torch.Tensor) -> torch.Tensor:
+    """The mask of each condition that ablates something: empty, necessity, sufficiency; 1 = keep,
+    0 = ablate (the full condition is the clean run). (L, H+1) -> (3, L, H+1)"""
     inside = members.float()
-    return torch.stack([torch.ones_like(inside), torch.zeros_like(inside), 1 - inside, inside])
+    return torch.stack([torch.zeros_like(inside), 1 - inside, inside])
 
 
 def top_n_masks(scores: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
@@ -117,7 +119,7 @@ def split_report(
 ) -> Dict[str, Any]:
     """Necessity, sufficiency and (with a ranking, on a held-out test split) the areas of one split
     under one ablation. The full condition is the split's clean run, not run again."""
-    masks = keep_masks(circuit.members)[1:]
+    masks = ablating_masks(circuit.members)
     sizes: List[int] = []
     if circuit.scores is not None and split.kind == "test":
         sizes = curve_sizes(circuit.members.numel())
@@ -183,16 +185,16 @@ def minimality(
         rows.append(
             {
                 "unit": unit.name,
-                "objective_change": {"value": round(change, 6) + 0.0, "ci": [round(low, 6), round(high, 6)]},
-                "share": None if share is None else round(share, 6),
+                "objective_change": {"value": rounded(change), "ci": [rounded(low), rounded(high)]},
+                "share": None if share is None else rounded(share),
                 "needed": low > 0 and share is not None and share >= min_share,
             }
         )
     return {
         "objective": "sum of weight * desideratum loss on the held-out pairs of the trained desiderata "
         "(lower is better), units patched from the alternates",
-        "circuit_objective": round(float(point[1]), 6),
-        "nothing_patched_objective": round(float(point[0]), 6),
+        "circuit_objective": rounded(point[1]),
+        "nothing_patched_objective": rounded(point[0]),
         "min_share": min_share,
         "units": rows,
         "not_needed": [row["unit"] for row in rows if not row["needed"]],
@@ -201,17 +203,12 @@ def minimality(
 
 def pair_losses(split: EvalSplit, engine: FullEngine, masks: torch.Tensor) -> torch.Tensor:
     """Each pair's loss of the split's desideratum under each mask (patching). (K, N)"""
-    des, parts = split.desideratum, []
+    parts = []
     for prep, d0 in zip(split.batches, split.d0):
-        chunk_losses = []
-        for part in masks.split(MASK_CHUNK):
-            hidden = engine.final_hidden(prep, part.to(engine.device))
-            if des.loss == "cross_entropy":
-                chunk_losses.append(des.pair_loss(None, engine.readout.target_logprob(hidden, prep.pairs.target)).cpu())
-            else:
-                delta = engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down) - d0.to(hidden.device)
-                chunk_losses.append(des.pair_loss(delta, None).cpu())
-        parts.append(torch.cat(chunk_losses))
+        chunks = [
+            term_pair_loss(engine, split.desideratum, prep, d0, m.to(engine.device)) for m in masks.split(MASK_CHUNK)
+        ]
+        parts.append(torch.cat(chunks).cpu())
     return torch.cat(parts, dim=1)
 
 

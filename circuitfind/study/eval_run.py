@@ -18,7 +18,7 @@ from circuitfind.records.circuit import read_record
 from circuitfind.records.circuit_source import CircuitUnderTest, read_circuit
 from circuitfind.records.rundir import load_config
 from circuitfind.records.sink import write_evaluation
-from circuitfind.study.bootstrap import as_pair
+from circuitfind.study.bootstrap import as_pair, rounded
 from circuitfind.study.circuit_eval import CircuitEvaluation
 from circuitfind.study.evaluate import evaluate_splits
 from circuitfind.study.job import Job
@@ -50,7 +50,7 @@ def circuit_metrics(job: Job, splits, circuit: CircuitUnderTest) -> Dict[str, An
     intervals: Dict[str, torch.Tensor] = {}
     metrics = evaluate_splits(splits, job.engine, mask, intervals=intervals)
     return {
-        "metrics": {key: round(float(v[0]), 6) for key, v in metrics.items()},
+        "metrics": {key: rounded(v[0]) for key, v in metrics.items()},
         "metrics_ci": {key: as_pair(v[0]) for key, v in intervals.items()},
     }
 

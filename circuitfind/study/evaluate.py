@@ -122,9 +122,14 @@ def hits(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (pred[..., None] == targets).any(-1)
 
 
+def full_effects(split: EvalSplit) -> torch.Tensor:
+    """Each pair's effect of patching everything: the clean alternate's d minus the base's d0. (N,)"""
+    return (torch.cat(split.d_alt) - torch.cat(split.d0)).cpu()
+
+
 def full_effect(split: EvalSplit) -> torch.Tensor:
-    """The mean effect of patching everything: the clean alternate's d minus the base's d0."""
-    return (torch.cat(split.d_alt) - torch.cat(split.d0)).cpu().mean()
+    """The mean effect of patching everything."""
+    return full_effects(split).mean()
 
 
 @dataclass
@@ -174,7 +179,7 @@ def pair_outcomes(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> P
         hits=hits(pred, _targets(split, own=False)),
         hits_model=hits(pred, _targets(split, own=True)),
         delta=torch.cat(deltas, dim=1).cpu(),
-        full=(torch.cat(split.d_alt) - torch.cat(split.d0)).cpu(),
+        full=full_effects(split),
     )
 
 
