@@ -138,6 +138,16 @@ class MethodConfig:
 
 
 @dataclass
+class UnitsConfig:
+    """What the mask covers (configs/units/): the kind of unit, at which token positions (model/space.py)."""
+
+    kind: str = "heads_mlps"  # heads_mlps | residual | neurons
+    positions: List[str] = field(default_factory=lambda: ["last"])  # last, all, task slots (slot#2: 2nd mention)
+    group_size: int = 1  # neurons: neurons per unit (1 = single neurons); must divide the MLP width
+    memory_gb: Optional[float] = None  # what the masks and caches may take; None: the device's free memory
+
+
+@dataclass
 class EvidenceConfig:
     """Extra evidence computed after a DBM run (evidence=full turns all of it on)."""
 
@@ -178,6 +188,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = MISSING
     logger: LoggerConfig = MISSING
     method: MethodConfig = field(default_factory=MethodConfig)
+    units: UnitsConfig = field(default_factory=UnitsConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     checks: bool = True  # self-checks of the engine against the model before the search (study/selfcheck.py)

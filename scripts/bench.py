@@ -36,8 +36,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from circuitfind.methods.objective import patched_delta, unpatched_logit_diff
 from circuitfind.model.builtin import build_char_tokenizer
 from circuitfind.model.components import locate_components
-from circuitfind.model.engine import final_slot_cache, make_engine, prefix_buffers, returned_cache, with_cache
-from circuitfind.model.hooks import FinalValues, record_final_values
+from circuitfind.model.engine import make_engine, prefix_buffers, returned_cache, suffix_slot_cache, with_cache
+from circuitfind.model.hooks import SiteValues, record_final_values
 from circuitfind.model.loading import DTYPES
 from circuitfind.model.readout import Readout
 from circuitfind.task.encoding import PairEncoder, position_ids
@@ -74,7 +74,7 @@ def random_llama(shape: str, dtype: torch.dtype, device: str):
 class PublishedStyle:
     """The published script's step: whole prompt, all logits, a Python loop over heads."""
 
-    def __init__(self, model, sites, enc, alt_values: FinalValues):
+    def __init__(self, model, sites, enc, alt_values: SiteValues):
         self.model, self.sites, self.enc, self.alt = model, sites, enc, alt_values
         self.readout = Readout(model)
 
@@ -90,7 +90,7 @@ class PublishedStyle:
                 for h in range(space.n_heads):  # one einsum per head re-computes o_proj's share
                     w_h = module.weight[:, h * hd : (h + 1) * hd]
                     base = torch.einsum("bd,od->bo", x[:, h * hd : (h + 1) * hd], w_h)
-                    alt = torch.einsum("bd,od->bo", self.alt.heads[layer][:, h * hd : (h + 1) * hd], w_h)
+                    alt = torch.einsum("bd,od->bo", self.alt.points["heads"][layer][:, h * hd : (h + 1) * hd], w_h)
                     new_last = new_last + mask[0, layer, h] * base + (1 - mask[0, layer, h]) * alt
                 return torch.cat([output[:, :-1], new_last[:, None].to(output.dtype)], dim=1)
 
@@ -99,7 +99,7 @@ class PublishedStyle:
         def mlp_hook(layer):
             def hook(module, args, output):
                 w = mask[0, layer, space.n_heads]
-                mixed = w * output[:, -1] + (1 - w) * self.alt.mlps[layer]
+                mixed = w * output[:, -1] + (1 - w) * self.alt.points["mlps"][layer]
                 return torch.cat([output[:, :-1], mixed[:, None].to(output.dtype)], dim=1)
 
             return hook
@@ -120,18 +120,20 @@ class PublishedStyle:
 
 
 def floor_step(model, prefix_kv, enc, readout) -> Callable[[], torch.Tensor]:
-    """Forward and backward of the final token alone: the least a mask step can cost."""
+    """Forward and backward of the suffix after the cached prefix alone, with no hook: the least a
+    mask step on that suffix can cost (the final token alone after a prefix of T-1)."""
     embed = model.get_input_embeddings()
+    offset = prefix_kv[0][0].shape[2]
     # The same no-copy cache as engine=cached.
-    buffers = prefix_buffers(prefix_kv, 1, [enc.base_ids.device] * len(prefix_kv))
+    buffers = prefix_buffers(prefix_kv, 1, [enc.base_ids.device] * len(prefix_kv), enc.base_ids.shape[1])
 
     def step() -> torch.Tensor:
-        x = embed(enc.base_ids[:, -1:]).detach().requires_grad_(True)
+        x = embed(enc.base_ids[:, offset:]).detach().requires_grad_(True)
         out = model.base_model(
             inputs_embeds=x,
             attention_mask=enc.base_attn,
-            position_ids=position_ids(enc.base_attn)[:, -1:],
-            **with_cache(model.base_model, final_slot_cache(buffers)),
+            position_ids=position_ids(enc.base_attn)[:, offset:],
+            **with_cache(model.base_model, suffix_slot_cache(buffers, offset)),
         )
         d = readout.logit_diff(out.last_hidden_state[:, -1][None], enc.alt_answer, enc.base_answer)
         d.mean().backward()
@@ -219,7 +221,7 @@ def bench_shape(shape: str, batch: int, repeats: int, device: str, dtype: torch.
         mask = torch.full((k, *sites.space.shape), 0.7, device=device, requires_grad=True)
         return lambda: vd.loss_of(patched_delta(eng, prep, d0, mask), None).sum().backward()
 
-    with torch.no_grad(), record_final_values(sites) as alt_values:
+    with torch.no_grad(), record_final_values(sites, *enc.alt_ids.shape) as alt_values:
         model.base_model(input_ids=enc.alt_ids, attention_mask=enc.alt_attn, position_ids=position_ids(enc.alt_attn))
     published = PublishedStyle(model, sites, enc, alt_values)
     pub_mask = torch.full((1, *sites.space.shape), 0.7, device=device, requires_grad=True)

@@ -106,15 +106,16 @@ def test_nothing_ablated_is_the_unpatched_model_under_every_ablation(job):
 def test_ablation_values_are_zero_the_reference_mean_and_a_fixed_draw_of_reference_prompts(job):
     prep = job.prepared("vd", "test")[0]
     reference = reference_values(job, minimum=20)
-    assert reference.heads[0].shape[0] == len({p.base.text for dd in job.data.values() for p in dd.train})
+    heads, mlps = reference.values.points["heads"], reference.values.points["mlps"]
+    assert reference.n_prompts == heads[0].shape[0] == len({p.base.text for dd in job.data.values() for p in dd.train})
     zero = Ablation("zero").values(prep)
-    assert all(float(v.abs().max()) == 0 for v in zero.heads + zero.mlps)
+    assert all(float(v.abs().max()) == 0 for layers in zero.points.values() for v in layers)
     mean = Ablation("mean", reference).values(prep)
-    assert torch.allclose(mean.mlps[1][3], reference.mlps[1].mean(0))
+    assert torch.allclose(mean.points["mlps"][1][3], mlps[1].mean(0), atol=1e-6)
     resample = Ablation("resample", reference, seed=0)
     first, again = resample.values(prep), resample.values(prep)
-    assert torch.equal(first.heads[2], again.heads[2])  # one draw per batch, kept across mask chunks
-    rows = [int((reference.heads[2] == row).all(-1).nonzero()[0]) for row in first.heads[2][:10]]
+    assert torch.equal(first.points["heads"][2], again.points["heads"][2])  # one draw per batch, kept
+    rows = [int((heads[2] == row).all(-1).nonzero()[0]) for row in first.points["heads"][2][:10]]
     assert len(set(rows)) > 3  # prompts drawn per pair, not one for all
     assert Ablation("patching").values(prep) is None  # the engine patches from the alternates
 
@@ -212,11 +213,11 @@ def broken(monkeypatch, what: str) -> None:
         monkeypatch.setattr(
             engine.CachedEngine,
             "_prefix_kv",
-            lambda self, pairs: [(k.roll(1, 0), v.roll(1, 0)) for k, v in original(self, pairs)],
+            lambda self, pairs, offset: [(k.roll(1, 0), v.roll(1, 0)) for k, v in original(self, pairs, offset)],
         )
     elif what == "keep_all":  # a hook that moves values it should keep
-        original_mix = hooks._mix_last
-        monkeypatch.setattr(hooks, "_mix_last", lambda x, alt, keep, take: original_mix(x, alt, keep, take) * 1.001)
+        original_mix = hooks._mix
+        monkeypatch.setattr(hooks, "_mix", lambda *args: original_mix(*args) * 1.001)
     elif what == "model":  # a wrapper whose logits are not the model's
         original_logits = readout.Readout.logits
         monkeypatch.setattr(

@@ -8,13 +8,26 @@ MLP's output. Adding a model family is one `Adapter` entry in `ADAPTERS`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
 from circuitfind.errors import CircuitfindError
-from circuitfind.model.space import ComponentSpace
+from circuitfind.model.space import LAST, UNIT_KINDS, ComponentSpace
+
+
+@dataclass(frozen=True)
+class UnitsChoice:
+    """Which units the mask covers (the `units` config group): their kind, positions and group size."""
+
+    kind: str = "heads_mlps"
+    positions: Tuple[str, ...] = (LAST,)
+    group_size: int = 1
+
+    def __post_init__(self):
+        if self.kind not in UNIT_KINDS:
+            raise CircuitfindError(f"units.kind={self.kind!r} is unknown; choose from {', '.join(UNIT_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,7 @@ class Adapter:
     layers: str  # the ModuleList of decoder layers
     head_proj: str  # per layer: the linear map whose input is the heads' outputs side by side
     mlp: str  # per layer: the MLP whose output is added to the residual stream
+    mlp_down: str = "mlp.down_proj"  # per layer: the MLP's output projection, whose input is its neurons
     n_heads_key: str = "num_attention_heads"  # config key of the number of query heads
     hidden_key: str = "hidden_size"  # config key of the residual width (head_dim = hidden / n_heads)
     head_dim_key: str | None = "head_dim"  # config key of an explicit head size (Gemma, Qwen3), if any
@@ -46,19 +60,29 @@ ADAPTERS = {
     "gemma2": _LLAMA_LIKE,  # post-attention/post-MLP norms, soft-capping, sliding-window layers
     "phi3": _LLAMA_LIKE,  # fused qkv_proj and gate_up_proj; o_proj is separate
     "gpt2": Adapter(
-        layers="transformer.h", head_proj="attn.c_proj", mlp="mlp", n_heads_key="n_head", hidden_key="n_embd"
+        layers="transformer.h",
+        head_proj="attn.c_proj",
+        mlp="mlp",
+        mlp_down="mlp.c_proj",
+        n_heads_key="n_head",
+        hidden_key="n_embd",
     ),
-    "gpt_neox": Adapter(layers="gpt_neox.layers", head_proj="attention.dense", mlp="mlp"),  # Pythia
+    "gpt_neox": Adapter(  # Pythia
+        layers="gpt_neox.layers", head_proj="attention.dense", mlp="mlp", mlp_down="mlp.dense_4h_to_h"
+    ),
 }
 
 
 @dataclass
 class Sites:
-    """The modules to hook, one head projection and one MLP per layer."""
+    """The modules to hook, per layer: the decoder layer (its input is the residual stream), the
+    head projection, the MLP and the MLP's output projection (its input is the neurons)."""
 
     space: ComponentSpace
     head_projs: List[nn.Module]
     mlps: List[nn.Module]
+    layers: List[nn.Module]
+    mlp_downs: List[nn.Module]
 
 
 def _get(root: nn.Module, dotted: str) -> nn.Module:
@@ -92,8 +116,9 @@ def input_width(module: nn.Module) -> int | None:
     return None
 
 
-def locate_components(model: nn.Module) -> Sites:
-    """Find every head and MLP of a supported causal LM."""
+def locate_components(model: nn.Module, units: UnitsChoice | None = None) -> Sites:
+    """Find every head, MLP, neuron and residual site of a supported causal LM; `units` chooses
+    which of them the mask covers, and at which positions (default: heads and MLPs, final position)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
@@ -105,19 +130,35 @@ def locate_components(model: nn.Module) -> Sites:
         layers = _get(model, adapter.layers)
         head_projs = [_get(layer, adapter.head_proj) for layer in layers]
         mlps = [_get(layer, adapter.mlp) for layer in layers]
+        mlp_downs = [_get(layer, adapter.mlp_down) for layer in layers]
     except AttributeError as e:
         raise CircuitfindError(
             f"the {model_type} adapter does not match this model ({e}); the adapter for this family is wrong"
         ) from None
     n_heads, head_dim = head_shape(config, adapter)
-    space = ComponentSpace(n_layers=len(layers), n_heads=n_heads, head_dim=head_dim)
+    units = units or UnitsChoice()
+    mlp_width = input_width(mlp_downs[0]) or 0
+    if units.kind == "neurons" and (units.group_size < 1 or mlp_width % units.group_size):
+        raise CircuitfindError(
+            f"units.group_size={units.group_size} does not divide the MLP width {mlp_width}; "
+            f"give a divisor of {mlp_width} (1 = single neurons)"
+        )
+    space = ComponentSpace(
+        n_layers=len(layers),
+        n_heads=n_heads,
+        head_dim=head_dim,
+        kind=units.kind,
+        positions=tuple(units.positions),
+        group_size=units.group_size,
+        mlp_width=mlp_width,
+    )
     in_features = input_width(head_projs[0])
     if in_features is not None and in_features != n_heads * head_dim:
         raise CircuitfindError(
             f"{adapter.head_proj} takes {in_features} inputs, not n_heads*head_dim = {n_heads * head_dim}; "
             "the adapter for this family is wrong"
         )
-    return Sites(space=space, head_projs=head_projs, mlps=mlps)
+    return Sites(space=space, head_projs=head_projs, mlps=mlps, layers=list(layers), mlp_downs=mlp_downs)
 
 
 def unsupported_family(model_type: str | None) -> CircuitfindError:

@@ -1,9 +1,10 @@
 """Engines: the patched model's final-position hidden state, as cheaply as possible.
 
-Only the final position is patched, so nothing before it changes between optimisation
-steps. `CachedEngine` (the default) runs each batch's prefix once, keeps its KV cache, and
-then runs only the final token per step. `FullEngine` runs the whole prompt every step; it
-is the plain reference the cached engine is tested against.
+Units are patched at their positions only (the final token by default), so nothing before
+the earliest of them changes between optimisation steps. `CachedEngine` (the default) runs
+each batch's prefix up to that position once, keeps its KV cache, and then runs only the
+suffix per step (the final token alone by default). `FullEngine` runs the whole prompt every
+step; it is the plain reference the cached engine is tested against.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import Sites, device_of
-from circuitfind.model.hooks import FinalValues, patch_final_position, record_final_values
+from circuitfind.model.hooks import SiteIndex, SiteValues, patch_sites, record_values
 from circuitfind.model.readout import Readout
 from circuitfind.task.encoding import EncodedPairs, position_ids
 
@@ -47,9 +48,11 @@ class Prepared:
     """What the engine keeps of one batch for all optimisation steps."""
 
     pairs: EncodedPairs
-    alt_values: FinalValues  # the alternate prompts' clean final-position values
+    where: SiteIndex  # the units' sites in this batch
+    alt_values: SiteValues  # the alternate prompts' clean values at the sites
     alt_hidden: torch.Tensor  # (B, hidden) the alternate prompts' clean final hidden state, from the same run
-    prefix_kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per layer (B, kvH, T-1, D)
+    offset: int = 0  # engine=cached: the tokens before this index (the earliest site) are run once
+    prefix_kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per layer (B, kvH, offset, D)
     buffers: Optional[Tuple[int, list]] = None  # (K, per layer (K*B, kvH, T, D)): engine=cached, cache=device
 
 
@@ -84,16 +87,19 @@ class FullEngine:
         return self._run(ids, attn, use_cache=False).last_hidden_state[:, -1]
 
     @torch.no_grad()
-    def final_values(self, ids: torch.Tensor, attn: torch.Tensor) -> tuple[FinalValues, torch.Tensor]:
-        """Every component's clean value at the final position of these prompts, and the final hidden state."""
-        with record_final_values(self.sites) as values:
+    def site_values(
+        self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor
+    ) -> tuple[SiteValues, torch.Tensor]:
+        """Every unit's clean value at tokens (rows, toks) of these prompts, and the final hidden state."""
+        with record_values(self.sites, rows, toks) as values:
             out = self._run(ids, attn, use_cache=False)
         return values, out.last_hidden_state[:, -1]
 
     @torch.no_grad()
     def prepare(self, pairs: EncodedPairs) -> Prepared:
-        values, hidden = self.final_values(pairs.alt_ids, pairs.alt_attn)
-        return Prepared(pairs=pairs, alt_values=values, alt_hidden=hidden)
+        where = SiteIndex.of(pairs.base_pos, pairs.alt_pos)
+        values, hidden = self.site_values(pairs.alt_ids, pairs.alt_attn, where.rows, where.alt_tok)
+        return Prepared(pairs=pairs, where=where, alt_values=values, alt_hidden=hidden)
 
     @torch.no_grad()
     def clean_final(self, prep: Prepared) -> torch.Tensor:
@@ -101,80 +107,78 @@ class FullEngine:
         no hook, so that d(patched) - d0 is exactly 0 for a mask that keeps everything. (B, hidden)"""
         return self.final_hidden(prep, None)[0]
 
-    def final_hidden(
-        self, prep: Prepared, mask: torch.Tensor | None, values: FinalValues | None = None
-    ) -> torch.Tensor:
+    def final_hidden(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None = None) -> torch.Tensor:
         """Final-position hidden state of the base prompts patched under each of K masks.
 
         The values patched in are the alternates' unless `values` (an ablation's) are given;
         mask None runs the same computation with no hook at all (the self-checks compare the two).
-        mask (K, L, H+1) -> (K, B, hidden)
+        mask (K, L, n_cols) -> (K, B, hidden)
         """
         k, b = (1 if mask is None else mask.shape[0]), len(prep.pairs)
         ids, attn = prep.pairs.base_ids.repeat(k, 1), prep.pairs.base_attn.repeat(k, 1)
-        with self._patched(prep, mask, values):
+        with self._patched(prep, mask, values, offset=0):
             out = self._run(ids, attn, use_cache=False)
         return out.last_hidden_state[:, -1].view(k, b, -1)
 
-    def _patched(self, prep: Prepared, mask: torch.Tensor | None, values: FinalValues | None):
+    def _patched(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None, offset: int):
         if mask is None:
             return nullcontext()
-        return patch_final_position(self.sites, mask, prep.alt_values if values is None else values)
+        return patch_sites(self.sites, mask, prep.alt_values if values is None else values, prep.where, offset)
 
 
-class FinalSlotLayer(DynamicLayer):
-    """One layer's prefix keys/values plus a free slot that the final token writes in place.
+class SuffixSlotLayer(DynamicLayer):
+    """One layer's prefix keys/values plus free slots that the suffix tokens write in place.
 
-    The stock cache concatenates the new key/value onto the prefix, copying the whole
-    prefix every step. Here the prefix is written once into a buffer one position longer;
-    each step writes only the last position, through a fresh `detach()` view, so the
+    The stock cache concatenates the new keys/values onto the prefix, copying the whole
+    prefix every step. Here the prefix is written once into a buffer as long as the prompt;
+    each step writes only the suffix positions, through a fresh `detach()` view, so the
     prefix positions are never touched and no step's graph reaches into another's.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):  # (N, kvH, T, D), T-1 filled
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prefix_len: int):  # (N, kvH, T, D)
         super().__init__()
         self.buffers = (keys, values)
         self.keys, self.values = keys, values
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
-        self.prefix_len = keys.shape[-2] - 1
+        self.prefix_len = prefix_len
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = (b.detach() for b in self.buffers)
-        keys[..., -1:, :] = key_states
-        values[..., -1:, :] = value_states
+        keys[..., self.prefix_len :, :] = key_states
+        values[..., self.prefix_len :, :] = value_states
         self.keys, self.values = keys, values
         return keys, values
 
     def get_seq_length(self) -> int:
-        return self.prefix_len  # the cached part; the final token is the query
+        return self.prefix_len  # the cached part; the suffix tokens are the queries
 
 
-def prefix_buffers(prefix_kv, k: int, devices) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, K copies of the prefix in a buffer with one free final slot, on that layer's
-    device (a model sharded with device_map keeps each layer's cache beside it). (K*B, kvH, T, D)"""
+def prefix_buffers(prefix_kv, k: int, devices, width: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, K copies of the prefix in a buffer `width` tokens long (free suffix slots), on that
+    layer's device (a model sharded with device_map keeps each layer's cache beside it). (K*B, kvH, T, D)"""
     out = []
     for (key, val), device in zip(prefix_kv, devices):
-        shape = (k * key.shape[0], key.shape[1], key.shape[2] + 1, key.shape[3])
+        shape = (k * key.shape[0], key.shape[1], width, key.shape[3])
         pair = []
         for t in (key, val):
             buf = torch.empty(shape, dtype=t.dtype, device=device)
-            buf[:, :, :-1].view(k, *t.shape).copy_(t.to(device).unsqueeze(0).expand(k, *t.shape))
+            buf[:, :, : t.shape[2]].view(k, *t.shape).copy_(t.to(device).unsqueeze(0).expand(k, *t.shape))
             pair.append(buf)
         out.append(tuple(pair))
     return out
 
 
 def cached_prefix(prep: "Prepared") -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """The prefix keys/values of a batch, from wherever the engine keeps them. (B, kvH, T-1, D)"""
+    """The prefix keys/values of a batch, from wherever the engine keeps them. (B, kvH, offset, D)"""
     if prep.prefix_kv is not None:
         return prep.prefix_kv
-    b = len(prep.pairs)
-    return [(key[:b, :, :-1], val[:b, :, :-1]) for key, val in prep.buffers[1]]
+    b, n = len(prep.pairs), prep.offset
+    return [(key[:b, :, :n], val[:b, :, :n]) for key, val in prep.buffers[1]]
 
 
-def final_slot_cache(buffers) -> Cache:
-    return Cache(layers=[FinalSlotLayer(key, val) for key, val in buffers])
+def suffix_slot_cache(buffers, prefix_len: int) -> Cache:
+    return Cache(layers=[SuffixSlotLayer(key, val, prefix_len) for key, val in buffers])
 
 
 CACHE_POLICIES = {
@@ -185,7 +189,7 @@ CACHE_POLICIES = {
 
 
 class CachedEngine(FullEngine):
-    """Runs each prefix once and, per step, only the final token on its cached keys/values."""
+    """Runs each prefix once and, per step, only the suffix from the earliest site on its cached keys/values."""
 
     name = "cached"
 
@@ -197,46 +201,48 @@ class CachedEngine(FullEngine):
         self.layer_devices = [device_of(m) for m in sites.head_projs]
 
     @torch.no_grad()
-    def _prefix_kv(self, pairs: EncodedPairs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def _prefix_kv(self, pairs: EncodedPairs, offset: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         # A plain DynamicCache keeps every prefix position, even past a sliding window; the
-        # final token's attention mask then applies the window as the full prompt would.
-        out = self._run(pairs.base_ids[:, :-1], pairs.base_attn[:, :-1], **with_cache(self.body, DynamicCache()))
-        return [(layer[0], layer[1]) for layer in returned_cache(out)]  # per layer (B, kvH, T-1, D)
+        # suffix's attention mask then applies the window as the full prompt would.
+        out = self._run(
+            pairs.base_ids[:, :offset], pairs.base_attn[:, :offset], **with_cache(self.body, DynamicCache())
+        )
+        return [(layer[0], layer[1]) for layer in returned_cache(out)]  # per layer (B, kvH, offset, D)
 
     @torch.no_grad()
     def prepare(self, pairs: EncodedPairs) -> Prepared:
-        if pairs.base_ids.shape[1] < 2:
-            raise CircuitfindError("engine=cached needs prompts of at least two tokens; use engine=full")
         prep = super().prepare(pairs)
-        if self.cache != "recompute":
-            kv = self._prefix_kv(pairs)
+        prep.offset = int(prep.where.base_tok.min())  # the earliest site: everything before it is fixed
+        if prep.offset > 0 and self.cache != "recompute":
+            kv = self._prefix_kv(pairs, prep.offset)
             prep.prefix_kv = [(k.cpu(), v.cpu()) for k, v in kv] if self.cache == "cpu" else kv
         return prep
 
-    def final_hidden(
-        self, prep: Prepared, mask: torch.Tensor | None, values: FinalValues | None = None
-    ) -> torch.Tensor:
-        k, b = (1 if mask is None else mask.shape[0]), len(prep.pairs)
+    def final_hidden(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None = None) -> torch.Tensor:
+        if prep.offset == 0:  # a site at the first token: there is no prefix to keep
+            return super().final_hidden(prep, mask, values)
+        k, b, n = (1 if mask is None else mask.shape[0]), len(prep.pairs), prep.offset
         attn = prep.pairs.base_attn.repeat(k, 1)
-        cache = final_slot_cache(self._buffers(prep, k))  # outside the hooks: it may run the prefix
-        with self._patched(prep, mask, values):
+        cache = suffix_slot_cache(self._buffers(prep, k), n)  # outside the hooks: it may run the prefix
+        with self._patched(prep, mask, values, offset=n):
             out = self.body(
-                input_ids=prep.pairs.base_ids[:, -1:].repeat(k, 1).to(self.device),
+                input_ids=prep.pairs.base_ids[:, n:].repeat(k, 1).to(self.device),
                 attention_mask=attn.to(self.device),
-                position_ids=position_ids(attn)[:, -1:].to(self.device),
+                position_ids=position_ids(attn)[:, n:].to(self.device),
                 **with_cache(self.body, cache),
             )
         return out.last_hidden_state[:, -1].view(k, b, -1)
 
     def _buffers(self, prep: Prepared, k: int):
         """The prefix buffers for K masks: built once and kept (device), or built per step."""
+        width = prep.pairs.base_ids.shape[1]
         if self.cache == "device":
             if prep.buffers is None or prep.buffers[0] != k:
-                prep.buffers = (k, prefix_buffers(cached_prefix(prep), k, self.layer_devices))
+                prep.buffers = (k, prefix_buffers(cached_prefix(prep), k, self.layer_devices, width))
                 prep.prefix_kv = None  # the buffers hold the prefix now: keep one copy only
             return prep.buffers[1]
-        kv = prep.prefix_kv if self.cache == "cpu" else self._prefix_kv(prep.pairs)
-        return prefix_buffers(kv, k, self.layer_devices)
+        kv = prep.prefix_kv if self.cache == "cpu" else self._prefix_kv(prep.pairs, prep.offset)
+        return prefix_buffers(kv, k, self.layer_devices, width)
 
 
 ENGINES = {"full": FullEngine, "cached": CachedEngine}

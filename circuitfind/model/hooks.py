@@ -1,8 +1,9 @@
-"""Hooks that read or mix component values at the final position, always removed on exit.
+"""Hooks that read or mix unit values at their token positions, always removed on exit.
 
-The mask has shape (K, n_layers, n_heads + 1): K masks (one per lambda) trained side by
-side, per layer the heads then the MLP. The model's batch is K copies of the B base prompts,
-k-major (row k * B + b). One hook per module mixes all heads of a layer in one operation:
+The mask has shape (K, n_layers, n_cols) (see model/space.py): K masks (one per lambda)
+trained side by side. The model's batch is K copies of the B base prompts, k-major (row
+k * B + b). A batch's units sit at N sites, one per (prompt, position, token): `SiteIndex`.
+One hook per module and layer mixes all its units at all sites in one operation:
 
     value <- w * value(base) + (1 - w) * value(alternate)
 
@@ -13,36 +14,88 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import torch
+from torch import nn
 
 from circuitfind.model.components import Sites
 
 
 @dataclass
-class FinalValues:
-    """Every component's value at the final position of one batch of prompts."""
+class SiteIndex:
+    """Where a batch's units sit: N sites, each a prompt row, a position of the unit space, the
+    token's index among that position's tokens, and its token index in the base and alternate prompts."""
 
-    heads: List[torch.Tensor] = field(default_factory=list)  # per layer (B, n_heads * head_dim)
-    mlps: List[torch.Tensor] = field(default_factory=list)  # per layer (B, hidden)
-
-    def rows(self, sl: slice) -> "FinalValues":
-        """The values of some of the prompts."""
-        return FinalValues(heads=[h[sl] for h in self.heads], mlps=[m[sl] for m in self.mlps])
-
-    def map(self, fn) -> "FinalValues":
-        """The values with `fn` applied to each layer's tensor (B, C) -> (B', C)."""
-        return FinalValues(heads=[fn(h) for h in self.heads], mlps=[fn(m) for m in self.mlps])
+    rows: torch.Tensor  # (N,) prompt row
+    slot: torch.Tensor  # (N,) which of the space's positions
+    mention: torch.Tensor  # (N,) which token of that position (a slot may be several tokens)
+    base_tok: torch.Tensor  # (N,) token index in the (left-padded) base prompt
+    alt_tok: torch.Tensor  # (N,) token index in the (left-padded) alternate prompt
 
     @staticmethod
-    def concat(parts: List["FinalValues"]) -> "FinalValues":
-        """The values of several batches of prompts, one after another."""
-        n = len(parts[0].heads)
-        return FinalValues(
-            heads=[torch.cat([p.heads[i] for p in parts]) for i in range(n)],
-            mlps=[torch.cat([p.mlps[i] for p in parts]) for i in range(n)],
-        )
+    def of(base_pos: torch.Tensor, alt_pos: torch.Tensor) -> "SiteIndex":
+        """From (B, P, M) token indices, -1 where a position has fewer than M tokens."""
+        rows, slot, mention = (base_pos >= 0).nonzero(as_tuple=True)
+        return SiteIndex(rows, slot, mention, base_pos[rows, slot, mention], alt_pos[rows, slot, mention])
+
+    @staticmethod
+    def final(n: int, base_width: int, alt_width: int | None = None) -> "SiteIndex":
+        """The final token of each of n prompts (the paper's single position)."""
+        zeros = torch.zeros(n, dtype=torch.long)
+        last = torch.full((n,), base_width - 1, dtype=torch.long)
+        alt = last if alt_width is None else torch.full((n,), alt_width - 1, dtype=torch.long)
+        return SiteIndex(torch.arange(n), zeros, zeros, last, alt)
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+
+@dataclass
+class SiteValues:
+    """Unit values at the N sites of one batch, per hook point, per layer (N, C)."""
+
+    points: Dict[str, List[torch.Tensor]] = field(default_factory=dict)
+
+    def map(self, fn) -> "SiteValues":
+        """The values with `fn` applied to each layer's tensor (N, C) -> (N', C)."""
+        return SiteValues({p: [fn(v) for v in layers] for p, layers in self.points.items()})
+
+    def rows(self, sl: slice) -> "SiteValues":
+        """The values of some of the sites."""
+        return self.map(lambda v: v[sl])
+
+    @staticmethod
+    def concat(parts: List["SiteValues"]) -> "SiteValues":
+        """The values of several batches, one after another."""
+        names = parts[0].points
+        return SiteValues({p: [torch.cat(layer) for layer in zip(*(part.points[p] for part in parts))] for p in names})
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """Where one kind of unit is read and written: a module per layer, its input or output, and
+    which columns of a position's block of the mask it owns."""
+
+    name: str
+    modules: List[nn.Module]
+    reads_input: bool  # the module's input (else its output)
+    first: int  # first column of its units in a position's block
+    count: int  # its units per position
+    width: int  # channels per unit; 0: one unit covers all channels
+
+
+def hook_points(sites: Sites) -> List[HookPoint]:
+    """The hook points of the sites' unit space."""
+    space = sites.space
+    if space.kind == "residual":
+        return [HookPoint("resid", sites.layers, True, 0, 1, 0)]
+    if space.kind == "neurons":
+        return [HookPoint("neurons", sites.mlp_downs, True, 0, space.per_position, space.group_size)]
+    return [
+        HookPoint("heads", sites.head_projs, True, 0, space.n_heads, space.head_dim),
+        HookPoint("mlps", sites.mlps, False, space.n_heads, 1, 0),
+    ]
 
 
 @contextmanager
@@ -54,70 +107,106 @@ def hooks(handles: List[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
             h.remove()
 
 
+def _register(point: HookPoint, layer: int, fn) -> torch.utils.hooks.RemovableHandle:
+    """Hook `fn(x) -> x'` on the point's tensor of one layer (the module's first input, or its output)."""
+    module = point.modules[layer]
+    if point.reads_input:
+
+        def pre(module, args, kwargs):
+            if args:
+                return (fn(args[0]),) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+    return module.register_forward_hook(lambda module, args, output: fn(output))
+
+
 @contextmanager
-def record_final_values(sites: Sites, grad: bool = False) -> Iterator[FinalValues]:
-    """Capture the heads' and MLPs' final-position values during the forward run inside.
+def record_values(sites: Sites, rows: torch.Tensor, toks: torch.Tensor, grad: bool = False) -> Iterator[SiteValues]:
+    """Capture every unit's value at tokens (rows, toks) during the forward run inside. -> (N, C) per layer
 
     With `grad`, the values keep their graph, so a loss on a run patched from them also
     trains the recorded run (the organism's interchange training); otherwise they are detached.
     """
-    n = sites.space.n_layers
-    values = FinalValues(heads=[None] * n, mlps=[None] * n)
+    values = SiteValues()
+    handles = []
+    for point in hook_points(sites):
+        store = values.points.setdefault(point.name, [None] * len(point.modules))
 
-    def keep(store: list, layer: int, from_input: bool):
-        def hook(module, args, output=None):
-            value = (args[0] if from_input else output)[:, -1]
-            store[layer] = value if grad else value.detach()
+        def keep(layer: int, store=store):
+            def read(x: torch.Tensor) -> torch.Tensor:
+                value = x[rows.to(x.device), toks.to(x.device)]
+                store[layer] = value if grad else value.detach()
+                return x
 
-        return hook
+            return read
 
-    handles = [m.register_forward_pre_hook(keep(values.heads, i, True)) for i, m in enumerate(sites.head_projs)]
-    handles += [m.register_forward_hook(keep(values.mlps, i, False)) for i, m in enumerate(sites.mlps)]
+        handles += [_register(point, layer, keep(layer)) for layer in range(len(point.modules))]
     with hooks(handles):
         yield values
 
 
-def _mix_last(x: torch.Tensor, alt: torch.Tensor, keep: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
-    """Mix the final position of x (K*B, T, C) with alt (B, C): keep * x + take * alt.
+@contextmanager
+def record_final_values(sites: Sites, n: int, width: int, grad: bool = False) -> Iterator[SiteValues]:
+    """Every unit's value at the final token of n prompts of `width` tokens (the organism's interchange)."""
+    index = SiteIndex.final(n, width)
+    with record_values(sites, index.rows, index.base_tok, grad) as values:
+        yield values
 
-    keep = w and take = 1 - w, shape (K, 1, C) or (K, 1, 1), in (at least) float32: the mix
-    is computed there and cast back, so low-precision models still give the mask an accurate
-    gradient.
+
+def unit_weights(sites: Sites, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Each hook point's weights per channel, in (at least) float32: (K, L, P, C) or (K, L, P, 1).
+
+    Expanded once per forward, not per layer: a head's weight over its head_dim slice, a neuron
+    group's over its neurons."""
+    space = sites.space
+    w = mask.to(torch.promote_types(mask.dtype, torch.float32))
+    blocks = w.view(w.shape[0], space.n_layers, len(space.positions), space.per_position)
+    out = {}
+    for point in hook_points(sites):
+        cols = blocks[..., point.first : point.first + point.count]
+        out[point.name] = cols.repeat_interleave(point.width, dim=-1) if point.width else cols
+    return out
+
+
+def _mix(x: torch.Tensor, where: SiteIndex, offset: int, alt: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mix x (K*B, S, C) at the sites with alt (N, C): keep * x + (1 - keep) * alt.
+
+    `offset` is the first token index x holds (the engine may run a suffix only); keep is
+    (K, P, C) or (K, P, 1) per position. The mix is computed in keep's dtype (at least float32)
+    and cast back, so low-precision models still give the mask an accurate gradient.
     """
     k = keep.shape[0]
-    b, c = alt.shape
-    base = x[:, -1].to(keep.dtype).view(k, b, c)  # (K, B, C)
-    mixed = keep.to(x.device) * base + take.to(x.device) * alt.to(device=x.device, dtype=keep.dtype)  # (K, B, C)
-    mixed = mixed.to(x.dtype).view(k * b, 1, c)
-    if x.shape[1] == 1:
-        return mixed
-    return torch.cat([x[:, :-1], mixed], dim=1)
+    b = x.shape[0] // k
+    x4 = x.reshape(k, b, x.shape[1], x.shape[2])
+    rows, toks = where.rows.to(x.device), (where.base_tok - offset).to(x.device)
+    keep = keep.to(x.device)
+    keep = keep if keep.shape[1] == 1 else keep[:, where.slot.to(x.device)]  # (K, N or 1, C)
+    base = x4[:, rows, toks].to(keep.dtype)  # (K, N, C)
+    mixed = keep * base + (1 - keep) * alt.to(device=x.device, dtype=keep.dtype)
+    out = x4.clone()
+    out[:, rows, toks] = mixed.to(x.dtype)
+    return out.view_as(x)
 
 
 @contextmanager
-def patch_final_position(sites: Sites, mask: torch.Tensor, alt: FinalValues) -> Iterator[None]:
-    """Patch every component at the final position from `alt`, weighted by `mask` (K, L, H+1)."""
-    n_heads, head_dim = sites.space.n_heads, sites.space.head_dim
-    # Expanded once per forward, not per layer: each head's weight over its head_dim slice.
-    w = mask.to(torch.promote_types(mask.dtype, torch.float32))
-    keep_heads = w[:, :, :n_heads].repeat_interleave(head_dim, dim=2).unsqueeze(2)  # (K, L, 1, H*D)
-    keep_mlps = w[:, :, n_heads:].unsqueeze(2)  # (K, L, 1, 1)
-    take_heads, take_mlps = 1 - keep_heads, 1 - keep_mlps
+def patch_sites(sites: Sites, mask: torch.Tensor, alt: SiteValues, where: SiteIndex, offset: int = 0) -> Iterator[None]:
+    """Patch every unit at its sites from `alt`, weighted by `mask` (K, L, n_cols)."""
+    weights = unit_weights(sites, mask)
+    handles = []
+    for point in hook_points(sites):
 
-    def head_hook(layer: int):
-        def hook(module, args):
-            mixed = _mix_last(args[0], alt.heads[layer], keep_heads[:, layer], take_heads[:, layer])
-            return (mixed,) + tuple(args[1:])
+        def mix(layer: int, point=point):
+            keep = weights[point.name][:, layer]
+            return lambda x: _mix(x, where, offset, alt.points[point.name][layer], keep)
 
-        return hook
-
-    def mlp_hook(layer: int):
-        def hook(module, args, output):
-            return _mix_last(output, alt.mlps[layer], keep_mlps[:, layer], take_mlps[:, layer])
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(head_hook(i)) for i, m in enumerate(sites.head_projs)]
-    handles += [m.register_forward_hook(mlp_hook(i)) for i, m in enumerate(sites.mlps)]
+        handles += [_register(point, layer, mix(layer)) for layer in range(len(point.modules))]
     with hooks(handles):
+        yield
+
+
+@contextmanager
+def patch_final_position(sites: Sites, mask: torch.Tensor, alt: SiteValues, n: int, width: int) -> Iterator[None]:
+    """Patch every unit at the final token of n base prompts of `width` tokens (the organism's interchange)."""
+    with patch_sites(sites, mask, alt, SiteIndex.final(n, width)):
         yield

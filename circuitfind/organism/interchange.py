@@ -19,7 +19,7 @@ from torch import nn
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import Sites
-from circuitfind.model.hooks import FinalValues, patch_final_position, record_final_values
+from circuitfind.model.hooks import SiteValues, patch_final_position, record_final_values
 from circuitfind.model.space import ComponentSpace
 from circuitfind.organism.data import Distribution, Encoder
 from circuitfind.task.encoding import position_ids
@@ -56,19 +56,19 @@ class Organism:
     enc: Encoder
     dist: Distribution
 
-    def record(self, ids: torch.Tensor, attn: torch.Tensor, grad: bool = False) -> FinalValues:
+    def record(self, ids: torch.Tensor, attn: torch.Tensor, grad: bool = False) -> SiteValues:
         """Every component's clean final-position value on some prompts (with its graph if `grad`).
 
         With the graph kept, interchange training also trains the alternate's run: the loss that
         asks the circuit to carry the alternate's x reaches the circuit heads' own weights.
         """
-        with torch.set_grad_enabled(grad), record_final_values(self.sites, grad=grad) as values:
+        with torch.set_grad_enabled(grad), record_final_values(self.sites, *ids.shape, grad=grad) as values:
             self.model.model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False)
         return values
 
-    def patched_logits(self, mask: torch.Tensor, ids, attn, alt: FinalValues) -> torch.Tensor:
+    def patched_logits(self, mask: torch.Tensor, ids, attn, alt: SiteValues) -> torch.Tensor:
         """Final-position logits of the base prompts with the components mask == 0 taken from `alt`."""
-        with patch_final_position(self.sites, mask, alt):
+        with patch_final_position(self.sites, mask, alt, ids.shape[0] // mask.shape[0], ids.shape[1]):
             return final_logits(self.model, ids, attn)
 
 

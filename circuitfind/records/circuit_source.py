@@ -3,7 +3,6 @@ mask.safetensors, or a MIB circuit file (node level; `a{l}.h{h}` heads and `m{l}
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,17 +39,6 @@ def from_members(members: torch.Tensor, space: ComponentSpace, scores, source: s
 
 def from_names(names: Sequence[str], space: ComponentSpace) -> CircuitUnderTest:
     """The circuit of these units; unknown names are one error with the nearest valid ones."""
-    valid = space.names()
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        hints = [
-            f"{n} (did you mean {', '.join(difflib.get_close_matches(n, valid, n=3)) or 'nothing close'}?)"
-            for n in unknown
-        ]
-        raise CircuitfindError(
-            f"circuit: unknown unit(s) {'; '.join(hints)}; name units L<layer>.H<head> or L<layer>.MLP "
-            f"of this {space.n_layers}-layer, {space.n_heads}-head model"
-        )
     members = torch.zeros(space.shape, dtype=torch.bool)
     for unit in space.index(list(names)):
         members[unit.layer, unit.col] = True

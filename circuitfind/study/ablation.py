@@ -1,4 +1,4 @@
-"""Ablations: what a unit's final-position value becomes when the unit is taken out.
+"""Ablations: what a unit's value at its positions becomes when the unit is taken out.
 
 patching  the alternate prompt's value (the paper's interchange; DBM trains with it)
 zero      zero
@@ -11,13 +11,14 @@ the task that no held-out figure is computed on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Dict, List
 
 import torch
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.engine import Prepared
-from circuitfind.model.hooks import FinalValues
+from circuitfind.model.hooks import SiteIndex, SiteValues
 from circuitfind.task.encoding import left_pad
 
 if TYPE_CHECKING:
@@ -42,51 +43,131 @@ def ablation_kinds(extra: List[str]) -> List[str]:
     return list(dict.fromkeys(["patching", *extra]))
 
 
+@dataclass
+class Reference:
+    """The units' values on the reference prompts, at every site: per (prompt, position, token)."""
+
+    values: SiteValues  # (N_ref_sites, C) per point and layer
+    where: SiteIndex  # rows index the reference prompts
+    n_prompts: int
+
+    def keys(self, where: SiteIndex, width: int) -> torch.Tensor:
+        return where.slot * width + where.mention
+
+    def mean(self) -> tuple[SiteValues, torch.Tensor, int]:
+        """The mean value per (position, token): (n_keys, C) per layer, which keys have one, and the key width."""
+        width = int(self.where.mention.max()) + 1
+        keys = self.keys(self.where, width)
+        n_keys = int(keys.max()) + 1
+        counts = torch.zeros(n_keys).index_add_(0, keys, torch.ones(len(keys)))
+
+        def mean(v: torch.Tensor) -> torch.Tensor:
+            sums = torch.zeros(n_keys, v.shape[1], dtype=torch.float64, device=v.device)
+            sums.index_add_(0, keys.to(v.device), v.double())
+            return (sums / counts.clamp(min=1).to(v.device, torch.float64)[:, None]).to(v.dtype)
+
+        return self.values.map(mean), counts > 0, width
+
+    def lookup(self) -> torch.Tensor:
+        """(n_prompts, P, M) the index of each reference site, -1 where a prompt has no such token."""
+        table = torch.full(
+            (self.n_prompts, int(self.where.slot.max()) + 1, int(self.where.mention.max()) + 1), -1, dtype=torch.long
+        )
+        table[self.where.rows, self.where.slot, self.where.mention] = torch.arange(len(self.where))
+        return table
+
+
 @torch.no_grad()
-def reference_values(job: "Job", minimum: int) -> FinalValues:
-    """Every component's final-position value on each reference prompt. (N_ref, C) per layer"""
-    texts = list(dict.fromkeys(pair.base.text for dd in job.data.values() for pair in dd.train))
-    if len(texts) < minimum:
+def reference_values(job: "Job", minimum: int) -> Reference:
+    """Every unit's value at its positions on each reference prompt (the distinct train base prompts)."""
+    seen: Dict[str, None] = {}
+    chosen = []  # (encoded train pairs, row, text) of each distinct base prompt
+    for name, dd in job.data.items():
+        enc = job.encoded.get((name, "train"))
+        for row, pair in enumerate(dd.train):
+            if enc is not None and pair.base.text not in seen:
+                seen[pair.base.text] = None
+                chosen.append((enc, row, pair.base.text))
+    if len(chosen) < minimum:
         raise CircuitfindError(
             f"mean and resample ablations need at least evaluate.min_reference={minimum} reference prompts and the "
-            f"train pairs have {len(texts)} distinct base prompts; raise task.n_train to at least {minimum}, "
+            f"train pairs have {len(chosen)} distinct base prompts; raise task.n_train to at least {minimum}, "
             "or lower evaluate.min_reference"
         )
-    size = job.cfg.optimizer.batch_size or len(texts)
-    parts = []
-    for start in range(0, len(texts), size):
-        ids, attn = left_pad([job.encoder.ids(t) for t in texts[start : start + size]], job.encoder.pad_id)
-        parts.append(job.engine.final_values(ids, attn)[0])
-    return FinalValues.concat(parts)
+    size = job.cfg.optimizer.batch_size or len(chosen)
+    parts, sites = [], []
+    for start in range(0, len(chosen), size):
+        batch = chosen[start : start + size]
+        ids, attn = left_pad([job.encoder.ids(text) for _, _, text in batch], job.encoder.pad_id)
+        pos = torch.stack([shift(enc.base_pos[row], enc.base_ids.shape[1], ids.shape[1]) for enc, row, _ in batch])
+        where = SiteIndex.of(pos, pos)
+        parts.append(job.engine.site_values(ids, attn, where.rows, where.base_tok)[0])
+        where.rows += start
+        sites.append(where)
+    where = SiteIndex(*(torch.cat([getattr(w, f.name) for w in sites]) for f in fields(SiteIndex)))
+    return Reference(SiteValues.concat(parts), where, len(chosen))
+
+
+def shift(pos: torch.Tensor, old_width: int, new_width: int) -> torch.Tensor:
+    """Token indices of a left-padded prompt moved to a batch `new_width` tokens wide (-1 kept)."""
+    return torch.where(pos >= 0, pos + (new_width - old_width), pos)
 
 
 class Ablation:
     """The values an ablation of one kind patches in, per prepared batch (the same on every call)."""
 
-    def __init__(self, kind: str, reference: FinalValues | None = None, seed: int = 0):
+    def __init__(self, kind: str, reference: Reference | None = None, seed: int = 0):
         if kind in NEEDS_REFERENCE and reference is None:
             raise ValueError(f"{kind} ablation needs reference values")
         self.kind = kind
         self.reference = reference
-        self.mean = reference.map(lambda v: v.mean(dim=0, keepdim=True)) if reference is not None else None
+        if reference is not None:
+            self.mean, self.has_mean, self.key_width = reference.mean()
+            self.table = reference.lookup()
         self.generator = torch.Generator().manual_seed(seed)
-        self._drawn: Dict[int, FinalValues] = {}  # resample: one draw per batch, kept
+        self._drawn: Dict[int, SiteValues] = {}  # resample: one draw per batch, kept
 
     @property
     def description(self) -> str:
         return ABLATIONS[self.kind]
 
-    def values(self, prep: Prepared) -> FinalValues | None:
+    def values(self, prep: Prepared) -> SiteValues | None:
         """What the batch's ablated units are set to; None: the alternates' (the engine's default)."""
-        b = len(prep.pairs)
         if self.kind == "patching":
             return None
         if self.kind == "zero":
             return prep.alt_values.map(torch.zeros_like)
         if self.kind == "mean":
-            return self.mean.map(lambda v: v.expand(b, -1))
+            return self.mean_at(prep.where)
         if id(prep) not in self._drawn:
-            n_ref = self.reference.heads[0].shape[0]
-            rows = torch.randint(0, n_ref, (b,), generator=self.generator)
-            self._drawn[id(prep)] = self.reference.map(lambda v: v[rows.to(v.device)])
+            drawn = torch.randint(0, self.reference.n_prompts, (len(prep.pairs),), generator=self.generator)
+            self._drawn[id(prep)] = self.resampled(prep.where, drawn)
         return self._drawn[id(prep)]
+
+    def mean_at(self, where: SiteIndex) -> SiteValues:
+        keys = self.reference.keys(where, self.key_width).clamp(max=len(self.has_mean) - 1)
+        if not bool(self.has_mean[keys].all()):
+            raise CircuitfindError(
+                "mean ablation: a position has more tokens in these prompts than in any reference prompt; "
+                "give positions whose slots tokenise alike (one_token: true)"
+            )
+        return self.mean.map(lambda v: v[keys.to(v.device)])
+
+    def resampled(self, where: SiteIndex, drawn: torch.Tensor) -> SiteValues:
+        """Each site's value on the reference prompt drawn for its pair (its mean where that prompt lacks the token)."""
+        table = self.table
+        inside = (where.slot < table.shape[1]) & (where.mention < table.shape[2])
+        entry = torch.full((len(where),), -1, dtype=torch.long)
+        entry[inside] = table[drawn[where.rows[inside]], where.slot[inside], where.mention[inside]]
+        if bool((entry >= 0).all()):
+            return self.reference.values.map(lambda v: v[entry.to(v.device)])
+        fallback = self.mean_at(where)
+        return SiteValues(
+            {
+                p: [
+                    torch.where((entry >= 0).to(m.device)[:, None], r[entry.clamp(min=0).to(r.device)], m)
+                    for r, m in zip(self.reference.values.points[p], fallback.points[p])
+                ]
+                for p in self.reference.values.points
+            }
+        )

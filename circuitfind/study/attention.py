@@ -8,6 +8,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from circuitfind.task.encoding import EncodedPairs, PairEncoder, left_pad, position_ids
+from circuitfind.task.positions import slot_positions
 from circuitfind.task.spec import Prompt, TaskSpec
 
 
@@ -46,21 +47,6 @@ def final_position_attention(
     weights = torch.stack([attentions[layer][:, head, -1].float().mean(dim=0).cpu() for layer, head in heads])
     labels = [tokenizer.decode([t]).replace("\n", "\\n").replace(" ", "␣") or "·" for t in ids[0].tolist()]
     return weights, labels
-
-
-def slot_positions(offsets: Sequence[Tuple[int, int]], spans: Sequence[Tuple[str, int, int]]) -> Dict[str, List[int]]:
-    """Token indices of each slot value, from the tokens' character offsets and the slots' spans.
-
-    A slot written more than once is split by mention, `s#1`, `s#2`, in reading order: in IOI
-    the subject's first and second mentions play different roles."""
-    mentions = Counter(slot for slot, _, _ in spans)
-    seen: Counter = Counter()
-    out: Dict[str, List[int]] = {}
-    for slot, start, end in sorted(spans, key=lambda s: s[1]):
-        seen[slot] += 1
-        label = slot if mentions[slot] == 1 else f"{slot}#{seen[slot]}"
-        out[label] = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-    return out
 
 
 @torch.no_grad()

@@ -32,10 +32,9 @@ import torch
 
 from circuitfind.methods.objective import term_pair_loss
 from circuitfind.model.engine import FullEngine
-from circuitfind.model.hooks import FinalValues
 from circuitfind.model.space import ComponentSpace
 from circuitfind.records.circuit_source import CircuitUnderTest
-from circuitfind.study.ablation import NEEDS_REFERENCE, Ablation, ablation_kinds, reference_values
+from circuitfind.study.ablation import NEEDS_REFERENCE, Ablation, Reference, ablation_kinds, reference_values
 from circuitfind.study.bootstrap import LEVEL, estimates, percentile_interval, resampled_means, resamples, rounded
 from circuitfind.study.curves import curve_sizes
 from circuitfind.study.evaluate import EvalSplit, _targets, hits
@@ -220,9 +219,9 @@ class CircuitEvaluation:
     def __init__(self, job: "Job", splits: Sequence[EvalSplit]):
         self.job, self.splits = job, splits
         self.kinds = ablation_kinds(list(job.cfg.evaluate.ablations))
-        self._reference: FinalValues | None = None
+        self._reference: Reference | None = None
 
-    def reference(self) -> FinalValues:
+    def reference(self) -> Reference:
         if self._reference is None:
             self._reference = reference_values(self.job, self.job.cfg.evaluate.min_reference)
         return self._reference

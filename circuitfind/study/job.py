@@ -12,14 +12,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.objective import Objective, unpatched_logit_diff
-from circuitfind.model.components import locate_components
+from circuitfind.model.components import UnitsChoice, locate_components
 from circuitfind.model.engine import FullEngine, Prepared, make_engine
 from circuitfind.model.loading import LoadedModel, load_model
+from circuitfind.model.memory import MemoryEstimate, check_memory, estimate_memory
+from circuitfind.model.space import ALL, LAST
 from circuitfind.study.evaluate import EvalSplit, prepare_split
 from circuitfind.study.validation import normalised, validate
 from circuitfind.task.desiderata import desiderata_from, trained
 from circuitfind.task.encoding import EncodedPairs, PairEncoder
 from circuitfind.task.pairs import build_data
+from circuitfind.task.positions import PositionFinder, check_positions, expand_all, slot_labels
 from circuitfind.task.spec import TaskSpec
 
 
@@ -72,7 +75,7 @@ class Job:
             self.loaded = loaded
             self.encode_all(loaded.tokenizer)
         self.model, self.tokenizer, self.device = self.loaded.model, self.loaded.tokenizer, self.loaded.device
-        self.sites = locate_components(self.model)
+        self.sites = locate_components(self.model, self.units)
         self.space = self.sites.space
         k = cfg.method.k
         size = cfg.optimizer.target_size
@@ -87,11 +90,16 @@ class Job:
                 f"give method.k between 1 and {self.space.n_components}"
             )
         self.engine: FullEngine = make_engine(cfg.engine, self.model, self.sites, cfg.cache)
+        check_memory(self.memory_estimate(), cfg.units.memory_gb, self.device)
 
     def encode_all(self, tokenizer) -> None:
         """Tokenise every pair of every split, so that values and answers the tokenizer cannot
         take stop the run before the model's weights are read."""
-        self.encoder = PairEncoder(tokenizer, self.task.answer_prefix)
+        positions = self.unit_positions(tokenizer)
+        u = self.cfg.units
+        self.units = UnitsChoice(u.kind, positions, u.group_size)
+        finder = None if positions == (LAST,) else PositionFinder(tokenizer, self.task, positions)
+        self.encoder = PairEncoder(tokenizer, self.task.answer_prefix, finder)
         self.encoder.check_one_token_slots(self.task)
         self.encoded: Dict[Tuple[str, str], EncodedPairs] = {
             (name, split): self.encoder.encode(pairs, dd.desideratum)
@@ -99,6 +107,23 @@ class Job:
             for split, pairs in (("train", dd.train), ("test", dd.test), ("transfer", dd.transfer))
             if pairs
         }
+
+    def unit_positions(self, tokenizer) -> tuple[str, ...]:
+        """The units' positions, checked against the task's slots, with `all` expanded to token indices."""
+        positions = list(self.cfg.units.positions)
+        splits = [pairs for dd in self.data.values() for pairs in (dd.train, dd.test, dd.transfer)]
+        prompts = [p for pairs in splits for pair in pairs for p in (pair.base, pair.alt)]
+        check_positions(positions, slot_labels(self.task, prompts), self.task.name)
+        if ALL not in positions:
+            return tuple(positions)
+        lengths = [len(tokenizer(p.text, add_special_tokens=True)["input_ids"]) for p in prompts]
+        return expand_all(positions, lengths)
+
+    def memory_estimate(self) -> MemoryEstimate:
+        """What the masks, the kept prefixes and one step's activations will take (model/memory.py)."""
+        cfg = self.cfg
+        lams = cfg.optimizer.lams or ([None] * cfg.optimizer.target_lams if cfg.optimizer.target_size else [None])
+        return estimate_memory(self.sites, self.model.config, list(self.encoded.values()), len(lams), cfg)
 
     def with_seed(self, seed: int) -> "Job":
         """The same job with another seed (fresh data), on the model already loaded."""

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.baselines import BASELINES, METHODS
 from circuitfind.model.engine import CACHE_POLICIES, ENGINES
+from circuitfind.model.space import UNIT_KINDS
 from circuitfind.records.tracking import BACKENDS, WANDB_MODES
 from circuitfind.study.ablation import ABLATIONS
 from circuitfind.study.evidence import wants_evidence
@@ -94,6 +95,13 @@ def validate(cfg: DictConfig) -> None:
         ),
         (ev.min_reference >= 2, f"evaluate.min_reference={ev.min_reference}; a mean needs at least 2 prompts"),
         (0 <= ev.min_share < 1, f"evaluate.min_share={ev.min_share} must lie in [0, 1)"),
+    ]
+    u = cfg.units
+    checks += [
+        (u.kind in UNIT_KINDS, f"units.kind={u.kind!r} is unknown; choose from {', '.join(UNIT_KINDS)} (units=<kind>)"),
+        (u.group_size >= 1, f"units.group_size={u.group_size}; give >= 1 (1 = single neurons)"),
+        (u.kind == "neurons" or u.group_size == 1, "units.group_size applies to units=neurons only"),
+        (u.memory_gb is None or u.memory_gb > 0, f"units.memory_gb={u.memory_gb}; give a positive size or null"),
     ]
     t = o.target_range
     checks += [

@@ -10,6 +10,7 @@ import torch
 from circuitfind.errors import CircuitfindError
 from circuitfind.task.desiderata import Desideratum
 from circuitfind.task.pairs import Pair
+from circuitfind.task.positions import PositionFinder
 from circuitfind.task.spec import SPLITS, TaskSpec
 
 
@@ -30,6 +31,8 @@ class EncodedPairs:
     up: torch.Tensor  # (B, S)
     down: torch.Tensor  # (B,)
     target: torch.Tensor  # (B, S')
+    base_pos: torch.Tensor  # (B, P, M) token indices of the unit space's positions in the base prompts, -1 = none
+    alt_pos: torch.Tensor  # (B, P, M) the aligned tokens in the alternates (task/positions.py)
 
     def __len__(self) -> int:
         return self.base_ids.shape[0]
@@ -47,8 +50,9 @@ class EncodedPairs:
 class PairEncoder:
     """Turns pairs into `EncodedPairs` for one tokenizer, memoising answer tokens."""
 
-    def __init__(self, tokenizer, answer_prefix: str = ""):
+    def __init__(self, tokenizer, answer_prefix: str = "", finder: PositionFinder | None = None):
         self.tokenizer = tokenizer
+        self.finder = finder  # the units' positions; None: the final token only
         self.answer_prefix = answer_prefix  # written before an answer (and before a contrast slot's value)
         self._answer_tokens: Dict[tuple[str, str], int] = {}
         self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
@@ -118,6 +122,11 @@ class PairEncoder:
             up = target
         else:
             up, down = (target if des.target == "tokens" else alt_answer[:, None]), base_answer
+        if self.finder is None:
+            base_pos = torch.full((len(pairs), 1, 1), base_ids.shape[1] - 1)
+            alt_pos = torch.full((len(pairs), 1, 1), alt_ids.shape[1] - 1)
+        else:
+            base_pos, alt_pos = self.finder.encode(pairs, base_ids.shape[1], alt_ids.shape[1])
         same = (up == down[:, None]).all(-1)  # d is identically zero for these pairs
         if bool(same.any()):
             i = int(same.nonzero()[0])
@@ -136,6 +145,8 @@ class PairEncoder:
             up=up.contiguous(),
             down=down,
             target=target.contiguous(),
+            base_pos=base_pos,
+            alt_pos=alt_pos,
         )
 
 
