@@ -21,7 +21,7 @@ from circuitfind.records.files import write_json
 
 RECORD_FILE = "circuit.json"
 SPLIT_KINDS = ("test", "transfer")  # held-out pairs of the train operations; pairs of the transfer operations
-CIRCUIT_COLUMNS = ("name", "kind", "layer", "head", "weight", "transformerlens")
+CIRCUIT_COLUMNS = ("name", "kind", "layer", "head", "position", "neurons", "weight", "transformerlens")
 EVAL_METRICS = ("acc", "acc_model", "logit_diff", "logit_diff_norm")  # per split, see study/evaluate.py
 
 
@@ -42,13 +42,15 @@ def headline_metrics(desiderata: Sequence[str], model_acc: bool = True) -> List[
 
 
 def circuit_table(mask: torch.Tensor, rounded: torch.Tensor, space: ComponentSpace) -> List[Dict[str, Any]]:
-    """The patched components (rounded w = 0), weakest weight first. mask (L, H+1)"""
+    """The patched units (rounded w = 0), weakest weight first. mask (L, n_cols)"""
     rows = [
         {
             "name": unit.name,
             "kind": unit.kind,
             "layer": unit.layer,
             "head": unit.head,
+            "position": unit.position,
+            "neurons": list(unit.neurons) if unit.neurons else None,
             "weight": round(float(mask[unit.layer, unit.col]), 6),
             "transformerlens": unit.transformerlens["hook"],
         }

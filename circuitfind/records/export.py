@@ -17,17 +17,30 @@ MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)
 
 
 def mib_circuit(scores: torch.Tensor, in_graph: torch.Tensor, space: ComponentSpace, d_model: int) -> Dict[str, Any]:
-    """MIB node-level JSON: every head and MLP with its score and circuit membership. (L, H+1)"""
+    """MIB node-level JSON: every unit with its score and circuit membership. (L, n_cols)
+
+    MIB's own node names are final-position heads and MLPs; other unit spaces keep MIB's names
+    with circuitfind's suffixes (`a2.h1@s2`, `m3[128:144]@last`, `r5@x`), listed in `cfg.units`."""
     nodes = {
         unit.mib_node: {"score": float(scores[unit.layer, unit.col]), "in_graph": bool(in_graph[unit.layer, unit.col])}
         for unit in space.units()
     }
     return {
-        "cfg": {"n_layers": space.n_layers, "n_heads": space.n_heads, "parallel_attn_mlp": False, "d_model": d_model},
+        "cfg": {
+            "n_layers": space.n_layers,
+            "n_heads": space.n_heads,
+            "parallel_attn_mlp": False,
+            "d_model": d_model,
+            **({} if space.is_default else {"units": unit_facts(space)}),
+        },
         "level": "node",
-        "position": "final token",
+        "position": "final token" if space.is_default else "per node (@position)",
         "nodes": nodes,
     }
+
+
+def unit_facts(space: ComponentSpace) -> Dict[str, Any]:
+    return {"kind": space.kind, "positions": list(space.positions), "group_size": space.group_size}
 
 
 def export_circuit(
@@ -52,6 +65,7 @@ def export_circuit(
         {"name": unit.name, **unit.transformerlens} for unit in space.units() if rounded[unit.layer, unit.col] == 0
     ]
     path = out_dir / "transformerlens.json"
-    write_json(path, {"circuit": hooks, "note": "patch these hooks at the final position only"})
+    note = "patch each hook at its position: `last` is the final token, a slot name the tokens of that slot"
+    write_json(path, {"circuit": hooks, "note": note})
     written.append(path)
     return written

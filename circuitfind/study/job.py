@@ -116,8 +116,7 @@ class Job:
         check_positions(positions, slot_labels(self.task, prompts), self.task.name)
         if ALL not in positions:
             return tuple(positions)
-        lengths = [len(tokenizer(p.text, add_special_tokens=True)["input_ids"]) for p in prompts]
-        return expand_all(positions, lengths)
+        return expand_all(positions, max(len(tokenizer(p.text, add_special_tokens=True)["input_ids"]) for p in prompts))
 
     def memory_estimate(self) -> MemoryEstimate:
         """What the masks, the kept prefixes and one step's activations will take (model/memory.py)."""

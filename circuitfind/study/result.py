@@ -11,7 +11,8 @@ import transformers
 from omegaconf import OmegaConf
 
 import circuitfind
-from circuitfind.records import plots
+from circuitfind.model.space import LAST
+from circuitfind.records import plots, unit_plots
 from circuitfind.records.circuit import CircuitRecord, circuit_table
 from circuitfind.records.circuit_source import CircuitUnderTest, from_members
 from circuitfind.records.sink import Figure, SearchResult
@@ -19,6 +20,7 @@ from circuitfind.study.attention import attention_by_slot, final_position_attent
 from circuitfind.study.job import Job
 from circuitfind.study.planted import planted_scores
 from circuitfind.task.pairs import data_fingerprint
+from circuitfind.task.positions import is_index
 
 
 @dataclass
@@ -51,7 +53,7 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
         baseline_ci=facts.baseline_ci,
         checks=facts.checks,
         lambda_search=facts.lambda_search,
-        planted=planted_scores(job.model, [row["name"] for row in circuit]),
+        planted=planted_scores(job.model, [row["name"] for row in circuit], space),
         warnings=facts.warnings,
         model={
             "kind": cfg.model.kind,
@@ -59,6 +61,7 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
             "model_type": job.model.config.model_type,
             "n_layers": space.n_layers,
             "n_heads": space.n_heads,
+            "units": {"kind": space.kind, "positions": list(space.positions), "group_size": space.group_size},
             "hidden_size": model_config.hidden_size,
             "dtype": cfg.model.dtype,
             "device": str(job.device),
@@ -88,9 +91,14 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
     )
 
 
+def final_heads(circuit: List[Dict[str, Any]]) -> List[tuple[int, int]]:
+    """(layer, head) of the circuit's heads at the final position: where they look is what the figures show."""
+    return [(row["layer"], row["head"]) for row in circuit if row["kind"] == "head" and row["position"] == LAST]
+
+
 def slot_attention(job: Job, circuit: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     """Where each circuit head looks from the final position, by slot, on the first desideratum's test prompts."""
-    heads = [(row["layer"], row["head"]) for row in circuit if row["kind"] == "head"]
+    heads = final_heads(circuit)
     if not heads:
         return {}
     prompts = [pair.base for pair in next(iter(job.data.values())).test]
@@ -99,7 +107,7 @@ def slot_attention(job: Job, circuit: List[Dict[str, Any]]) -> Dict[str, Dict[st
 
 def attention_figure(job: Job, record: CircuitRecord) -> Dict[str, Figure]:
     """The final-position attention of the circuit's heads over the first desideratum's test prompts."""
-    heads = [(row["layer"], row["head"]) for row in record.circuit if row["kind"] == "head"]
+    heads = final_heads(record.circuit)
     if not heads:
         return {}
 
@@ -109,6 +117,28 @@ def attention_figure(job: Job, record: CircuitRecord) -> Dict[str, Figure]:
         plots.attention_figure(weights.numpy(), labels, [f"L{layer}.H{head}" for layer, head in heads], path)
 
     return {"attention": draw}
+
+
+def unit_figures(job: Job, result: SearchResult, label: str) -> Dict[str, Figure]:
+    """Beyond the paper's space, the mask heatmap is layers x positions (and neurons are counted per layer)."""
+    space = job.space
+    if space.is_default:
+        return {}
+    mask, title = result.mask.detach().cpu().numpy(), f"{space.describe()}, {label}"
+    labels = position_labels(job)
+    figures: Dict[str, Figure] = {
+        "mask_heatmap": lambda path: unit_plots.unit_heatmaps(mask, space, labels, path, title)
+    }
+    if space.kind == "neurons":
+        figures["neurons"] = lambda path: unit_plots.neuron_counts(mask, space, path, title)
+    return figures
+
+
+def position_labels(job: Job) -> List[str]:
+    """The positions' names; a distance from the end is shown with its token in the longest held-out prompt."""
+    prompts = [pair.base.text for pair in next(iter(job.data.values())).test]
+    ids = max((job.encoder.ids(text) for text in prompts), key=len)
+    return [f"{job.tokenizer.decode([ids[int(p)]])!r} {p}" if is_index(p) else p for p in job.space.positions]
 
 
 def circuit_of(result: SearchResult, space) -> CircuitUnderTest:

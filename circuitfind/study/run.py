@@ -37,7 +37,7 @@ from circuitfind.study.evaluate import (
 )
 from circuitfind.study.evidence import gather_evidence, wants_evidence
 from circuitfind.study.job import Job
-from circuitfind.study.result import RunFacts, attention_figure, circuit_of, make_record
+from circuitfind.study.result import RunFacts, attention_figure, circuit_of, make_record, unit_figures
 from circuitfind.study.selfcheck import job_self_checks
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,8 @@ class Run:
             for k, result in enumerate(results):
                 record = make_record(job, result, facts)
                 evaluation = self.evaluation(circuit_of(result, job.space))
-                sink.write_result(k, result, record, job.space, attention_figure(job, record), evaluation)
+                figures = attention_figure(job, record) | unit_figures(job, result, record.label)
+                sink.write_result(k, result, record, job.space, figures, evaluation)
                 records.append(record)
             if sink.batched:
                 write_summary(Path(run_dir))

@@ -1,9 +1,11 @@
 """Token positions of the unit space's named positions, in base and alternate prompts, aligned by slot.
 
 A position is `last` (the final token), a task slot (the token or tokens of its value; a slot
-written twice is `slot#1`, `slot#2` in reading order), or a token index (what `all` expands
-to, for tasks whose prompts are all one length). The base's and the alternate's tokens of a
-position are paired in order, so both must have as many; where they do not, one line says why.
+written twice is `slot#1`, `slot#2` in reading order), or a token's distance from the end,
+`-2`, `-3`, ... (what `all` expands to: `-T`, ..., `-2`, `last` for the longest prompt, T tokens;
+a shorter prompt has no unit at the positions before its start). The base's and the
+alternate's tokens of a position are paired in order, so both must have as many; where they
+do not, one line says why.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class PositionFinder:
 
     def __init__(self, tokenizer, task: TaskSpec, positions: Sequence[str]):
         self.tokenizer, self.task, self.positions = tokenizer, task, list(positions)
-        self.needs_slots = any(not (p == LAST or p.isdigit()) for p in self.positions)
+        self.needs_slots = any(not (p == LAST or is_index(p)) for p in self.positions)
         if self.needs_slots and not getattr(tokenizer, "is_fast", False):
             raise CircuitfindError(
                 "units.positions names task slots, which needs a fast tokenizer (character offsets); "
@@ -66,14 +68,22 @@ class PositionFinder:
         n = len(enc["input_ids"])
         found = slot_positions(enc["offset_mapping"], self.task.spans(prompt)) if self.needs_slots else {}
         found[LAST] = [n - 1]
-        found.update({p: [int(p)] for p in self.positions if p.isdigit() and int(p) < n})
+        found.update({p: [n + int(p)] for p in self.positions if is_index(p) and -int(p) <= n})
         return n, found
 
     def aligned(self, base: Prompt, alt: Prompt, i: int) -> Tuple[List[List[int]], List[List[int]], int, int]:
         """Per position, the base's and the alternate's tokens, paired in order; and the two lengths."""
         (n_base, in_base), (n_alt, in_alt) = self.tokens(base), self.tokens(alt)
         where = f"pair {i} ({base.text[-30:]!r} / {alt.text[-30:]!r})"
+        if n_base != n_alt and any(is_index(p) for p in self.positions):
+            raise CircuitfindError(
+                f"units.positions: token positions are counted from the end, and the base and alternate of {where} "
+                f"are {n_base} and {n_alt} tokens; name slots instead (units.positions=[last, <slot>])"
+            )
         for name in self.positions:
+            if is_index(name) and name not in in_base:
+                in_base[name] = in_alt[name] = []  # before this prompt's start: no unit here
+                continue
             for prompt, found in (("base", in_base), ("alternate", in_alt)):
                 if not found.get(name):
                     raise CircuitfindError(
@@ -108,29 +118,29 @@ class PositionFinder:
         return base_pos, alt_pos
 
 
-def expand_all(positions: Sequence[str], lengths: Sequence[int]) -> Tuple[str, ...]:
-    """`all` as every token index, for prompts of one length; other positions unchanged."""
+def is_index(position: str) -> bool:
+    """A position given as its distance from the end, `-2`, `-3`, ..."""
+    return position.startswith("-") and position[1:].isdigit() and int(position) <= -2
+
+
+def expand_all(positions: Sequence[str], longest: int) -> Tuple[str, ...]:
+    """`all` as every token of the longest prompt, counted from the end; other positions unchanged."""
     positions = tuple(positions)
     if ALL not in positions:
         return positions
     if len(positions) > 1:
         raise CircuitfindError(f"units.positions={list(positions)}: `all` already covers every position; give it alone")
-    if len(set(lengths)) != 1:
-        raise CircuitfindError(
-            f"units.positions=[all] needs every prompt to be one length, and this task's are {min(lengths)}-"
-            f"{max(lengths)} tokens; name slots instead (e.g. units.positions=[last, <slot>])"
-        )
-    return tuple(str(i) for i in range(lengths[0]))
+    return tuple(str(-k) for k in range(longest, 1, -1)) + (LAST,)
 
 
 def check_positions(positions: Sequence[str], labels: Sequence[str], task_name: str) -> None:
     """Every named position is `last`, `all`, a token index or a slot label the task writes."""
     known = [LAST, ALL, *labels]
-    unknown = [p for p in positions if p not in known and not p.isdigit()]
+    unknown = [p for p in positions if p not in known and not is_index(p)]
     if unknown:
         raise CircuitfindError(
             f"units.positions: {unknown[0]!r} is not a position of task {task_name}; choose from "
-            f"{', '.join(known)} (a slot written twice is slot#1, slot#2) or a token index"
+            f"{', '.join(known)} (a slot written twice is slot#1, slot#2) or a distance from the end (-2, -3, ...)"
         )
     if len(set(positions)) != len(positions) or not positions:
         raise CircuitfindError(f"units.positions={list(positions)}: give each position once, and at least one")
