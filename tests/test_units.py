@@ -1,0 +1,186 @@
+"""Units beyond final-position heads: positions named by slots, the residual stream, MLP neurons."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from circuitfind.errors import CircuitfindError
+from circuitfind.model.hooks import record_values
+from circuitfind.model.space import ComponentSpace
+from circuitfind.records.circuit import read_record
+from circuitfind.records.circuit_source import read_circuit
+from circuitfind.study.job import Job
+from circuitfind.study.run import run_search
+
+from conftest import compose
+
+QUIET = ("+desiderata=vd_oi", "progress=false", "plots=false", "checks=false")
+PLANTED = ["L2.H1", "L2.H3", "L2.H4", "L2.H6"]
+
+
+def test_every_unit_kind_has_one_naming_scheme():
+    heads = ComponentSpace(2, 3, 4, positions=("x", "last"))
+    assert heads.shape == (2, 8) and heads.names()[:5] == ["L0.H0@x", "L0.H1@x", "L0.H2@x", "L0.MLP@x", "L0.H0@last"]
+    unit = heads.index(["L1.H2@last"])[0]
+    assert (unit.layer, unit.col, unit.mib_node) == (1, 6, "a1.h2@last")
+    assert unit.transformerlens == {"hook": "blocks.1.attn.hook_z", "head": 2, "position": "last"}
+    resid = ComponentSpace(3, 3, 4, kind="residual", positions=("-2", "last"))
+    assert resid.names() == [
+        "L0.resid@-2",
+        "L0.resid@last",
+        "L1.resid@-2",
+        "L1.resid@last",
+        "L2.resid@-2",
+        "L2.resid@last",
+    ]
+    assert resid.index(["L2.resid@last"])[0].transformerlens["hook"] == "blocks.2.hook_resid_pre"
+    neurons = ComponentSpace(2, 3, 4, kind="neurons", group_size=16, mlp_width=64)
+    assert neurons.shape == (2, 4) and neurons.names()[5] == "L1.MLP[16:32]@last"
+    assert neurons.index(["L1.MLP[16:32]@last"])[0].transformerlens == {
+        "hook": "blocks.1.mlp.hook_post", "head": None, "position": "last", "neurons": [16, 32]
+    }  # fmt: skip
+    assert ComponentSpace(1, 2, 4, kind="neurons", mlp_width=4).names()[1] == "L0.MLP[1]@last"
+    default = ComponentSpace(2, 3, 4)
+    assert default.index(["L1.H2@last"]) == default.index(["L1.H2"])  # the paper's names, `@last` allowed
+    with pytest.raises(CircuitfindError, match=r"unknown unit\(s\) L1.H2@y \(did you mean L1.H2@x"):
+        heads.index(["L1.H2@y"])
+
+
+@pytest.fixture(scope="module")
+def positions_job():
+    return Job(compose(*QUIET, 'units.positions=[last,x,"xname#2"]'))
+
+
+def test_slot_positions_are_found_and_aligned_in_base_and_alternate(positions_job):
+    job = positions_job
+    enc = job.encoded[("vd", "train")]
+    pair = job.data["vd"].train[0]
+    assert enc.base_pos.shape == (len(enc), 3, 2)  # x is two digits; last and xname#2 one token
+    tokens = [job.tokenizer.decode([int(enc.base_ids[0, t])]) for t in enc.base_pos[0, 1]]
+    assert "".join(tokens) == str(pair.base.problem.env["x"])  # the character tokenizer: one token per digit
+    alt_tokens = "".join(job.tokenizer.decode([int(enc.alt_ids[0, t])]) for t in enc.alt_pos[0, 1])
+    assert alt_tokens == str(pair.alt.problem.env["x"]) != tokens  # VD's alternate changes x
+    assert int(enc.base_pos[0, 0, 0]) == enc.base_ids.shape[1] - 1 and int(enc.base_pos[0, 0, 1]) == -1
+    query_name = job.tokenizer.decode([int(enc.base_ids[0, enc.base_pos[0, 2, 0]])])
+    assert query_name == "x" and int(enc.base_pos[0, 2, 0]) > int(enc.base_pos[0, 1, 1])  # the second mention
+
+
+@pytest.mark.parametrize(
+    "units",
+    [
+        ("units.positions=[last,x]",),
+        ("units=residual", "units.positions=[x,last]"),
+        ("units=residual",),  # every position: a site at the first token, nothing to cache
+        ("units=neurons", "units.positions=[x,last]"),
+    ],
+)
+def test_cached_engine_runs_the_suffix_from_the_earliest_site_and_equals_the_full_engine(units):
+    job = Job(compose(*QUIET, *units))
+    prep = job.prepared("vd", "train")[0]
+    first = int(prep.where.base_tok.min())
+    assert prep.offset == first  # the prefix, before the earliest site, runs once ...
+    assert prep.prefix_kv is None if first == 0 else prep.prefix_kv[0][0].shape[2] == first  # ... if there is one
+    full = Job(compose(*QUIET, *units, "engine=full"))
+    full_prep = full.prepared("vd", "train")[0]
+    torch.manual_seed(0)
+    mask = torch.rand(2, *job.space.shape, requires_grad=True)
+    cached_h = job.engine.final_hidden(prep, mask)
+    full_h = full.engine.final_hidden(full_prep, mask)
+    assert torch.allclose(cached_h, full_h, atol=2e-5)
+    (g_cached,) = torch.autograd.grad(cached_h.sum(), mask)
+    (g_full,) = torch.autograd.grad(full_h.sum(), mask)
+    assert torch.allclose(g_cached, g_full, atol=2e-4) and bool(g_full.abs().sum() > 0)
+    keep = job.engine.final_hidden(prep, torch.ones(1, *job.space.shape))
+    assert torch.equal(keep, job.engine.final_hidden(prep, None))  # w = 1 everywhere is no patch, bit for bit
+
+
+def test_patching_the_first_layers_residual_everywhere_is_the_alternates_run():
+    job = Job(compose(*QUIET, "units=residual"))
+    prep = job.prepared("vd", "train")[0]
+    mask = torch.ones(1, *job.space.shape)
+    mask[0, 0] = 0  # layer 0's residual stream at every position, from the alternate
+    assert torch.allclose(job.engine.final_hidden(prep, mask)[0], prep.alt_hidden, atol=1e-5)
+    assert not torch.allclose(job.engine.final_hidden(prep, None)[0], prep.alt_hidden, atol=1e-2)
+
+
+def test_a_neuron_group_patch_replaces_exactly_those_neurons_at_that_position():
+    job = Job(compose(*QUIET, "units=neurons", "units.group_size=32", "engine=full"))
+    prep = job.prepared("vd", "train")[0]
+    unit = job.space.index(["L3.MLP[64:96]@last"])[0]
+    mask = torch.ones(1, *job.space.shape)
+    mask[0, unit.layer, unit.col] = 0
+    alt = prep.alt_values.points["neurons"][3]  # (B, 256) the alternates' neurons at the final token
+
+    def by_hand(module, args):
+        x = args[0].clone()
+        x[:, -1, 64:96] = alt[:, 64:96]
+        return (x,)
+
+    handle = job.sites.mlp_downs[3].register_forward_pre_hook(by_hand)
+    try:
+        expected = job.engine.final_hidden(prep, None)
+    finally:
+        handle.remove()
+    assert torch.allclose(job.engine.final_hidden(prep, mask), expected, atol=1e-6)
+    with record_values(job.sites, prep.where.rows, prep.where.alt_tok) as values:
+        job.engine._run(prep.pairs.alt_ids, prep.pairs.alt_attn)
+    assert torch.equal(values.points["neurons"][3], alt)
+
+
+def test_dbm_finds_the_planted_heads_at_the_final_position_among_several_positions(tmp_path):
+    """The organism's circuit is planted at the final position: with x's and the query's positions on offer,
+    DBM still patches the planted heads there, and the run's names, exports and eval all carry positions."""
+    run = tmp_path / "run"
+    run_search(compose(*QUIET, 'units.positions=[last,x,"xname#2"]'), run)
+    record = read_record(run)
+    names = record.names
+    assert {f"{h}@last" for h in PLANTED} <= set(names)
+    assert record.planted["recall"] == 1.0 and record.model["units"]["positions"] == ["last", "x", "xname#2"]
+    at_last = [n for n in names if n.endswith("@last")]
+    assert set(at_last) <= {f"{h}@last" for h in PLANTED + ["L1.H2"]}
+    hooks = json.loads((run / "transformerlens.json").read_text())["circuit"]
+    assert {h["position"] for h in hooks} <= {"last", "x", "xname#2"} and len(hooks) == len(names)
+    mib = json.loads((run / "mib" / "importances.json").read_text())
+    assert "a2.h1@last" in mib["nodes"] and mib["cfg"]["units"]["positions"] == ["last", "x", "xname#2"]
+    job = Job(compose(*QUIET, 'units.positions=[last,x,"xname#2"]'))
+    assert (
+        read_circuit(str(run / "mib" / "importances.json"), job.space).names == read_circuit(str(run), job.space).names
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ("units.positions=[last,z]",),
+            r"units.positions: 'z' is not a position of task arithmetic; choose from last, all, ",
+        ),
+        (
+            ("units=neurons", "units.group_size=48"),
+            r"units.group_size=48 does not divide the MLP width 256; give a divisor",
+        ),
+        (("units.positions=[x,all]",), r"`all` already covers every position; give it alone"),
+        (
+            ("units.memory_gb=0.000001",),
+            r"would need about .* GiB .* units.memory_gb allows 0.0 GiB; lower optimizer.batch_size",
+        ),
+        (("units.positions=[last,x]", "optimizer.target_size=80"), r"target_size=80 is more than the model's 72 units"),
+        (("units=residual", "units.group_size=4"), r"units.group_size applies to units=neurons only"),
+        (("units.kind=edges",), r"units.kind='edges' is unknown; choose from heads_mlps, residual, neurons"),
+    ],
+)
+def test_bad_units_are_one_line_naming_the_fix(overrides, message):
+    with pytest.raises(CircuitfindError, match=message) as e:
+        Job(compose(*QUIET, *overrides))
+    assert "\n" not in str(e.value)
+
+
+def test_positions_that_cannot_be_aligned_say_why():
+    # a one- or two-digit x: the base's x and the alternate's are not as many tokens
+    with pytest.raises(CircuitfindError, match=r"'x' is \d token\(s\) in the base prompt and \d in the alternate"):
+        Job(compose(*QUIET, "units.positions=[x]", "task.slots.x.range=[5,60]"))
+    with pytest.raises(CircuitfindError, match=r"units.positions: x and -18 share tokens in pair 0"):
+        Job(compose(*QUIET, "units.positions=[x,-18]"))  # x's first digit is the 18th token from the end
