@@ -1,8 +1,10 @@
 """Which heads look at which slot, and what patching each alone does.
 
     python scripts/slot_attention.py task=ioi model=smollm2_135m --slot io --top 12
+    python scripts/slot_attention.py task=ioi_repeat model=smollm2_135m 'units.positions=[s2]' --query s2 --slot a
 
-For every head: its final-position attention to each slot of the task (mean over the first
+For every head: its attention from the final position (or from `--query`, one of the run's
+`units.positions`) to each slot of the task (mean over the first
 desideratum's held-out base prompts), and the mean change of that desideratum's logit
 difference when this head alone is patched from the alternates, also as a share of patching
 everything. Prints the `--top` heads by attention to `--slot` (or `slot#k`, the k-th mention),
@@ -27,13 +29,17 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="circuitfind train overrides, e.g. task=ioi model=smollm2_135m")
     parser.add_argument("--slot", default="io", help="rank heads by attention to this slot (or slot#k)")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--query", default="last", help="the position heads attend from: one of units.positions")
     args = parser.parse_args()
     job = Job(compose_train_config([*args.overrides, "progress=false"]))
     space = job.space
     split = next(s for s in job.eval_splits() if s.kind == "test")
-    heads = [(u.layer, u.head) for u in space.units() if u.head is not None]
+    units = [u for u in space.units() if u.kind == "head" and u.position == args.query]
+    if not units:
+        raise SystemExit(f"--query {args.query}: not a position of the units; add units.positions=[{args.query}]")
     prompts = [pair.base for pair in job.data[split.desideratum.name].test]
-    attention = attention_by_slot(job.model, job.encoder, job.task, prompts, heads)
+    heads, names = [(u.layer, u.head) for u in units], [u.name for u in units]
+    attention = attention_by_slot(job.model, job.encoder, job.task, prompts, heads, args.query, names)
     ranked = sorted(attention, key=lambda name: -attention[name].get(args.slot, 0.0))[: args.top]
     masks = torch.ones(len(ranked), *space.shape)
     for i, unit in enumerate(space.index(ranked)):

@@ -474,5 +474,5 @@ def test_smollm2_ioi_circuit(cli, tmp_path):
     assert 2 <= c["n_patched"] <= 12, c["circuit"]
     m = c["metrics"]
     assert m["io_test/acc"] >= 0.6 and m["context_test/acc"] >= 0.9 and m["io_transfer/acc"] >= 0.6, m
-    io_heads = [h for h, masses in c["attention"].items() if masses["io"] > masses["s#1"] + masses["s#2"]]
+    io_heads = [h for h, masses in c["attention"].items() if masses["io"] > masses["s"] + masses["s2"]]
     assert len(io_heads) >= 2, c["attention"]

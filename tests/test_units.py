@@ -141,6 +141,9 @@ def test_dbm_finds_the_planted_heads_at_the_final_position_among_several_positio
     assert record.planted["recall"] == 1.0 and record.model["units"]["positions"] == ["last", "x", "xname#2"]
     at_last = [n for n in names if n.endswith("@last")]
     assert set(at_last) <= {f"{h}@last" for h in PLANTED + ["L1.H2"]}
+    heads = [row["name"] for row in record.circuit if row["kind"] == "head"]
+    assert sorted(record.attention) == sorted(heads)  # where each head looks from its own position
+    assert all(sum(masses.values()) == pytest.approx(1, abs=1e-3) for masses in record.attention.values())
     hooks = json.loads((run / "transformerlens.json").read_text())["circuit"]
     assert {h["position"] for h in hooks} <= {"last", "x", "xname#2"} and len(hooks) == len(names)
     mib = json.loads((run / "mib" / "importances.json").read_text())

@@ -1,4 +1,4 @@
-"""Where the circuit's heads look: final-position attention averaged over held-out prompts."""
+"""Where the circuit's heads look: attention from their position, averaged over held-out prompts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from circuitfind.model.space import LAST
 from circuitfind.task.encoding import EncodedPairs, PairEncoder, left_pad, position_ids
 from circuitfind.task.positions import slot_positions
 from circuitfind.task.spec import Prompt, TaskSpec
@@ -49,6 +50,15 @@ def final_position_attention(
     return weights, labels
 
 
+def query_token(query: str, n: int, positions: Dict[str, List[int]]) -> int | None:
+    """The token a query position reads from, in a prompt of n tokens: a slot's last token."""
+    if query == LAST:
+        return n - 1
+    if query in positions:
+        return positions[query][-1]
+    return n + int(query) if n + int(query) >= 0 else None
+
+
 @torch.no_grad()
 def attention_by_slot(
     model: torch.nn.Module,
@@ -56,21 +66,30 @@ def attention_by_slot(
     task: TaskSpec,
     prompts: Sequence[Prompt],
     heads: Sequence[Tuple[int, int]],
+    query: str = LAST,
+    names: Sequence[str] | None = None,
 ) -> Dict[str, Dict[str, float]]:
-    """For each (layer, head): the final position's mean attention to the tokens of each slot of
-    the prompts, and to everything else (`other`: template words, the BOS token)."""
+    """For each (layer, head): the mean attention from the `query` position (the final token, a
+    slot's last token, or a distance from the end) to the tokens of each slot of the prompts, and
+    to everything else (`other`: template words, the BOS token). Keyed by `names` (default L{l}.H{h})."""
     tokens = [encoder.tokenizer(p.text, add_special_tokens=True, return_offsets_mapping=True) for p in prompts]
     ids = [t["input_ids"] for t in tokens]  # as the encoder tokenises, with each token's offsets
     batch, attn = left_pad(ids, encoder.pad_id)
     attentions = attention_maps(model, batch, attn)
     width = batch.shape[1]
-    totals: Dict[str, Dict[str, float]] = {f"L{layer}.H{head}": Counter() for layer, head in heads}
+    names = list(names or [f"L{layer}.H{head}" for layer, head in heads])
+    totals: Dict[str, Dict[str, float]] = {name: Counter() for name in names}
+    used = 0
     for b, prompt in enumerate(prompts):
         shift = width - len(ids[b])  # left padding
         positions = slot_positions(tokens[b]["offset_mapping"], task.spans(prompt))
-        for layer, head in heads:
-            row = attentions[layer][b, head, -1].float().cpu()
+        at = query_token(query, len(ids[b]), positions)
+        if at is None:  # a distance from the end beyond this prompt's start
+            continue
+        used += 1
+        for name, (layer, head) in zip(names, heads):
+            row = attentions[layer][b, head, shift + at].float().cpu()
             masses = {label: float(row[[shift + i for i in idx]].sum()) for label, idx in positions.items()}
             masses["other"] = float(row.sum()) - sum(masses.values())
-            totals[f"L{layer}.H{head}"].update(masses)
-    return {name: {label: round(v / len(prompts), 4) for label, v in t.items()} for name, t in totals.items()}
+            totals[name].update(masses)
+    return {name: {label: round(v / max(used, 1), 4) for label, v in t.items()} for name, t in totals.items()}

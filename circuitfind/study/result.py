@@ -92,17 +92,21 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
 
 
 def final_heads(circuit: List[Dict[str, Any]]) -> List[tuple[int, int]]:
-    """(layer, head) of the circuit's heads at the final position: where they look is what the figures show."""
+    """(layer, head) of the circuit's heads at the final position: the attention figure shows where they look."""
     return [(row["layer"], row["head"]) for row in circuit if row["kind"] == "head" and row["position"] == LAST]
 
 
 def slot_attention(job: Job, circuit: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
-    """Where each circuit head looks from the final position, by slot, on the first desideratum's test prompts."""
-    heads = final_heads(circuit)
-    if not heads:
-        return {}
+    """Where each circuit head looks from its own position, by slot, on the first desideratum's test prompts."""
     prompts = [pair.base for pair in next(iter(job.data.values())).test]
-    return attention_by_slot(job.model, job.encoder, job.task, prompts, heads)
+    out: Dict[str, Dict[str, float]] = {}
+    for position in job.space.positions:
+        rows = [row for row in circuit if row["kind"] == "head" and row["position"] == position]
+        if rows:
+            heads = [(row["layer"], row["head"]) for row in rows]
+            names = [row["name"] for row in rows]
+            out |= attention_by_slot(job.model, job.encoder, job.task, prompts, heads, position, names)
+    return out
 
 
 def attention_figure(job: Job, record: CircuitRecord) -> Dict[str, Figure]:
