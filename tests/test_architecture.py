@@ -38,8 +38,14 @@ def test_every_unit_has_its_names():
         "L0.H0", "L0.H1", "L0.H2", "L0.MLP", "L1.H0", "L1.H1", "L1.H2", "L1.MLP"
     ]  # fmt: skip
     head, mlp = units[5], units[7]
-    assert (head.mib_node, head.transformerlens) == ("a1.h1", {"hook": "blocks.1.attn.hook_z", "head": 1, "position": "last"})
-    assert (mlp.mib_node, mlp.transformerlens) == ("m1", {"hook": "blocks.1.hook_mlp_out", "head": None, "position": "last"})
+    assert (head.mib_node, head.transformerlens) == (
+        "a1.h1",
+        {"hook": "blocks.1.attn.hook_z", "head": 1, "position": "last"},
+    )
+    assert (mlp.mib_node, mlp.transformerlens) == (
+        "m1",
+        {"hook": "blocks.1.hook_mlp_out", "head": None, "position": "last"},
+    )
     assert space.index(["L1.MLP", "L0.H2"]) == [mlp, units[2]]
     with pytest.raises(CircuitfindError, match=r"unknown unit\(s\) L5.H0"):
         space.index(["L5.H0"])

@@ -476,3 +476,20 @@ def test_smollm2_ioi_circuit(cli, tmp_path):
     assert m["io_test/acc"] >= 0.6 and m["context_test/acc"] >= 0.9 and m["io_transfer/acc"] >= 0.6, m
     io_heads = [h for h, masses in c["attention"].items() if masses["io"] > masses["s"] + masses["s2"]]
     assert len(io_heads) >= 2, c["attention"]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_ioi_repeat_circuit_at_s2_and_the_final_token(cli, tmp_path):
+    """README (units, IOI): when only the repeated name changes, DBM patches a unit at S2 and heads at
+    the final token that attend to S2 (S-inhibition's signature)."""
+    run = tmp_path / "run"
+    args = ("task=ioi_repeat", "model=smollm2_135m", "units.positions=[s2,last]", "optimizer.lam=0.3")
+    res = cli("train", *args, "progress=false", "plots=false", f"hydra.run.dir={run}", timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = json.loads((run / "circuit.json").read_text())
+    assert c["baseline"]["repeat_test/task_acc"] >= 0.9 and c["metrics"]["repeat_test/acc"] >= 0.9, c["metrics"]
+    positions = {row["position"] for row in c["circuit"]}
+    assert positions == {"s2", "last"}, c["circuit"]
+    readers = [h for h, masses in c["attention"].items() if h.endswith("@last") and masses["s2"] > 0.5]
+    assert readers, c["attention"]

@@ -187,3 +187,29 @@ def test_positions_that_cannot_be_aligned_say_why():
         Job(compose(*QUIET, "units.positions=[x]", "task.slots.x.range=[5,60]"))
     with pytest.raises(CircuitfindError, match=r"units.positions: x and -18 share tokens in pair 0"):
         Job(compose(*QUIET, "units.positions=[x,-18]"))  # x's first digit is the 18th token from the end
+
+
+def test_eval_takes_positional_names_and_unit_figures_are_drawn(cli, tmp_path):
+    out = tmp_path / "eval"
+    res = cli(
+        "eval",
+        *QUIET,
+        "units.positions=[last,x]",
+        "circuit=[L2.H1@last,L2.H3@last,L2.H4,L2.H6@last]",
+        "--out",
+        str(out),
+    )
+    assert res.returncode != 0 and "unknown unit(s) L2.H4 (did you mean L2.H4@last, L2.H4@x" in res.stderr
+    res = cli("eval", *QUIET, "units.positions=[last,x]", "circuit=[L2.H1@last,L2.H3@last,L0.H4@x]", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "eval.json").read_text())["circuit"] == ["L0.H4@x", "L2.H1@last", "L2.H3@last"]
+    run = tmp_path / "neurons"
+    res = cli(
+        "train",
+        *(q for q in QUIET if q != "plots=false"),
+        "units=neurons",
+        "units.group_size=64",
+        f"hydra.run.dir={run}",
+    )
+    assert res.returncode == 0, res.stderr
+    assert (run / "mask_heatmap.png").stat().st_size > 0 and (run / "neurons.png").stat().st_size > 0

@@ -152,16 +152,18 @@ class ComponentSpace:
         }[self.kind]
         return f"{self.n_layers} layers x {what} at {len(self.positions)} position(s) ({self.n_components} units)"
 
+    def near(self, name: str, valid: List[str]) -> List[str]:
+        """Up to 3 valid names close to `name`: the same unit at each position first, when no position is given."""
+        at_positions = [f"{name}@{p}" for p in self.positions if "@" not in name and f"{name}@{p}" in valid]
+        return list(dict.fromkeys(at_positions + difflib.get_close_matches(name, valid, n=3)))[:3]
+
     def index(self, names: Sequence[str], what: str = "circuit") -> List[Unit]:
         """The units with these names; unknown names are one error listing them, with near names."""
         by_name = self.by_name()
         unknown = [n for n in names if n not in by_name]
         if unknown:
             valid = self.names()
-            hints = [
-                f"{n} (did you mean {', '.join(difflib.get_close_matches(n, valid, n=3)) or 'nothing close'}?)"
-                for n in unknown
-            ]
+            hints = [f"{n} (did you mean {', '.join(self.near(n, valid)) or 'nothing close'}?)" for n in unknown]
             raise CircuitfindError(
                 f"{what}: unknown unit(s) {'; '.join(hints)}; units of this model are named like {valid[0]}: "
                 f"{self.describe()}"
