@@ -98,8 +98,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, batch {args.batch}, "
-          f"median of {args.repeats}, {torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, batch {args.batch}, "
+        f"median of {args.repeats}, {torch.get_num_threads()} threads"
+    )
     bench_units(args.shape, args.positions, args.batch, args.repeats, args.device, DTYPES[args.dtype])
 
 
