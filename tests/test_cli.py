@@ -36,8 +36,9 @@ def test_help_lists_commands_and_groups(cli):
     for group in (
         "model:",
         "task: arithmetic, entity_binding, ioi",
-        "desiderata: chain, entity, ioi, oi, vd, vd_oi",
+        "desiderata: chain, entity, ioi, oi, repeat, vd, vd_oi",
         "optimizer:",
+        "units: heads_mlps, neurons, residual",
     ):
         assert group in train_help.stdout
     cfg = cli("train", "+desiderata=vd_oi", "--cfg", "job")
