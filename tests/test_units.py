@@ -213,3 +213,23 @@ def test_eval_takes_positional_names_and_unit_figures_are_drawn(cli, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert (run / "mask_heatmap.png").stat().st_size > 0 and (run / "neurons.png").stat().st_size > 0
+
+
+def test_mean_ablation_refuses_a_token_no_reference_prompt_has():
+    """Reference prompts with two-digit x; a site at a third token of x must not take another position's mean."""
+    from circuitfind.model.hooks import SiteIndex
+    from circuitfind.study.ablation import Ablation, reference_values
+
+    job = Job(compose(*QUIET, "units.positions=[x,last]"))
+    ablation = Ablation("mean", reference_values(job, minimum=20))
+    two_digits = SiteIndex(
+        *(torch.tensor([0, 0, 0]) for _ in range(2)),
+        torch.tensor([0, 1, 0]),
+        *(torch.zeros(3, dtype=torch.long) for _ in range(2)),
+    )
+    assert ablation.mean_at(two_digits).points["heads"][0].shape[0] == 3
+    third = SiteIndex(
+        *(torch.tensor([0]) for _ in range(2)), torch.tensor([2]), *(torch.zeros(1, dtype=torch.long) for _ in range(2))
+    )
+    with pytest.raises(CircuitfindError, match="more tokens in these prompts than in any reference prompt"):
+        ablation.mean_at(third)

@@ -145,8 +145,9 @@ class Ablation:
         return self._drawn[id(prep)]
 
     def mean_at(self, where: SiteIndex) -> SiteValues:
-        keys = self.reference.keys(where, self.key_width).clamp(max=len(self.has_mean) - 1)
-        if not bool(self.has_mean[keys].all()):
+        keys = self.reference.keys(where, self.key_width)
+        known = (where.mention < self.key_width) & (keys < len(self.has_mean))  # a token no reference prompt has
+        if not bool(known.all()) or not bool(self.has_mean[keys].all()):
             raise CircuitfindError(
                 "mean ablation: a position has more tokens in these prompts than in any reference prompt; "
                 "give positions whose slots tokenise alike (one_token: true)"
