@@ -39,7 +39,7 @@ def main() -> None:
         raise SystemExit(f"--query {args.query}: not a position of the units; add units.positions=[{args.query}]")
     prompts = [pair.base for pair in job.data[split.desideratum.name].test]
     heads, names = [(u.layer, u.head) for u in units], [u.name for u in units]
-    attention = attention_by_slot(job.model, job.encoder, job.task, prompts, heads, args.query, names)
+    attention = attention_by_slot(job.model, job.encoder, job.task, prompts, heads, [args.query] * len(heads), names)
     ranked = sorted(attention, key=lambda name: -attention[name].get(args.slot, 0.0))[: args.top]
     masks = torch.ones(len(ranked), *space.shape)
     for i, unit in enumerate(space.index(ranked)):

@@ -143,6 +143,10 @@ class ComponentSpace:
             out.update({f"{unit.name}@{LAST}": unit for unit in self.units()})
         return out
 
+    def facts(self) -> Dict[str, object]:
+        """The space as recorded in circuit.json and the MIB export: kind, positions, group size."""
+        return {"kind": self.kind, "positions": list(self.positions), "group_size": self.group_size}
+
     def describe(self) -> str:
         """The space in a few words, for errors and logs."""
         what = {

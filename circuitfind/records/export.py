@@ -31,16 +31,12 @@ def mib_circuit(scores: torch.Tensor, in_graph: torch.Tensor, space: ComponentSp
             "n_heads": space.n_heads,
             "parallel_attn_mlp": False,
             "d_model": d_model,
-            **({} if space.is_default else {"units": unit_facts(space)}),
+            **({} if space.is_default else {"units": space.facts()}),
         },
         "level": "node",
         "position": "final token" if space.is_default else "per node (@position)",
         "nodes": nodes,
     }
-
-
-def unit_facts(space: ComponentSpace) -> Dict[str, Any]:
-    return {"kind": space.kind, "positions": list(space.positions), "group_size": space.group_size}
 
 
 def export_circuit(

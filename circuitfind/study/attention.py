@@ -66,30 +66,32 @@ def attention_by_slot(
     task: TaskSpec,
     prompts: Sequence[Prompt],
     heads: Sequence[Tuple[int, int]],
-    query: str = LAST,
+    queries: Sequence[str] | None = None,
     names: Sequence[str] | None = None,
 ) -> Dict[str, Dict[str, float]]:
-    """For each (layer, head): the mean attention from the `query` position (the final token, a
-    slot's last token, or a distance from the end) to the tokens of each slot of the prompts, and
-    to everything else (`other`: template words, the BOS token). Keyed by `names` (default L{l}.H{h})."""
+    """For each (layer, head): the mean attention from its query position (the final token by default;
+    a slot's last token, or a distance from the end) to the tokens of each slot of the prompts, and
+    to everything else (`other`: template words, the BOS token). Keyed by `names` (default L{l}.H{h}).
+    One forward pass serves every head and query."""
     tokens = [encoder.tokenizer(p.text, add_special_tokens=True, return_offsets_mapping=True) for p in prompts]
     ids = [t["input_ids"] for t in tokens]  # as the encoder tokenises, with each token's offsets
     batch, attn = left_pad(ids, encoder.pad_id)
     attentions = attention_maps(model, batch, attn)
     width = batch.shape[1]
     names = list(names or [f"L{layer}.H{head}" for layer, head in heads])
+    queries = list(queries or [LAST] * len(heads))
     totals: Dict[str, Dict[str, float]] = {name: Counter() for name in names}
-    used = 0
+    used: Counter = Counter()  # prompts each head was read on
     for b, prompt in enumerate(prompts):
         shift = width - len(ids[b])  # left padding
         positions = slot_positions(tokens[b]["offset_mapping"], task.spans(prompt))
-        at = query_token(query, len(ids[b]), positions)
-        if at is None:  # a distance from the end beyond this prompt's start
-            continue
-        used += 1
-        for name, (layer, head) in zip(names, heads):
+        for name, (layer, head), query in zip(names, heads, queries):
+            at = query_token(query, len(ids[b]), positions)
+            if at is None:  # a distance from the end beyond this prompt's start
+                continue
+            used[name] += 1
             row = attentions[layer][b, head, shift + at].float().cpu()
             masses = {label: float(row[[shift + i for i in idx]].sum()) for label, idx in positions.items()}
             masses["other"] = float(row.sum()) - sum(masses.values())
             totals[name].update(masses)
-    return {name: {label: round(v / max(used, 1), 4) for label, v in t.items()} for name, t in totals.items()}
+    return {name: {label: round(v / max(used[name], 1), 4) for label, v in t.items()} for name, t in totals.items()}

@@ -22,7 +22,7 @@ from circuitfind.study.validation import normalised, validate
 from circuitfind.task.desiderata import desiderata_from, trained
 from circuitfind.task.encoding import EncodedPairs, PairEncoder
 from circuitfind.task.pairs import build_data
-from circuitfind.task.positions import PositionFinder, check_positions, expand_all, slot_labels
+from circuitfind.task.positions import PositionFinder, check_positions, expand_all, names_slots, slot_labels
 from circuitfind.task.spec import TaskSpec
 
 
@@ -113,7 +113,8 @@ class Job:
         positions = list(self.cfg.units.positions)
         splits = [pairs for dd in self.data.values() for pairs in (dd.train, dd.test, dd.transfer)]
         prompts = [p for pairs in splits for pair in pairs for p in (pair.base, pair.alt)]
-        check_positions(positions, slot_labels(self.task, prompts), self.task.name)
+        labels = slot_labels(self.task, prompts) if names_slots(positions) else []  # read every prompt only if needed
+        check_positions(positions, labels, self.task.name)
         if ALL not in positions:
             return tuple(positions)
         return expand_all(positions, max(len(tokenizer(p.text, add_special_tokens=True)["input_ids"]) for p in prompts))

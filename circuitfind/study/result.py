@@ -61,7 +61,7 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
             "model_type": job.model.config.model_type,
             "n_layers": space.n_layers,
             "n_heads": space.n_heads,
-            "units": {"kind": space.kind, "positions": list(space.positions), "group_size": space.group_size},
+            "units": space.facts(),
             "hidden_size": model_config.hidden_size,
             "dtype": cfg.model.dtype,
             "device": str(job.device),
@@ -98,15 +98,12 @@ def final_heads(circuit: List[Dict[str, Any]]) -> List[tuple[int, int]]:
 
 def slot_attention(job: Job, circuit: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     """Where each circuit head looks from its own position, by slot, on the first desideratum's test prompts."""
+    rows = [row for row in circuit if row["kind"] == "head"]
+    if not rows:
+        return {}
     prompts = [pair.base for pair in next(iter(job.data.values())).test]
-    out: Dict[str, Dict[str, float]] = {}
-    for position in job.space.positions:
-        rows = [row for row in circuit if row["kind"] == "head" and row["position"] == position]
-        if rows:
-            heads = [(row["layer"], row["head"]) for row in rows]
-            names = [row["name"] for row in rows]
-            out |= attention_by_slot(job.model, job.encoder, job.task, prompts, heads, position, names)
-    return out
+    heads, queries = [(row["layer"], row["head"]) for row in rows], [row["position"] for row in rows]
+    return attention_by_slot(job.model, job.encoder, job.task, prompts, heads, queries, [row["name"] for row in rows])
 
 
 def attention_figure(job: Job, record: CircuitRecord) -> Dict[str, Figure]:

@@ -22,32 +22,32 @@ from circuitfind.task.spec import Prompt, TaskSpec
 Positions = Dict[str, List[int]]  # position name -> token indices in the unpadded prompt
 
 
-def slot_positions(offsets: Sequence[Tuple[int, int]], spans: Sequence[Tuple[str, int, int]]) -> Positions:
-    """Token indices of each slot value, from the tokens' character offsets and the slots' spans.
+def labelled_spans(spans: Sequence[Tuple[str, int, int]]) -> List[Tuple[str, int, int]]:
+    """The slots' character spans in reading order, each under its label.
 
     A slot written more than once is split by mention, `s#1`, `s#2`, in reading order: in IOI
     the subject's first and second mentions play different roles."""
     mentions = Counter(slot for slot, _, _ in spans)
     seen: Counter = Counter()
-    out: Positions = {}
+    out = []
     for slot, start, end in sorted(spans, key=lambda s: s[1]):
         seen[slot] += 1
-        label = slot if mentions[slot] == 1 else f"{slot}#{seen[slot]}"
-        out[label] = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        out.append((slot if mentions[slot] == 1 else f"{slot}#{seen[slot]}", start, end))
     return out
+
+
+def slot_positions(offsets: Sequence[Tuple[int, int]], spans: Sequence[Tuple[str, int, int]]) -> Positions:
+    """Token indices of each slot value, by label, from the tokens' character offsets and the slots' spans."""
+    return {
+        label: [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        for label, start, end in labelled_spans(spans)
+    }
 
 
 def slot_labels(task: TaskSpec, prompts: Sequence[Prompt]) -> List[str]:
     """Every slot label written in these prompts (a slot written twice: `slot#1`, `slot#2`)."""
-    labels: Dict[str, None] = {}
-    for prompt in prompts:
-        spans = task.spans(prompt)
-        mentions = Counter(slot for slot, _, _ in spans)
-        seen: Counter = Counter()
-        for slot, _, _ in sorted(spans, key=lambda s: s[1]):
-            seen[slot] += 1
-            labels[slot if mentions[slot] == 1 else f"{slot}#{seen[slot]}"] = None
-    return list(labels)
+    labels = (label for prompt in prompts for label, _, _ in labelled_spans(task.spans(prompt)))
+    return list(dict.fromkeys(labels))
 
 
 class PositionFinder:
@@ -55,7 +55,7 @@ class PositionFinder:
 
     def __init__(self, tokenizer, task: TaskSpec, positions: Sequence[str]):
         self.tokenizer, self.task, self.positions = tokenizer, task, list(positions)
-        self.needs_slots = any(not (p == LAST or is_index(p)) for p in self.positions)
+        self.needs_slots = names_slots(self.positions)
         if self.needs_slots and not getattr(tokenizer, "is_fast", False):
             raise CircuitfindError(
                 "units.positions names task slots, which needs a fast tokenizer (character offsets); "
@@ -131,6 +131,11 @@ def expand_all(positions: Sequence[str], longest: int) -> Tuple[str, ...]:
     if len(positions) > 1:
         raise CircuitfindError(f"units.positions={list(positions)}: `all` already covers every position; give it alone")
     return tuple(str(-k) for k in range(longest, 1, -1)) + (LAST,)
+
+
+def names_slots(positions: Sequence[str]) -> bool:
+    """Whether any position is a task slot (not `last`, `all` or a distance from the end)."""
+    return any(p not in (LAST, ALL) and not is_index(p) for p in positions)
 
 
 def check_positions(positions: Sequence[str], labels: Sequence[str], task_name: str) -> None:
