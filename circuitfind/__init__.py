@@ -1,6 +1,8 @@
 """circuitfind: find the circuit that performs a subtask, from causal desiderata."""
 
-__version__ = "0.3.0"
+from circuitfind.version import __version__
+
+__all__ = ["__version__", "find_circuit", "evaluate_circuit"]
 
 
 def find_circuit(*overrides: str, run_dir=None):

@@ -11,23 +11,9 @@ import time
 from pathlib import Path
 from typing import List
 
-from omegaconf import DictConfig
-
+from circuitfind.config.compose import compose_train_config
 from circuitfind.records.circuit import CircuitRecord
 from circuitfind.records.rundir import clear_outputs, refuse_earlier_run, write_invocation
-
-
-def compose_train_config(overrides: List[str]) -> DictConfig:
-    """The train config as the command line composes it from these overrides (Hydra's compose API)."""
-    from hydra import compose, initialize_config_module
-
-    from circuitfind.apps.callbacks import register_resolvers
-    from circuitfind.config import register_configs
-
-    register_configs()
-    register_resolvers()
-    with initialize_config_module(config_module="circuitfind.configs", version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def find_circuit(*overrides: str, run_dir: str | Path | None = None) -> List[CircuitRecord]:
@@ -37,9 +23,9 @@ def find_circuit(*overrides: str, run_dir: str | Path | None = None) -> List[Cir
     command, it refuses a directory that holds an earlier run unless `overwrite=true` is given.
     Bad input raises CircuitfindError with a one-line message, before anything is written.
     """
-    from circuitfind.study.job import Job
-    from circuitfind.study.run import Run
-    from circuitfind.study.validation import normalised, validate
+    from circuitfind.config.validation import normalised, validate
+    from circuitfind.runs.job import Job
+    from circuitfind.runs.train import Run
 
     cfg = normalised(compose_train_config(list(overrides)))
     validate(cfg)
@@ -61,7 +47,7 @@ def evaluate_circuit(*overrides: str, circuit=None, run: str | Path | None = Non
     """
     import json
 
-    from circuitfind.study.eval_run import evaluate_to
+    from circuitfind.runs.evaluate import evaluate_to
 
     if run is None and circuit is None:
         from circuitfind.errors import CircuitfindError

@@ -166,7 +166,7 @@ def main() -> None:
         print(USAGE, end="")
         sys.exit(0 if args else 2)
     if args[0] in ("-V", "--version"):
-        from circuitfind import __version__
+        from circuitfind.version import __version__
 
         print(f"circuitfind {__version__}")
         return

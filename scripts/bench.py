@@ -294,9 +294,9 @@ def bench_setup(shape: str, steps: int = 3) -> None:
     import tempfile
     from pathlib import Path
 
-    from circuitfind.api import compose_train_config
-    from circuitfind.study.job import Job
-    from circuitfind.study.run import Run
+    from circuitfind.config.compose import compose_train_config
+    from circuitfind.runs.job import Job
+    from circuitfind.runs.train import Run
 
     layers, heads, kv, hidden, inter, _ = SHAPES[shape]
     shape_keys = dict(n_layers=layers, n_heads=heads, n_kv_heads=kv, hidden=hidden, intermediate=inter)

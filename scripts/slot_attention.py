@@ -18,10 +18,10 @@ import argparse
 
 import torch
 
-from circuitfind.api import compose_train_config
-from circuitfind.study.attention import attention_by_slot
-from circuitfind.study.evaluate import evaluate_masks, full_effect
-from circuitfind.study.job import Job
+from circuitfind.config.compose import compose_train_config
+from circuitfind.evaluation.attention import attention_by_slot
+from circuitfind.evaluation.heldout import evaluate_masks, full_effect
+from circuitfind.runs.job import Job
 
 
 def main() -> None:

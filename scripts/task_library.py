@@ -4,7 +4,7 @@
     python scripts/task_library.py --models organism --n 100
 
 Accuracy is greedy first-token accuracy on n prompts of the task's train split, in forms drawn
-as a run draws them, scored by the project's answer-token logic (study/accuracy.py). A task a
+as a run draws them, scored by the project's answer-token logic (evaluation/accuracy.py). A task a
 model cannot take (a value its tokenizer splits) is reported with the reason.
 """
 
@@ -15,12 +15,12 @@ import time
 
 import torch
 
-from circuitfind.config import ModelConfig
+from circuitfind.config.schema import ModelConfig
 from circuitfind.errors import CircuitfindError
+from circuitfind.evaluation.accuracy import task_accuracy
 from circuitfind.model.components import locate_components
 from circuitfind.model.engine import FullEngine
 from circuitfind.model.loading import load_model
-from circuitfind.study.accuracy import task_accuracy
 from circuitfind.task.library import load_task, shipped
 
 MODELS = {"smollm2": "SmolLM2-135M", "organism": "organism"}

@@ -36,14 +36,9 @@ def cli(tmp_path):
 
 def compose(*overrides: str):
     """The train config as the CLI would build it, for in-process tests."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from circuitfind.config.compose import compose_train_config
 
-    from circuitfind.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="circuitfind.configs", version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+    return compose_train_config(list(overrides))
 
 
 def arithmetic_desideratum(name: str):

@@ -11,17 +11,17 @@ import torch
 from safetensors.torch import save_file
 
 from circuitfind.errors import CircuitfindError
+from circuitfind.evaluation.ablation import Ablation
+from circuitfind.evaluation.bootstrap import interval, resampled_means
+from circuitfind.evaluation.circuit_tests import CONDITIONS
+from circuitfind.evaluation.heldout import PairOutcomes
+from circuitfind.evaluation.selfcheck import self_checks
 from circuitfind.records.circuit import read_record
 from circuitfind.records.circuit_source import read_circuit
 from circuitfind.records.report import build_report
-from circuitfind.study.ablation import Ablation, reference_values
-from circuitfind.study.bootstrap import interval, resampled_means
-from circuitfind.study.circuit_eval import CONDITIONS, CircuitEvaluation
-from circuitfind.study.eval_run import evaluate_to
-from circuitfind.study.evaluate import PairOutcomes
-from circuitfind.study.job import Job
-from circuitfind.study.run import Run, run_search
-from circuitfind.study.selfcheck import self_checks
+from circuitfind.runs.evaluate import evaluate_to
+from circuitfind.runs.job import Job
+from circuitfind.runs.train import Run, run_search
 
 from conftest import compose
 
@@ -89,7 +89,7 @@ def test_bootstrap_intervals_narrow_with_more_pairs_and_repeat():
 def test_nothing_ablated_is_the_unpatched_model_under_every_ablation(job):
     """The full condition is the clean model whatever the ablation values; keeping every unit is the same."""
     splits = job.eval_splits()
-    evaluation = CircuitEvaluation(job, splits)
+    evaluation = job.circuit_evaluation(splits)
     evaluation.kinds = ["patching", "zero", "mean", "resample"]
     ev = evaluation(read_circuit(job.space.names(), job.space))
     by_name = {split.name: split for split in splits}
@@ -105,7 +105,7 @@ def test_nothing_ablated_is_the_unpatched_model_under_every_ablation(job):
 
 def test_ablation_values_are_zero_the_reference_mean_and_a_fixed_draw_of_reference_prompts(job):
     prep = job.prepared("vd", "test")[0]
-    reference = reference_values(job, minimum=20)
+    reference = job.reference()  # evaluate.min_reference=20
     heads, mlps = reference.values.points["heads"], reference.values.points["mlps"]
     assert reference.n_prompts == heads[0].shape[0] == len({p.base.text for dd in job.data.values() for p in dd.train})
     zero = Ablation("zero").values(prep)
@@ -128,7 +128,7 @@ def test_a_circuit_by_names_from_a_mask_file_and_from_a_mib_file_is_the_same_cir
     assert by_names.names == from_run.names == from_mask.names == from_mib.names
     assert by_names.scores is None
     assert torch.equal(from_mask.scores.argsort(), from_mib.scores.argsort())
-    evaluation = CircuitEvaluation(job, job.eval_splits())
+    evaluation = job.circuit_evaluation(job.eval_splits())
     a, b = evaluation(by_names), evaluation(from_mib)
     vd_a, vd_b = a["ablations"]["patching"]["splits"]["vd_test"], b["ablations"]["patching"]["splits"]["vd_test"]
     assert vd_a["sufficiency"] == vd_b["sufficiency"] and a["minimality"] == b["minimality"]
@@ -245,7 +245,7 @@ def test_progress_false_silences_plain_tqdm_bars_made_while_the_model_loads(caps
     """The GGUF loader's bar is a plain tqdm made after tqdm was imported: TQDM_DISABLE is read too late."""
     from tqdm.auto import tqdm
 
-    from circuitfind.study.job import plain_tqdm_disabled
+    from circuitfind.runs.job import plain_tqdm_disabled
 
     with plain_tqdm_disabled(True):
         list(tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))

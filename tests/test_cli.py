@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import BloomConfig, BloomForCausalLM, PreTrainedTokenizerFast
 
-from circuitfind.config import ModelConfig
+from circuitfind.config.schema import ModelConfig
 from circuitfind.model.builtin import build_char_tokenizer
 from circuitfind.model.loading import load_model
 

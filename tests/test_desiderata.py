@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from circuitfind.config import ModelConfig, TinyLlamaConfig
+from circuitfind.config.schema import ModelConfig, TinyLlamaConfig
 from circuitfind.errors import CircuitfindError
+from circuitfind.evaluation.heldout import evaluate_masks, prepare_split
 from circuitfind.methods.objective import term_loss, unpatched_logit_diff
 from circuitfind.model.components import locate_components
 from circuitfind.model.engine import make_engine
 from circuitfind.model.loading import load_model
-from circuitfind.study.evaluate import evaluate_masks, prepare_split
-from circuitfind.study.run import run_search
+from circuitfind.runs.train import run_search
 from circuitfind.task.desiderata import desiderata_from
 from circuitfind.task.encoding import PairEncoder, position_ids
 from circuitfind.task.library import load_desiderata, load_task, sample_pairs

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from circuitfind.config import OptimizerConfig
+from circuitfind.config.schema import OptimizerConfig
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.dbm import train_mask
 from circuitfind.methods.objective import Objective, patched_delta, unpatched_logit_diff
@@ -104,7 +104,7 @@ def test_nan_loss_stops_with_the_last_good_mask(monkeypatch):
 
 def test_out_of_memory_is_a_clear_error(monkeypatch, tmp_path):
     from circuitfind.model.engine import CachedEngine
-    from circuitfind.study.run import run_search
+    from circuitfind.runs.train import run_search
 
     from conftest import compose
 
@@ -121,7 +121,7 @@ def test_out_of_memory_is_a_clear_error(monkeypatch, tmp_path):
 def test_preparing_a_batch_runs_two_whole_prompts_and_keeps_nothing_patched_exact(engine):
     """The alternate's run gives its values and its clean final state; the base's prefix and final token
     (cached) give the clean base state: two passes over whole prompts per batch, not three or four."""
-    from circuitfind.study.job import Job
+    from circuitfind.runs.job import Job
 
     from conftest import compose
 

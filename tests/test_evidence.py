@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from circuitfind.errors import CircuitfindError
+from circuitfind.evaluation.curves import curve_sizes, faithfulness_curve, prefix_masks
+from circuitfind.evaluation.evidence import jaccard, stability
 from circuitfind.methods.baselines import attribution_scores, single_masks, single_patch_scores, top_k_mask
 from circuitfind.methods.objective import objective_of_masks
-from circuitfind.study.curves import curve_sizes, faithfulness_curve, prefix_masks
-from circuitfind.study.evidence import jaccard, stability
-from circuitfind.study.optimum import check_size, feasible_k, n_subsets
-from circuitfind.study.run import Job
+from circuitfind.runs.optimum import check_size, feasible_k, n_subsets
+from circuitfind.runs.train import Job
 
 from conftest import compose
 

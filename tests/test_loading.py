@@ -17,7 +17,7 @@ import torch
 from test_families import encoded_pairs
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from circuitfind.config import ModelConfig, OptimizerConfig
+from circuitfind.config.schema import ModelConfig, OptimizerConfig
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.dbm import NonFiniteLoss, train_mask
 from circuitfind.methods.objective import Objective, patched_delta, unpatched_logit_diff

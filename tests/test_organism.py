@@ -18,14 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import circuitfind.apps.organism  # noqa: F401  (registers the organism schema)
 import circuitfind.apps.train  # noqa: F401  (registers the train schema)
 from circuitfind.apps.organism import run_organism
-from circuitfind.config import ModelConfig
+from circuitfind.config.schema import ModelConfig
 from circuitfind.errors import CircuitfindError
+from circuitfind.model.checkpoint import ASSET_DIR, load_checkpoint
 from circuitfind.model.loading import load_model
-from circuitfind.organism.checkpoint import ASSET_DIR, load_checkpoint
 from circuitfind.organism.data import Encoder
 from circuitfind.organism.evaluate import exact_match
 from circuitfind.organism.train import validate
-from circuitfind.study.run import run_search
+from circuitfind.runs.train import run_search
 
 TINY = [
     "model.n_layers=2",

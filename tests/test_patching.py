@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitfind.config import ModelConfig, TinyLlamaConfig
+from circuitfind.config.schema import ModelConfig, TinyLlamaConfig
 from circuitfind.methods.objective import patched_delta, unpatched_logit_diff
 from circuitfind.model.components import locate_components
 from circuitfind.model.engine import cached_prefix, make_engine

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
+from circuitfind.config.validation import validate
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.target_size import log_grid, search_lambda
-from circuitfind.study.job import Job
-from circuitfind.study.run import run_search
-from circuitfind.study.validation import validate
+from circuitfind.runs.job import Job
+from circuitfind.runs.train import run_search
 
 from conftest import compose
 

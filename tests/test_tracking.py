@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from circuitfind.config import LoggerConfig
+from circuitfind.config.schema import LoggerConfig
 from circuitfind.records.tracking import Tracker, log_sweep_summary, wandb_mode
 
 

@@ -262,7 +262,7 @@ def test_evidence_and_optimum_label_their_progress(cli, tmp_path):
 
 
 def test_tracking_runs_are_named_by_time_and_method(tmp_path):
-    from circuitfind.study.run import run_name
+    from circuitfind.runs.train import run_name
 
     run_dir = tmp_path / "outputs" / "train" / "2026-11-25" / "18-24-28"
     assert run_name(compose("+desiderata=vd_oi"), run_dir) == "2026-11-25_18-24-28 arithmetic dbm λ=0.05"

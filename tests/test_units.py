@@ -12,8 +12,8 @@ from circuitfind.model.hooks import record_values
 from circuitfind.model.space import ComponentSpace
 from circuitfind.records.circuit import read_record
 from circuitfind.records.circuit_source import read_circuit
-from circuitfind.study.job import Job
-from circuitfind.study.run import run_search
+from circuitfind.runs.job import Job
+from circuitfind.runs.train import run_search
 
 from conftest import compose
 
@@ -217,11 +217,11 @@ def test_eval_takes_positional_names_and_unit_figures_are_drawn(cli, tmp_path):
 
 def test_mean_ablation_refuses_a_token_no_reference_prompt_has():
     """Reference prompts with two-digit x; a site at a third token of x must not take another position's mean."""
+    from circuitfind.evaluation.ablation import Ablation
     from circuitfind.model.hooks import SiteIndex
-    from circuitfind.study.ablation import Ablation, reference_values
 
     job = Job(compose(*QUIET, "units.positions=[x,last]"))
-    ablation = Ablation("mean", reference_values(job, minimum=20))
+    ablation = Ablation("mean", job.reference())
     two_digits = SiteIndex(
         *(torch.tensor([0, 0, 0]) for _ in range(2)),
         torch.tensor([0, 1, 0]),

@@ -1,4 +1,4 @@
-"""`circuitfind eval`: test a circuit, whoever found it (study/circuit_eval.py).
+"""`circuitfind eval`: test a circuit, whoever found it (evaluation/circuit_tests.py).
 
   circuitfind eval <run directory>                  the run's circuit, with the run's config
   circuitfind eval +desiderata=vd_oi 'circuit=[L2.H1,L2.H3,L2.H4,L2.H6]'
@@ -68,7 +68,7 @@ def main(argv: List[str]) -> None:
             "(unit names), circuit=<mask.safetensors> or circuit=<MIB circuit .json>"
         )
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from circuitfind.study.eval_run import evaluate_to  # torch and the model: only once the arguments are good
+    from circuitfind.runs.evaluate import evaluate_to  # torch and the model: only once the arguments are good
 
     if run is not None:
         from circuitfind.records.rundir import finished_runs

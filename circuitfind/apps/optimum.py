@@ -27,7 +27,7 @@ def main(argv: List[str]) -> None:
     args = parser.parse_args(argv)
     if args.k < 0:
         raise CircuitfindError(f"--k {args.k}: give a size >= 0")
-    from circuitfind.study.optimum import run_optimum  # torch and the model: only once the arguments are good
+    from circuitfind.runs.optimum import run_optimum  # torch and the model: only once the arguments are good
 
     for run in finished_runs(args.run):
         out = run_optimum(run, args.k, args.max_subsets)

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from circuitfind.errors import CircuitfindError
-from circuitfind.organism.checkpoint import ASSET_DIR
+from circuitfind.model.checkpoint import ASSET_DIR
 from circuitfind.organism.config import register_organism_config
 from circuitfind.organism.dbm import run_dbm
 from circuitfind.organism.save import save_checkpoint, ship, write_record

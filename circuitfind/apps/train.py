@@ -1,4 +1,4 @@
-"""`circuitfind train`: the Hydra app around `study.run` (config: configs/train.yaml).
+"""`circuitfind train`: the Hydra app around `runs/train.py` (config: configs/train.yaml).
 
 A thin `@hydra.main`. A run owns its directory: an earlier run there is refused unless
 `overwrite=true`, and a sweep re-run in the same `hydra.sweep.dir` skips the jobs that finished
@@ -20,7 +20,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from circuitfind.apps.callbacks import register_resolvers
-from circuitfind.config import register_configs
+from circuitfind.config.compose import register_configs
+from circuitfind.config.validation import normalised, validate
 from circuitfind.errors import CircuitfindError
 from circuitfind.records.circuit import CircuitRecord, read_record
 from circuitfind.records.rundir import (
@@ -31,9 +32,8 @@ from circuitfind.records.rundir import (
     write_invocation,
 )
 from circuitfind.records.sweep import clear_failure, write_failure
-from circuitfind.study.job import Job
-from circuitfind.study.run import Interrupted, Run, lambdas
-from circuitfind.study.validation import normalised, validate
+from circuitfind.runs.job import Job
+from circuitfind.runs.train import Interrupted, Run, lambdas
 
 register_configs()
 register_resolvers()

@@ -8,12 +8,12 @@ the top k.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 
 from circuitfind.methods.objective import Objective, objective_of_masks, objective_value
-from circuitfind.model.engine import FullEngine
+from circuitfind.model.engine import Engine
 
 
 def single_masks(shape: tuple[int, int], device) -> torch.Tensor:
@@ -22,7 +22,7 @@ def single_masks(shape: tuple[int, int], device) -> torch.Tensor:
     return (1 - torch.eye(n, device=device)).view(n, *shape)
 
 
-def single_patch_scores(engine: FullEngine, objectives: Sequence[Objective], device) -> torch.Tensor:
+def single_patch_scores(engine: Engine, objectives: Sequence[Objective], device) -> torch.Tensor:
     """Improvement of the objective when each component alone is patched. (L, H+1)"""
     shape = engine.space.shape
     ones = torch.ones(1, *shape, device=device)
@@ -30,7 +30,7 @@ def single_patch_scores(engine: FullEngine, objectives: Sequence[Objective], dev
     return (base - objective_of_masks(engine, objectives, single_masks(shape, device))).view(shape)
 
 
-def attribution_scores(engine: FullEngine, objectives: Sequence[Objective], device) -> torch.Tensor:
+def attribution_scores(engine: Engine, objectives: Sequence[Objective], device) -> torch.Tensor:
     """First-order estimate of the same improvement, from one backward pass at w = 1.
 
     d objective / d w_i is the gradient at the component's output times (base - alternate),
@@ -43,23 +43,22 @@ def attribution_scores(engine: FullEngine, objectives: Sequence[Objective], devi
     return mask.grad[0].detach()
 
 
-def random_scores(shape, device, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(shape, generator=generator).to(device)
+def random_scores(engine: Engine, objectives: Sequence[Objective], device, seed: int) -> torch.Tensor:
+    """Random scores, drawn from `seed` (the floor every ranking must beat). (L, H+1)"""
+    return torch.rand(engine.space.shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-SCORERS: Dict[str, Callable] = {
-    "single_patch": single_patch_scores,
-    "attribution": attribution_scores,
+# Keyed by config.choices.RANKING_METHODS; each takes (engine, objectives, device, seed).
+SCORERS: Dict[str, Callable[..., torch.Tensor]] = {
+    "single_patch": lambda engine, objectives, device, seed: single_patch_scores(engine, objectives, device),
+    "attribution": lambda engine, objectives, device, seed: attribution_scores(engine, objectives, device),
+    "random": random_scores,
 }
-BASELINES: List[str] = ["single_patch", "attribution", "random"]
-METHODS: List[str] = ["dbm", *BASELINES]
 
 
-def component_scores(method: str, engine: FullEngine, objectives, device, seed: int) -> torch.Tensor:
-    """Scores of every component by a baseline method (higher = patch first). (L, H+1)"""
-    if method == "random":
-        return random_scores(engine.space.shape, device, torch.Generator().manual_seed(seed))
-    return SCORERS[method](engine, objectives, device)
+def component_scores(method: str, engine: Engine, objectives, device, seed: int) -> torch.Tensor:
+    """Scores of every component by a ranking method (higher = patch first). (L, H+1)"""
+    return SCORERS[method](engine, objectives, device, seed)
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The mask-training loop of desiderata-based masking, top to bottom (method.md).
+"""The mask-training loop of desiderata-based masking, top to bottom (docs/method.md).
 
 Each iteration, for each desideratum in order: clamp w to [0, 1], one Adam step on
 weight * loss (+ lambda * l0.5 sparsity on the steps that carry it). After training: clamp
@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.objective import Objective, loss_parts
-from circuitfind.model.engine import FullEngine
+from circuitfind.model.engine import Engine
 
 OnStep = Callable[[int, torch.Tensor, Dict[str, torch.Tensor]], None]  # (step, masks (K, L, H+1), logs)
 
@@ -34,7 +34,7 @@ class NonFiniteLoss(CircuitfindError):
 
 
 def train_mask(
-    engine: FullEngine,
+    engine: Engine,
     objectives: Sequence[Objective],
     lams: torch.Tensor,
     optimizer,

@@ -2,7 +2,7 @@
 
 For a pair, d = logit[up] - logit[down] at the final position (by default the alternate's
 and the base's answers); a desideratum's loss is a function of d(patched) - d(unpatched) over
-its pairs (method.md), or the cross-entropy of its target.
+its pairs (docs/method.md), or the cross-entropy of its target.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Iterator, List, Sequence
 
 import torch
 
-from circuitfind.model.engine import FullEngine, Prepared
+from circuitfind.model.engine import Engine, Prepared
 from circuitfind.task.desiderata import Desideratum
 from circuitfind.task.encoding import EncodedPairs
 
@@ -34,25 +34,25 @@ class Objective:
         return sum(len(p.pairs) for p in self.batches)
 
 
-def clean_logit_diff(engine: FullEngine, hidden: torch.Tensor, pairs: EncodedPairs) -> torch.Tensor:
+def clean_logit_diff(engine: Engine, hidden: torch.Tensor, pairs: EncodedPairs) -> torch.Tensor:
     """d = logit[up] - logit[down] from unpatched final hidden states. (B, hidden) -> (B,)"""
     return engine.readout.logit_diff(hidden[None], pairs.up, pairs.down)[0]
 
 
-def unpatched_logit_diff(engine: FullEngine, prep: Prepared) -> torch.Tensor:
+def unpatched_logit_diff(engine: Engine, prep: Prepared) -> torch.Tensor:
     """d0: the logit difference on the clean base run. (B,)"""
     with torch.no_grad():
         return clean_logit_diff(engine, engine.clean_final(prep), prep.pairs)
 
 
-def patched_delta(engine: FullEngine, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def patched_delta(engine: Engine, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """d(patched) - d0 for each mask. mask (K, L, H+1) -> (K, B)"""
     hidden = engine.final_hidden(prep, mask)  # (K, B, hidden)
     d = engine.readout.logit_diff(hidden, prep.pairs.up, prep.pairs.down)
     return d - d0.to(d.device)
 
 
-def loss_inputs(engine: FullEngine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
+def loss_inputs(engine: Engine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
     """What a desideratum's loss reads under each mask: (delta, None), or (None, log p(target)) for
     cross-entropy. mask (K, L, H+1) -> (K, B) tensors"""
     if des.loss == "cross_entropy":
@@ -60,17 +60,17 @@ def loss_inputs(engine: FullEngine, des: Desideratum, prep: Prepared, d0: torch.
     return patched_delta(engine, prep, d0, mask), None
 
 
-def term_loss(engine: FullEngine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
+def term_loss(engine: Engine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
     """A desideratum's loss on one sub-batch for each mask. mask (K, L, H+1) -> (K,)"""
     return des.loss_of(*loss_inputs(engine, des, prep, d0, mask))
 
 
-def term_pair_loss(engine: FullEngine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
+def term_pair_loss(engine: Engine, des: Desideratum, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor):
     """Each pair's share of that loss (the loss is their mean). mask (K, L, H+1) -> (K, B)"""
     return des.pair_loss(*loss_inputs(engine, des, prep, d0, mask))
 
 
-def loss_parts(engine: FullEngine, obj: Objective, mask: torch.Tensor) -> Iterator[torch.Tensor]:
+def loss_parts(engine: Engine, obj: Objective, mask: torch.Tensor) -> Iterator[torch.Tensor]:
     """The term's loss per mask, one share per sub-batch; the shares add up to the loss. (K,) each
 
     Desideratum losses are means over pairs: a size-weighted sum of sub-batch means is the
@@ -81,7 +81,7 @@ def loss_parts(engine: FullEngine, obj: Objective, mask: torch.Tensor) -> Iterat
         yield share * term_loss(engine, obj.desideratum, prep, d0, mask)
 
 
-def objective_value(engine: FullEngine, objectives: Sequence[Objective], mask: torch.Tensor) -> torch.Tensor:
+def objective_value(engine: Engine, objectives: Sequence[Objective], mask: torch.Tensor) -> torch.Tensor:
     """The desiderata objective (no sparsity term) of each of K masks. (K, L, H+1) -> (K,)"""
     total = torch.zeros(mask.shape[0], device=mask.device)
     for obj in objectives:
@@ -92,7 +92,7 @@ def objective_value(engine: FullEngine, objectives: Sequence[Objective], mask: t
 
 @torch.no_grad()
 def objective_of_masks(
-    engine: FullEngine, objectives: Sequence[Objective], masks: torch.Tensor, chunk: int = MASK_CHUNK
+    engine: Engine, objectives: Sequence[Objective], masks: torch.Tensor, chunk: int = MASK_CHUNK
 ) -> torch.Tensor:
     """objective_value over many masks, `chunk` at a time. (N, L, H+1) -> (N,)"""
     return torch.cat([objective_value(engine, objectives, m) for m in masks.split(chunk)])

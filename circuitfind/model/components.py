@@ -13,8 +13,9 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from circuitfind.config.choices import LAST, UNIT_KINDS
 from circuitfind.errors import CircuitfindError
-from circuitfind.model.space import LAST, UNIT_KINDS, ComponentSpace
+from circuitfind.model.space import ComponentSpace
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,17 @@ import functools
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from circuitfind.config.choices import CACHE_POLICIES, ENGINES
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import Sites, device_of
 from circuitfind.model.hooks import SiteIndex, SiteValues, patch_sites, record_values
 from circuitfind.model.readout import Readout
+from circuitfind.model.space import ComponentSpace
 from circuitfind.task.encoding import EncodedPairs, position_ids
 
 
@@ -54,6 +56,35 @@ class Prepared:
     offset: int = 0  # engine=cached: the tokens before this index (the earliest site) are run once
     prefix_kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per layer (B, kvH, offset, D)
     buffers: Optional[Tuple[int, list]] = None  # (K, per layer (K*B, kvH, T, D)): engine=cached, cache=device
+
+
+class Engine(Protocol):
+    """What every engine gives the methods and evaluations: batches prepared once, and the base
+    prompts' final hidden state patched under K masks, read as logits through `readout`."""
+
+    name: str
+    model: torch.nn.Module
+    sites: Sites
+    space: ComponentSpace
+    readout: Readout
+    device: torch.device
+
+    def prepare(self, pairs: EncodedPairs) -> Prepared:
+        """Record the alternates' values at the units' sites (and whatever the engine keeps per batch)."""
+
+    def clean_hidden(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Unpatched final-position hidden state. (B, T) -> (B, hidden)"""
+
+    def site_values(
+        self, ids: torch.Tensor, attn: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor
+    ) -> tuple[SiteValues, torch.Tensor]:
+        """Every unit's clean value at tokens (rows, toks), and the final hidden state."""
+
+    def clean_final(self, prep: Prepared) -> torch.Tensor:
+        """The base prompts' unpatched final hidden state, computed as a patched step would be. (B, hidden)"""
+
+    def final_hidden(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None = None) -> torch.Tensor:
+        """The base prompts' final hidden state under each of K masks. mask (K, L, n_cols) -> (K, B, hidden)"""
 
 
 class FullEngine:
@@ -181,13 +212,6 @@ def suffix_slot_cache(buffers, prefix_len: int) -> Cache:
     return Cache(layers=[SuffixSlotLayer(key, val, prefix_len) for key, val in buffers])
 
 
-CACHE_POLICIES = {
-    "device": "prefix keys/values kept on the model's device for all steps (fastest)",
-    "cpu": "kept in CPU memory and moved to the device per batch and step",
-    "recompute": "not kept: the prefix is re-run without gradients at every step (least memory)",
-}
-
-
 class CachedEngine(FullEngine):
     """Runs each prefix once and, per step, only the suffix from the earliest site on its cached keys/values."""
 
@@ -245,10 +269,10 @@ class CachedEngine(FullEngine):
         return prefix_buffers(kv, k, self.layer_devices, width)
 
 
-ENGINES = {"full": FullEngine, "cached": CachedEngine}
+ENGINE_CLASSES = {"full": FullEngine, "cached": CachedEngine}  # keyed by config.choices.ENGINES
 
 
-def make_engine(name: str, model: torch.nn.Module, sites: Sites, cache: str = "device") -> FullEngine:
+def make_engine(name: str, model: torch.nn.Module, sites: Sites, cache: str = "device") -> Engine:
     """The engine called `name`; `cache` is the prefix memory policy of engine=cached."""
     if name not in ENGINES:
         raise CircuitfindError(f"engine={name!r} is unknown; choose from {sorted(ENGINES)}")

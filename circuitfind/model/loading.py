@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from circuitfind.config import ModelConfig
+from circuitfind.config.schema import ModelConfig
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.builtin import build_tiny_llama
 from circuitfind.model.sources import check_family, check_tokenizer_files, hf_source, hub_access, require
@@ -180,7 +180,7 @@ def load_smollm2(cfg: ModelConfig, before_weights: TokenizerCheck = None):
 
 def load_organism(cfg: ModelConfig):
     """The model organism shipped in the package (circuitfind/assets/organism), or the one at model.name_or_path."""
-    from circuitfind.organism.checkpoint import load_checkpoint  # only the checked loader, not the training code
+    from circuitfind.model.checkpoint import load_checkpoint  # only the checked loader, not the training code
 
     return load_checkpoint(cfg.name_or_path, torch_dtype(cfg.dtype))
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from transformers import AutoConfig
 
-from circuitfind.config import ModelConfig
+from circuitfind.config.schema import ModelConfig
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import ADAPTERS, unsupported_family
 from circuitfind.network import reachable

@@ -20,11 +20,8 @@ import difflib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from circuitfind.config.choices import LAST
 from circuitfind.errors import CircuitfindError
-
-UNIT_KINDS = ("heads_mlps", "residual", "neurons")
-LAST = "last"
-ALL = "all"
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from circuitfind.evaluation.attention import attention_maps
 from circuitfind.organism.data import Encoder
 from circuitfind.organism.problems import Problem
-from circuitfind.study.attention import attention_maps
 
 PARTS = ("x digits", "y digits", "distractor digits", "x in query", "y in query", "x carrier", "y carrier", "rest")
 SOURCES = ("final", "x carrier")  # where the attention is read from

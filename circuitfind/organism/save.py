@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Dict
 
+from circuitfind.model.checkpoint import ASSET_DIR
 from circuitfind.organism.card import model_card
-from circuitfind.organism.checkpoint import ASSET_DIR
 from circuitfind.records.files import write_json, write_text
 
 

@@ -22,7 +22,7 @@ from circuitfind.records.files import write_json
 RECORD_FILE = "circuit.json"
 SPLIT_KINDS = ("test", "transfer")  # held-out pairs of the train operations; pairs of the transfer operations
 CIRCUIT_COLUMNS = ("name", "kind", "layer", "head", "position", "neurons", "weight", "transformerlens")
-EVAL_METRICS = ("acc", "acc_model", "logit_diff", "logit_diff_norm")  # per split, see study/evaluate.py
+EVAL_METRICS = ("acc", "acc_model", "logit_diff", "logit_diff_norm")  # per split, see evaluation/heldout.py
 
 
 def metric_key(desideratum: str, split: str, metric: str) -> str:
@@ -85,7 +85,7 @@ class CircuitRecord:
     attention: Dict[str, Dict[str, float]] = field(default_factory=dict)  # circuit head -> slot -> attention
     metrics_ci: Dict[str, List[float]] = field(default_factory=dict)  # metric key -> 95% bootstrap [low, high]
     baseline_ci: Dict[str, List[float]] = field(default_factory=dict)  # the same for `baseline`
-    checks: Dict[str, Any] = field(default_factory=dict)  # the engine's self-checks (study/selfcheck.py)
+    checks: Dict[str, Any] = field(default_factory=dict)  # the engine's self-checks (evaluation/selfcheck.py)
     lambda_search: Dict[str, Any] = field(default_factory=dict)  # optimizer.target_size (methods/target_size.py)
     status: str = "complete"
 

@@ -1,4 +1,4 @@
-"""eval.json: the tests of one circuit (study/circuit_eval.py), as log lines and report sections."""
+"""eval.json: the tests of one circuit (evaluation/circuit_tests.py), as log lines and report sections."""
 
 from __future__ import annotations
 

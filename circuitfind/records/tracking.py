@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
 
-from circuitfind.config import LoggerConfig
+from circuitfind.config.schema import LoggerConfig
 from circuitfind.network import reachable
 
-BACKENDS = ("none", "wandb")
-WANDB_MODES = ("offline", "online", "disabled")
 log = logging.getLogger(__name__)
 
 

@@ -7,23 +7,16 @@ For scripts, benchmarks and tests: `load_task("ioi")`, `load_desiderata("ioi", t
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any, List, Mapping
 
 from omegaconf import OmegaConf
 
-from circuitfind.config import DesiderataConfig, TaskConfig
+from circuitfind.config.choices import CONFIGS, shipped
+from circuitfind.config.schema import DesiderataConfig, TaskConfig
 from circuitfind.errors import CircuitfindError
 from circuitfind.task.desiderata import Desideratum, desiderata_from
 from circuitfind.task.pairs import Pair, make_pairs
 from circuitfind.task.spec import TaskSpec
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def shipped(group: str) -> List[str]:
-    """The names of a config group's shipped options."""
-    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
 def _load(group: str, name: str, schema: type, overrides: Mapping[str, Any]) -> Any:

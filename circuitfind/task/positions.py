@@ -15,8 +15,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from circuitfind.config.choices import ALL, LAST
 from circuitfind.errors import CircuitfindError
-from circuitfind.model.space import ALL, LAST
 from circuitfind.task.spec import Prompt, TaskSpec
 
 Positions = Dict[str, List[int]]  # position name -> token indices in the unpadded prompt

@@ -41,7 +41,7 @@ class SearchResult:
     history: List[Dict[str, float]]  # one row per training step
 
 
-class RunSink:
+class RunWriter:
     """The outputs of one run: result directories, tracking, figures."""
 
     def __init__(self, run_dir: Path, lams: Sequence[float], batched: bool, tracker: Tracker, plots: bool):
@@ -82,7 +82,7 @@ class RunSink:
         evaluation: Dict[str, Any],
     ) -> Path:
         """The k-th result's files, circuit.json last; `figures` are drawn besides the standard ones,
-        `evaluation` (study/circuit_eval.py) is eval.json."""
+        `evaluation` (evaluation/circuit_tests.py) is eval.json."""
         out_dir, prefix = self.dirs[k], self.prefixes[k]
         names = space.names()
         write_evaluation(out_dir, evaluation)

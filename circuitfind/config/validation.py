@@ -6,14 +6,20 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
+from circuitfind.config.choices import (
+    ABLATIONS,
+    BACKENDS,
+    CACHE_POLICIES,
+    ENGINES,
+    METHODS,
+    RANKING_METHODS,
+    SEARCH_METHODS,
+    UNIT_KINDS,
+    WANDB_MODES,
+    shipped,
+)
+from circuitfind.config.schema import wants_evidence
 from circuitfind.errors import CircuitfindError
-from circuitfind.methods.baselines import BASELINES, METHODS
-from circuitfind.model.engine import CACHE_POLICIES, ENGINES
-from circuitfind.model.space import UNIT_KINDS
-from circuitfind.records.tracking import BACKENDS, WANDB_MODES
-from circuitfind.study.ablation import ABLATIONS
-from circuitfind.study.evidence import wants_evidence
-from circuitfind.task.library import shipped
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +79,17 @@ def validate(cfg: DictConfig) -> None:
         ),
         (0 <= cfg.min_baseline_acc <= 1, f"min_baseline_acc={cfg.min_baseline_acc} must lie in [0, 1]"),
         (m.name in METHODS, f"method={m.name!r} is unknown; choose from {METHODS}"),
-        (m.name == "dbm" or (m.k or 0) >= 1, f"method={m.name} needs a circuit size: method.k=<n> with n >= 1"),
-        (m.name == "dbm" or not lams, "optimizer.lams applies to method=dbm only"),
         (
-            all(b in BASELINES for b in e.baselines),
-            f"evidence.baselines={list(e.baselines)} has an unknown method; choose from {BASELINES}",
+            m.name in SEARCH_METHODS or (m.k or 0) >= 1,
+            f"method={m.name} needs a circuit size: method.k=<n> with n >= 1",
+        ),
+        (m.name in SEARCH_METHODS or not lams, f"optimizer.lams applies to method={next(iter(SEARCH_METHODS))} only"),
+        (
+            all(b in RANKING_METHODS for b in e.baselines),
+            f"evidence.baselines={list(e.baselines)} has an unknown method; choose from {list(RANKING_METHODS)}",
         ),
         (
-            not wants_evidence(e) or (m.name == "dbm" and not lams),
+            not wants_evidence(e) or (m.name in SEARCH_METHODS and not lams),
             "evidence=... needs method=dbm with a single optimizer.lam",
         ),
         (
@@ -106,7 +115,7 @@ def validate(cfg: DictConfig) -> None:
     t = o.target_range
     checks += [
         (
-            o.target_size is None or (m.name == "dbm" and not lams),
+            o.target_size is None or (m.name in SEARCH_METHODS and not lams),
             "optimizer.target_size needs method=dbm and no optimizer.lams: the search chooses the lambda",
         ),
         (o.target_size is None or o.target_size >= 0, f"optimizer.target_size={o.target_size}; give a size >= 0"),

@@ -24,7 +24,7 @@ from circuitfind.methods.objective import objective_of_masks
 from circuitfind.records.circuit import read_record
 from circuitfind.records.files import write_json
 from circuitfind.records.rundir import load_config
-from circuitfind.study.job import Job
+from circuitfind.runs.job import Job
 
 
 def n_subsets(n: int, k: int) -> int:

@@ -13,7 +13,7 @@ from typing import List
 
 import torch
 
-from circuitfind.model.engine import FullEngine
+from circuitfind.model.engine import Engine
 from circuitfind.task.encoding import PairEncoder, left_pad
 from circuitfind.task.spec import Prompt, TaskSpec
 
@@ -43,7 +43,7 @@ def task_prompts(task: TaskSpec, split: str, n: int, seed: int = 0) -> List[Prom
 
 @torch.no_grad()
 def task_accuracy(
-    engine: FullEngine, tokenizer, task: TaskSpec, split: str = "train", n: int = 200, seed: int = 0, batch: int = 50
+    engine: Engine, tokenizer, task: TaskSpec, split: str = "train", n: int = 200, seed: int = 0, batch: int = 50
 ) -> Accuracy:
     """Greedy first-token accuracy of the engine's unpatched model on n prompts of `split`."""
     encoder = PairEncoder(tokenizer, task.answer_prefix)

@@ -6,7 +6,8 @@ from typing import Any, Dict, List
 
 import torch
 
-from circuitfind.model.space import LAST, ComponentSpace
+from circuitfind.config.choices import LAST
+from circuitfind.model.space import ComponentSpace
 
 
 def planted_scores(model: torch.nn.Module, found: List[str], space: ComponentSpace) -> Dict[str, Any] | None:

@@ -17,28 +17,27 @@ from typing import Dict, List, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from circuitfind.config.schema import wants_evidence
 from circuitfind.errors import CircuitfindError, out_of_memory_hint
-from circuitfind.methods.baselines import component_scores, top_k_mask
-from circuitfind.methods.dbm import NonFiniteLoss, OnStep, round_mask, train_mask
-from circuitfind.methods.objective import Objective
-from circuitfind.methods.target_size import LambdaSearch, search_lambda
-from circuitfind.records.circuit import CircuitRecord
-from circuitfind.records.sink import RunSink, SearchResult
-from circuitfind.records.sweep import write_summary
-from circuitfind.records.tracking import Tracker
-from circuitfind.study.bootstrap import as_pair
-from circuitfind.study.circuit_eval import CircuitEvaluation
-from circuitfind.study.evaluate import (
+from circuitfind.evaluation.bootstrap import as_pair
+from circuitfind.evaluation.evidence import gather_evidence
+from circuitfind.evaluation.heldout import (
     EvalSplit,
     baseline_intervals,
     baseline_of,
     evaluate_splits,
     low_baseline_warnings,
 )
-from circuitfind.study.evidence import gather_evidence, wants_evidence
-from circuitfind.study.job import Job
-from circuitfind.study.result import RunFacts, attention_figure, circuit_of, make_record, unit_figures
-from circuitfind.study.selfcheck import job_self_checks
+from circuitfind.methods.dbm import NonFiniteLoss, OnStep, round_mask, train_mask
+from circuitfind.methods.objective import Objective
+from circuitfind.methods.registry import method_named
+from circuitfind.methods.target_size import LambdaSearch, search_lambda
+from circuitfind.records.circuit import CircuitRecord
+from circuitfind.records.sweep import write_summary
+from circuitfind.records.tracking import Tracker
+from circuitfind.records.writer import RunWriter, SearchResult
+from circuitfind.runs.job import Job
+from circuitfind.runs.result import RunFacts, attention_figure, circuit_of, make_record, unit_figures
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +56,16 @@ def lambdas(cfg: DictConfig) -> List[float]:
 def find_masks(
     job: Job, objectives: Sequence[Objective], lams: List[float], on_step: OnStep
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K masks of this run, trained by DBM or the top k of a baseline's ranking, and the ranking
-    of the units each comes from (higher = more important: 1 - weight for DBM). (K, L, H+1) each"""
-    cfg = job.cfg
-    if cfg.method.name == "dbm":
-        lam = torch.tensor(lams, dtype=torch.float32, device=job.device)
-        mask = train_mask(job.engine, objectives, lam, cfg.optimizer, on_step, progress=cfg.progress)
-        return mask, 1 - mask
-    scores = component_scores(cfg.method.name, job.engine, objectives, job.device, cfg.seed)
-    return top_k_mask(scores, cfg.method.k)[None], scores[None]
+    """The K masks of this run, as its method finds them, and the ranking of the units each comes
+    from (higher = more important). (K, L, n_cols) each"""
+    return method_named(job.cfg.method.name).find(job.engine, objectives, lams, job.cfg, on_step)
 
 
 class StepLog:
     """Per training step: every mask's losses, and its held-out accuracy every `eval_every` steps."""
 
-    def __init__(self, job: Job, splits: Sequence[EvalSplit], sink: RunSink, k: int):
-        self.job, self.splits, self.sink = job, splits, sink
+    def __init__(self, job: Job, splits: Sequence[EvalSplit], writer: RunWriter, k: int):
+        self.job, self.splits, self.writer = job, splits, writer
         self.histories: List[List[Dict[str, float]]] = [[] for _ in range(k)]
         self.last_mask: torch.Tensor | None = None  # after the last completed step (K, L, H+1)
         self.steps_done = 0
@@ -85,7 +78,7 @@ class StepLog:
             accs = held_out_accuracy(self.job, self.splits, round_mask(mask))
             for k, row in enumerate(rows):
                 row |= {key: float(v[k]) for key, v in accs.items()}
-        self.sink.log_step(step, rows)
+        self.writer.log_step(step, rows)
         for history, row in zip(self.histories, rows):
             history.append({"step": step, **row})
 
@@ -116,7 +109,7 @@ def results_of(
         continuous = held_out_accuracy(job, splits, mask, continuous_intervals)
     return [
         SearchResult(
-            lam=lam if job.cfg.method.name == "dbm" else None,  # a baseline has no sparsity weight
+            lam=lam if method_named(job.cfg.method.name).learns_mask else None,  # a ranking has no sparsity weight
             mask=mask[k],
             rounded=rounded[k],
             scores=scores[k],
@@ -142,8 +135,8 @@ class Run:
         ):
             self.splits = job.eval_splits()
             self.objectives = job.objectives()
-        self.checks = job_self_checks(job)
-        self.evaluation = CircuitEvaluation(job, self.splits)
+        self.checks = job.self_checks()
+        self.evaluation = job.circuit_evaluation(self.splits)
         self.evaluation.check_reference()  # too few prompts for a mean ablation stops the run here
         self.baseline = baseline_of(self.splits)
         self.warnings = low_baseline_warnings(self.splits, self.baseline, job.cfg.min_baseline_acc, job.cfg.strict)
@@ -163,12 +156,12 @@ class Run:
         lams = [search.chosen] if search else lambdas(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
         tracker = Tracker(run_dir, cfg.logger, config, name=run_name(cfg, run_dir), group=group)
-        sink = RunSink(run_dir, lams, bool(cfg.optimizer.lams), tracker, cfg.plots)
-        step_log = StepLog(job, self.splits, sink, len(lams))
+        writer = RunWriter(run_dir, lams, bool(cfg.optimizer.lams), tracker, cfg.plots)
+        step_log = StepLog(job, self.splits, writer, len(lams))
         failed = True
         try:
             t_train = time.perf_counter()
-            mask, scores = self.find(sink, step_log, lams)
+            mask, scores = self.find(writer, step_log, lams)
             train_s = time.perf_counter() - t_train
             results = results_of(job, self.splits, mask, scores, lams, step_log.histories)
             timing = {
@@ -178,8 +171,11 @@ class Run:
                 "masks_trained_together": len(lams),
             } | ({"target_search_s": round(search_s, 3)} if search else {})
             if wants_evidence(cfg.evidence):
-                evidence = gather_evidence(job, self.splits, self.objectives, mask[0], lams[0])
-                sink.write_evidence(evidence, {d.name: d.title for d in job.desiderata})
+                evidence = gather_evidence(
+                    job.engine, self.splits, self.objectives, mask[0], cfg.evidence, cfg.seed,
+                    lambda seed: retrain(job.with_seed(seed), lams[0]),
+                )  # fmt: skip
+                writer.write_evidence(evidence, {d.name: d.title for d in job.desiderata})
             facts = RunFacts(
                 self.baseline, baseline_intervals(self.splits), self.warnings, timing, self.checks,
                 search.record() if search else {},
@@ -187,16 +183,16 @@ class Run:
             records = []
             for k, result in enumerate(results):
                 record = make_record(job, result, facts)
-                evaluation = self.evaluation(circuit_of(result, job.space))
+                evaluation = self.evaluation(circuit_of(result, job.space)) | job.provenance()
                 figures = attention_figure(job, record) | unit_figures(job, result, record.label)
-                sink.write_result(k, result, record, job.space, figures, evaluation)
+                writer.write_result(k, result, record, job.space, figures, evaluation)
                 records.append(record)
-            if sink.batched:
+            if writer.batched:
                 write_summary(Path(run_dir))
             failed = False
             return records
         finally:
-            sink.close(failed=failed)
+            writer.close(failed=failed)
 
     def search_size(self) -> LambdaSearch:
         """The lambda whose circuit has optimizer.target_size units, by rounds of lambdas trained side by side."""
@@ -213,7 +209,7 @@ class Run:
         (log.info if search.found is not None else log.warning)(search.summary())
         return search
 
-    def find(self, sink: RunSink, step_log: StepLog, lams: List[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    def find(self, writer: RunWriter, step_log: StepLog, lams: List[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """The masks and their rankings, with what to keep when training stops early (NaN, Ctrl-C). (K, L, H+1)"""
         try:
             with out_of_memory_hint(
@@ -221,17 +217,24 @@ class Run:
             ):
                 return find_masks(self.job, self.objectives, lams, step_log)
         except NonFiniteLoss as e:
-            sink.keep_last_good(e.last_good, self.job.space.names())
+            writer.keep_last_good(e.last_good, self.job.space.names())
             raise
         except KeyboardInterrupt:
             if step_log.last_mask is not None:
-                sink.keep_last_good(step_log.last_mask, self.job.space.names())
+                writer.keep_last_good(step_log.last_mask, self.job.space.names())
             kept = (
-                f"; the last mask is in {sink.dirs[0] / 'mask_last_good.safetensors'}"
+                f"; the last mask is in {writer.dirs[0] / 'mask_last_good.safetensors'}"
                 if step_log.last_mask is not None
                 else ""
             )
             raise Interrupted(f"interrupted at step {step_log.steps_done}{kept}") from None
+
+
+def retrain(job: Job, lam: float) -> torch.Tensor:
+    """DBM's continuous mask at `lam` on the job's data, without logging (stability across seeds). (L, n_cols)"""
+    lams = torch.tensor([lam], device=job.device)
+    desc = f"stability: seed {job.cfg.seed}"
+    return train_mask(job.engine, job.objectives(), lams, job.cfg.optimizer, progress=job.cfg.progress, desc=desc)[0]
 
 
 def run_name(cfg: DictConfig, run_dir: Path) -> str:
@@ -242,11 +245,11 @@ def run_name(cfg: DictConfig, run_dir: Path) -> str:
 
 def method_label(cfg: DictConfig) -> str:
     """`dbm λ=0.05`, `dbm λ=0.01,0.05`, or `single_patch k=5`."""
-    if cfg.method.name != "dbm":
+    if not method_named(cfg.method.name).learns_mask:
         return f"{cfg.method.name} k={cfg.method.k}"
     if cfg.optimizer.target_size is not None:
-        return f"dbm size={cfg.optimizer.target_size}"
-    return f"dbm λ={','.join(f'{lam:g}' for lam in lambdas(cfg))}"
+        return f"{cfg.method.name} size={cfg.optimizer.target_size}"
+    return f"{cfg.method.name} λ={','.join(f'{lam:g}' for lam in lambdas(cfg))}"
 
 
 def run_search(cfg: DictConfig, run_dir: Path, group: str | None = None) -> List[CircuitRecord]:

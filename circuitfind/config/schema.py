@@ -1,6 +1,6 @@
 """Structured configs: the schema every YAML in `configs/` is checked against.
 
-Registered in Hydra's ConfigStore so that a typo (`optimizer.lamm=0.1`) or a wrong type
+Registered in Hydra's ConfigStore (config/compose.py) so that a typo (`optimizer.lamm=0.1`) or a wrong type
 (`optimizer.steps=ten`) fails at start-up with the offending key named.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
@@ -114,7 +113,7 @@ class TaskConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Mask optimisation (method.md, 'Optimisation')."""
+    """Mask optimisation (docs/method.md, 'Optimisation')."""
 
     lam: float = 0.05  # sparsity weight lambda
     lams: Optional[List[float]] = None  # several lambdas trained at once, K masks on shared batches
@@ -158,9 +157,14 @@ class EvidenceConfig:
     stability_seeds: int = 0  # re-run DBM with this many seeds (fresh data each) and compare
 
 
+def wants_evidence(evidence: EvidenceConfig) -> bool:
+    """Whether the `evidence` config asks for anything beyond the circuit itself."""
+    return bool(evidence.baselines or evidence.curves or evidence.stability_seeds)
+
+
 @dataclass
 class EvaluateConfig:
-    """The circuit's tests at the end of a run and in `circuitfind eval` (study/circuit_eval.py)."""
+    """The circuit's tests at the end of a run and in `circuitfind eval` (evaluation/circuit_tests.py)."""
 
     ablations: List[str] = field(default_factory=list)  # kinds besides patching (always done): zero, mean, resample
     min_reference: int = 20  # mean and resample ablations need at least this many reference prompts
@@ -191,7 +195,7 @@ class TrainConfig:
     units: UnitsConfig = field(default_factory=UnitsConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    checks: bool = True  # self-checks of the engine against the model before the search (study/selfcheck.py)
+    checks: bool = True  # self-checks of the engine against the model before the search (evaluation/selfcheck.py)
     engine: str = "cached"  # cached: prefix run once, final token per step | full: whole prompt per step
     cache: str = "device"  # engine=cached: prefix KV kept on the device | cpu (moved per batch) | recompute
     seed: int = 0
@@ -200,9 +204,3 @@ class TrainConfig:
     plots: bool = True
     progress: bool = True  # progress bars on stderr
     overwrite: bool = False  # re-run into a directory that holds an earlier run (its outputs are removed first)
-
-
-def register_configs() -> None:
-    """Register the schemas that the YAML files in `configs/` extend."""
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from circuitfind.study.evaluate import EvalSplit, evaluate_masks
+from circuitfind.evaluation.heldout import EvalSplit, evaluate_masks
 
 METRICS = ("acc", "logit_diff_norm")
 

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
+from circuitfind.config.choices import ALL, LAST
+from circuitfind.config.validation import normalised, validate
 from circuitfind.errors import CircuitfindError
+from circuitfind.evaluation.ablation import Reference, ReferencePrompt, reference_values, shift
+from circuitfind.evaluation.circuit_tests import CircuitEvaluation
+from circuitfind.evaluation.heldout import EvalSplit, prepare_split
+from circuitfind.evaluation.selfcheck import self_checks
 from circuitfind.methods.objective import Objective, unpatched_logit_diff
+from circuitfind.methods.registry import method_named
 from circuitfind.model.components import UnitsChoice, locate_components
-from circuitfind.model.engine import FullEngine, Prepared, make_engine
+from circuitfind.model.engine import Engine, Prepared, make_engine
 from circuitfind.model.loading import LoadedModel, load_model
 from circuitfind.model.memory import MemoryEstimate, check_memory, estimate_memory
-from circuitfind.model.space import ALL, LAST
-from circuitfind.study.evaluate import EvalSplit, prepare_split
-from circuitfind.study.validation import normalised, validate
 from circuitfind.task.desiderata import desiderata_from, trained
 from circuitfind.task.encoding import EncodedPairs, PairEncoder
-from circuitfind.task.pairs import build_data
+from circuitfind.task.pairs import build_data, data_fingerprint
 from circuitfind.task.positions import PositionFinder, check_positions, expand_all, names_slots, slot_labels
 from circuitfind.task.spec import TaskSpec
 
@@ -84,12 +88,12 @@ class Job:
                 f"optimizer.target_size={size} is more than the model's {self.space.n_components} units; "
                 f"give a size between 0 and {self.space.n_components}"
             )
-        if cfg.method.name != "dbm" and k > self.space.n_components:
+        if not method_named(cfg.method.name).learns_mask and k > self.space.n_components:
             raise CircuitfindError(
                 f"method.k={k} is more than the model's {self.space.n_components} components; "
                 f"give method.k between 1 and {self.space.n_components}"
             )
-        self.engine: FullEngine = make_engine(cfg.engine, self.model, self.sites, cfg.cache)
+        self.engine: Engine = make_engine(cfg.engine, self.model, self.sites, cfg.cache)
         check_memory(self.memory_estimate(), cfg.units.memory_gb, self.device)
 
     def encode_all(self, tokenizer) -> None:
@@ -141,6 +145,54 @@ class Job:
             d0 = [unpatched_logit_diff(self.engine, b) for b in batches]
             objs.append(Objective(des, batches, d0, des.weight, des.with_sparsity))
         return objs
+
+    def reference_prompts(self) -> List[ReferencePrompt]:
+        """The distinct base prompts of every desideratum's train pairs, with the units' token indices in each:
+        the prompts mean and resample ablations read values off (no held-out figure is computed on them)."""
+        seen: Dict[str, ReferencePrompt] = {}
+        for name, dd in self.data.items():
+            enc = self.encoded.get((name, "train"))
+            for row, pair in enumerate(dd.train):
+                if enc is not None and pair.base.text not in seen:
+                    ids = self.encoder.ids(pair.base.text)
+                    seen[pair.base.text] = ReferencePrompt(
+                        ids, shift(enc.base_pos[row], enc.base_ids.shape[1], len(ids))
+                    )
+        return list(seen.values())
+
+    def reference(self) -> Reference:
+        """The units' values on the reference prompts (evaluation/ablation.py)."""
+        cfg = self.cfg
+        prompts = self.reference_prompts()
+        return reference_values(
+            self.engine, prompts, self.encoder.pad_id, cfg.evaluate.min_reference, cfg.optimizer.batch_size
+        )
+
+    def circuit_evaluation(self, splits: Sequence[EvalSplit]) -> CircuitEvaluation:
+        """The tests of any circuit on these splits, as the `evaluate` config asks."""
+        return CircuitEvaluation(self.engine, splits, self.cfg.evaluate, self.cfg.seed, self.reference)
+
+    def provenance(self) -> Dict[str, Any]:
+        """What an evaluation was computed on: the data drawn, the model, the desiderata."""
+        cfg = self.cfg
+        return {
+            "data": {
+                "task": self.task.name,
+                "fingerprint": data_fingerprint(self.data),
+                "n_test": cfg.task.n_test,
+                "n_transfer": cfg.task.n_transfer,
+                "seed": cfg.seed,
+            },
+            "model": {"kind": cfg.model.kind, "name_or_path": cfg.model.name_or_path, "dtype": cfg.model.dtype},
+            "desiderata": cfg.desiderata.name,
+        }
+
+    def self_checks(self) -> Dict[str, Any]:
+        """The engine's self-checks on a few of the first desideratum's train pairs, or why they were skipped."""
+        if not self.cfg.checks:
+            return {"skipped": "checks=false"}
+        first = next(iter(self.data))
+        return self_checks(self.engine, self.encoded[(first, "train")])
 
     def eval_splits(self) -> List[EvalSplit]:
         """The held-out and transfer splits of every desideratum, with their unpatched references."""

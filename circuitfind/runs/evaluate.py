@@ -1,5 +1,5 @@
 """One `circuitfind eval`: a config (a run's own, or composed), the job, its self-checks, the
-circuit's tests (study/circuit_eval.py), eval.json and the report."""
+circuit's tests (evaluation/circuit_tests.py), eval.json and the report."""
 
 from __future__ import annotations
 
@@ -11,18 +11,17 @@ from typing import Any, Dict, List
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from circuitfind.config import TrainConfig
+from circuitfind.config.compose import compose_train_config
+from circuitfind.config.schema import TrainConfig
 from circuitfind.errors import CircuitfindError
+from circuitfind.evaluation.bootstrap import as_pair, rounded
+from circuitfind.evaluation.heldout import evaluate_splits
 from circuitfind.model.loading import LoadedModel
 from circuitfind.records.circuit import read_record
 from circuitfind.records.circuit_source import CircuitUnderTest, read_circuit
 from circuitfind.records.rundir import load_config
-from circuitfind.records.sink import write_evaluation
-from circuitfind.study.bootstrap import as_pair, rounded
-from circuitfind.study.circuit_eval import CircuitEvaluation
-from circuitfind.study.evaluate import evaluate_splits
-from circuitfind.study.job import Job
-from circuitfind.study.selfcheck import job_self_checks
+from circuitfind.records.writer import write_evaluation
+from circuitfind.runs.job import Job
 from circuitfind.task.pairs import data_fingerprint
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,6 @@ def evaluate_to(
     the config is composed from `overrides` as `circuitfind train` composes it. `models` keeps loaded
     models by their config, so that the runs of a sweep load the model once.
     """
-    from circuitfind.api import compose_train_config
     from circuitfind.records.report import build_report
 
     cfg = run_config(run, overrides) if run is not None else compose_train_config(overrides)
@@ -77,7 +75,7 @@ def evaluate_to(
     job = Job(cfg, loaded=models.get(key))
     models[key] = job.loaded
     splits = job.eval_splits()
-    checks = job_self_checks(job)
+    checks = job.self_checks()
     spec = circuit if circuit is not None else str(run)
     under_test = read_circuit(spec, job.space)
     if run is not None and not overrides:
@@ -87,9 +85,9 @@ def evaluate_to(
                 f"{run}: the pairs drawn now differ from the run's (data fingerprint {data_fingerprint(job.data)} "
                 f"against {recorded}); the task's generator changed since the run, so these figures are not the run's"
             )
-    evaluation = CircuitEvaluation(job, splits)
+    evaluation = job.circuit_evaluation(splits)
     evaluation.check_reference()
-    result = evaluation(under_test) | circuit_metrics(job, splits, under_test) | {"checks": checks}
+    result = evaluation(under_test) | job.provenance() | circuit_metrics(job, splits, under_test) | {"checks": checks}
     path = write_evaluation(Path(out_dir), result)
     build_report(Path(out_dir))
     return path

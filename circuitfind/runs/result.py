@@ -10,17 +10,17 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 
-import circuitfind
-from circuitfind.model.space import LAST
+from circuitfind.config.choices import LAST
+from circuitfind.evaluation.attention import attention_by_slot, final_position_attention
+from circuitfind.evaluation.planted import planted_scores
 from circuitfind.records import plots, unit_plots
 from circuitfind.records.circuit import CircuitRecord, circuit_table
 from circuitfind.records.circuit_source import CircuitUnderTest, from_members
-from circuitfind.records.sink import Figure, SearchResult
-from circuitfind.study.attention import attention_by_slot, final_position_attention
-from circuitfind.study.job import Job
-from circuitfind.study.planted import planted_scores
+from circuitfind.records.writer import Figure, SearchResult
+from circuitfind.runs.job import Job
 from circuitfind.task.pairs import data_fingerprint
 from circuitfind.task.positions import is_index
+from circuitfind.version import __version__
 
 
 @dataclass
@@ -82,7 +82,7 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
         engine={"name": cfg.engine, "cache": cfg.cache},
         timing=facts.timing,
         versions={
-            "circuitfind": circuitfind.__version__,
+            "circuitfind": __version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },

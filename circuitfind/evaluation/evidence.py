@@ -4,24 +4,16 @@ and stability across seeds and data resamples."""
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
+from circuitfind.evaluation.bootstrap import as_pair
+from circuitfind.evaluation.curves import faithfulness_curve
+from circuitfind.evaluation.heldout import EvalSplit, pair_outcomes
 from circuitfind.methods.baselines import component_scores, ranking, top_k_mask
-from circuitfind.methods.dbm import train_mask
+from circuitfind.model.engine import Engine
 from circuitfind.records.circuit import headline_metrics
-from circuitfind.study.bootstrap import as_pair
-from circuitfind.study.curves import faithfulness_curve
-from circuitfind.study.evaluate import EvalSplit, pair_outcomes
-
-if TYPE_CHECKING:
-    from circuitfind.study.job import Job
-
-
-def wants_evidence(evidence) -> bool:
-    """Whether the `evidence` config asks for anything beyond the circuit itself."""
-    return bool(evidence.baselines or evidence.curves or evidence.stability_seeds)
 
 
 def evaluated_names(splits: Sequence[EvalSplit]) -> List[str]:
@@ -117,25 +109,27 @@ def run_stability(seeds: Sequence[int], find_circuit: Callable[[int], List[str]]
     return stability({seed: find_circuit(seed) for seed in seeds}, names)
 
 
-def gather_evidence(job: "Job", splits, objectives, mask: torch.Tensor, lam: float) -> Dict[str, Any]:
-    """Baselines at equal size, faithfulness curves and stability of the DBM circuit at `lam`. mask (L, H+1)"""
-    cfg = job.cfg
-    evidence = compare_methods(mask, cfg.evidence, job.engine, objectives, splits, cfg.seed)
-    if cfg.evidence.stability_seeds:
-        names = job.space.names()
+def gather_evidence(
+    engine: Engine,
+    splits: Sequence[EvalSplit],
+    objectives,
+    mask: torch.Tensor,
+    evidence,
+    seed: int,
+    retrain: Callable[[int], torch.Tensor],
+) -> Dict[str, Any]:
+    """Baselines at equal size, faithfulness curves and stability of a DBM circuit. mask (L, n_cols)
 
-        def find_circuit(seed: int) -> List[str]:
-            found = mask if seed == cfg.seed else retrain(job.with_seed(seed), lam)
+    `evidence` is the evidence config; `retrain(seed)` is the same search's continuous mask on data
+    drawn with another seed (stability)."""
+    result = compare_methods(mask, evidence, engine, objectives, splits, seed)
+    if evidence.stability_seeds:
+        names = engine.space.names()
+
+        def find_circuit(other: int) -> List[str]:
+            found = mask if other == seed else retrain(other)
             return [n for n, w in zip(names, found.flatten().tolist()) if w < 0.5]
 
-        seeds = [cfg.seed + i for i in range(cfg.evidence.stability_seeds)]
-        evidence["stability"] = run_stability(seeds, find_circuit, names)
-    return evidence
-
-
-def retrain(job: "Job", lam: float) -> torch.Tensor:
-    """DBM's continuous mask at `lam`, without logging. (L, H+1)"""
-    lams = torch.tensor([lam], device=job.device)
-    cfg = job.cfg
-    desc = f"stability: seed {cfg.seed}"
-    return train_mask(job.engine, job.objectives(), lams, cfg.optimizer, progress=cfg.progress, desc=desc)[0]
+        seeds = [seed + i for i in range(evidence.stability_seeds)]
+        result["stability"] = run_stability(seeds, find_circuit, names)
+    return result

@@ -13,10 +13,10 @@ from typing import Dict, List, Sequence
 import torch
 
 from circuitfind.errors import CircuitfindError
+from circuitfind.evaluation.bootstrap import as_pair, interval, resampled_means
 from circuitfind.methods.objective import clean_logit_diff
-from circuitfind.model.engine import FullEngine, Prepared
+from circuitfind.model.engine import Engine, Prepared
 from circuitfind.records.circuit import metric_key
-from circuitfind.study.bootstrap import as_pair, interval, resampled_means
 from circuitfind.task.desiderata import Desideratum
 
 
@@ -40,7 +40,7 @@ class EvalSplit:
         return metric_key(self.desideratum.name, self.kind, metric)
 
 
-def prepare_split(desideratum: Desideratum, kind: str, batches: List[Prepared], engine: FullEngine) -> EvalSplit:
+def prepare_split(desideratum: Desideratum, kind: str, batches: List[Prepared], engine: Engine) -> EvalSplit:
     """Run the unpatched model once on both prompts of every pair of the split."""
     split = EvalSplit(desideratum, kind, batches)
     readout = engine.readout
@@ -167,7 +167,7 @@ class PairOutcomes:
 
 
 @torch.no_grad()
-def pair_outcomes(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> PairOutcomes:
+def pair_outcomes(split: EvalSplit, engine: Engine, mask: torch.Tensor) -> PairOutcomes:
     """What each of K masks does to each pair of the split. mask (K, L, H+1)"""
     preds, deltas = [], []
     for prep, d0 in zip(split.batches, split.d0):
@@ -184,7 +184,7 @@ def pair_outcomes(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> P
 
 
 @torch.no_grad()
-def evaluate_masks(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+def evaluate_masks(split: EvalSplit, engine: Engine, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Metrics of each of K masks on a split. mask (K, L, H+1) -> {metric: (K,)}
 
     acc: first token equals the task's target (the paper's metric); acc_model: equals
@@ -198,7 +198,7 @@ def evaluate_masks(split: EvalSplit, engine: FullEngine, mask: torch.Tensor) -> 
 @torch.no_grad()
 def evaluate_splits(
     splits: Sequence[EvalSplit],
-    engine: FullEngine,
+    engine: Engine,
     mask: torch.Tensor,
     kinds: Sequence[str] = ("test", "transfer"),
     intervals: Dict[str, torch.Tensor] | None = None,

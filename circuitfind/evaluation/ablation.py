@@ -12,25 +12,15 @@ the task that no held-out figure is computed on.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
+from circuitfind.config.choices import ABLATIONS, NEEDS_REFERENCE
 from circuitfind.errors import CircuitfindError
-from circuitfind.model.engine import Prepared
+from circuitfind.model.engine import Engine, Prepared
 from circuitfind.model.hooks import SiteIndex, SiteValues
 from circuitfind.task.encoding import left_pad
-
-if TYPE_CHECKING:
-    from circuitfind.study.job import Job
-
-ABLATIONS: Dict[str, str] = {
-    "patching": "patched from the pair's alternate prompt (the paper's interchange)",
-    "zero": "set to zero",
-    "mean": "set to its mean over the reference prompts (the train pairs' base prompts)",
-    "resample": "taken from a reference prompt drawn at random per pair (the train pairs' base prompts)",
-}
-NEEDS_REFERENCE = ("mean", "resample")
 
 
 def ablation_kinds(extra: List[str]) -> List[str]:
@@ -77,35 +67,37 @@ class Reference:
         return table
 
 
+@dataclass
+class ReferencePrompt:
+    """One reference prompt: its tokens, and the units' token indices in it."""
+
+    ids: List[int]
+    positions: torch.Tensor  # (P, M) per position and token of the units' sites, -1 where the prompt has none
+
+
 @torch.no_grad()
-def reference_values(job: "Job", minimum: int) -> Reference:
-    """Every unit's value at its positions on each reference prompt (the distinct train base prompts)."""
-    seen: Dict[str, None] = {}
-    chosen = []  # (encoded train pairs, row, text) of each distinct base prompt
-    for name, dd in job.data.items():
-        enc = job.encoded.get((name, "train"))
-        for row, pair in enumerate(dd.train):
-            if enc is not None and pair.base.text not in seen:
-                seen[pair.base.text] = None
-                chosen.append((enc, row, pair.base.text))
-    if len(chosen) < minimum:
+def reference_values(
+    engine: Engine, prompts: Sequence[ReferencePrompt], pad_id: int, minimum: int, batch_size: int | None = None
+) -> Reference:
+    """Every unit's value at its positions on each reference prompt, `batch_size` prompts per forward."""
+    if len(prompts) < minimum:
         raise CircuitfindError(
             f"mean and resample ablations need at least evaluate.min_reference={minimum} reference prompts and the "
-            f"train pairs have {len(chosen)} distinct base prompts; raise task.n_train to at least {minimum}, "
+            f"train pairs have {len(prompts)} distinct base prompts; raise task.n_train to at least {minimum}, "
             "or lower evaluate.min_reference"
         )
-    size = job.cfg.optimizer.batch_size or len(chosen)
+    size = batch_size or len(prompts)
     parts, sites = [], []
-    for start in range(0, len(chosen), size):
-        batch = chosen[start : start + size]
-        ids, attn = left_pad([job.encoder.ids(text) for _, _, text in batch], job.encoder.pad_id)
-        pos = torch.stack([shift(enc.base_pos[row], enc.base_ids.shape[1], ids.shape[1]) for enc, row, _ in batch])
+    for start in range(0, len(prompts), size):
+        batch = prompts[start : start + size]
+        ids, attn = left_pad([p.ids for p in batch], pad_id)
+        pos = torch.stack([shift(p.positions, len(p.ids), ids.shape[1]) for p in batch])
         where = SiteIndex.of(pos, pos)
-        parts.append(job.engine.site_values(ids, attn, where.rows, where.base_tok)[0])
+        parts.append(engine.site_values(ids, attn, where.rows, where.base_tok)[0])
         where.rows += start
         sites.append(where)
     where = SiteIndex(*(torch.cat([getattr(w, f.name) for w in sites]) for f in fields(SiteIndex)))
-    return Reference(SiteValues.concat(parts), where, len(chosen))
+    return Reference(SiteValues.concat(parts), where, len(prompts))
 
 
 def shift(pos: torch.Tensor, old_width: int, new_width: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Testing a circuit, whoever found it: necessity, sufficiency, MIB-style areas and minimality.
 
-A circuit is a set of units. Under an ablation (study/ablation.py) the model is run in four
+A circuit is a set of units. Under an ablation (evaluation/ablation.py) the model is run in four
 conditions on every held-out pair:
 
 full          nothing ablated (the model itself)
@@ -10,7 +10,7 @@ sufficiency   every unit outside the circuit ablated, the circuit kept: how much
 
 Each condition gives task_acc (the first token is the base prompt's own answer), the
 desideratum's acc (its target; patching only, the other kinds have no alternate to follow)
-and logit_diff d = logit[up] - logit[down] (study/evaluate.py). Faithfulness, MIB's
+and logit_diff d = logit[up] - logit[down] (evaluation/heldout.py). Faithfulness, MIB's
 normalisation, is (d(condition) - d(empty)) / (d(full) - d(empty)): 1 = the whole model's
 effect, 0 = none. With a ranking of the units (a run's mask weights, a MIB score file), the
 faithfulness of the top n kept for n = 0, 1, 2, 5, ... on each held-out test split gives MIB's areas: CPR = the area
@@ -25,23 +25,20 @@ Every figure carries a 95% bootstrap interval over the split's pairs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
 
+from circuitfind.config.choices import NEEDS_REFERENCE
+from circuitfind.evaluation.ablation import Ablation, Reference, ablation_kinds
+from circuitfind.evaluation.bootstrap import LEVEL, estimates, percentile_interval, resampled_means, resamples, rounded
+from circuitfind.evaluation.curves import curve_sizes
+from circuitfind.evaluation.heldout import EvalSplit, _targets, hits
 from circuitfind.methods.objective import term_pair_loss
-from circuitfind.model.engine import FullEngine
+from circuitfind.model.engine import Engine
 from circuitfind.model.space import ComponentSpace
 from circuitfind.records.circuit_source import CircuitUnderTest
-from circuitfind.study.ablation import NEEDS_REFERENCE, Ablation, Reference, ablation_kinds, reference_values
-from circuitfind.study.bootstrap import LEVEL, estimates, percentile_interval, resampled_means, resamples, rounded
-from circuitfind.study.curves import curve_sizes
-from circuitfind.study.evaluate import EvalSplit, _targets, hits
-from circuitfind.task.pairs import data_fingerprint
-
-if TYPE_CHECKING:
-    from circuitfind.study.job import Job
 
 CONDITIONS = ("full", "empty", "necessity", "sufficiency")
 MASK_CHUNK = 16
@@ -64,7 +61,7 @@ def top_n_masks(scores: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def outcomes(split: EvalSplit, engine: FullEngine, masks: torch.Tensor, ablation: Ablation) -> Dict[str, torch.Tensor]:
+def outcomes(split: EvalSplit, engine: Engine, masks: torch.Tensor, ablation: Ablation) -> Dict[str, torch.Tensor]:
     """Per pair, for the unpatched model (row 0, kept from the split's clean run) and under each mask:
     the base answer kept, the target hit, and d. {(1 + K, N)}"""
     preds, ds = [], []
@@ -114,7 +111,7 @@ def condition_statistic(per_pair: Dict[str, torch.Tensor], kind: str, n_curve: i
 
 
 def split_report(
-    split: EvalSplit, engine: FullEngine, circuit: CircuitUnderTest, ablation: Ablation, seed: int
+    split: EvalSplit, engine: Engine, circuit: CircuitUnderTest, ablation: Ablation, seed: int
 ) -> Dict[str, Any]:
     """Necessity, sufficiency and (with a ranking, on a held-out test split) the areas of one split
     under one ablation. The full condition is the split's clean run, not run again."""
@@ -141,7 +138,7 @@ def split_report(
 @torch.no_grad()
 def minimality(
     splits: Sequence[EvalSplit],
-    engine: FullEngine,
+    engine: Engine,
     circuit: CircuitUnderTest,
     space: ComponentSpace,
     min_share: float,
@@ -200,7 +197,7 @@ def minimality(
     }
 
 
-def pair_losses(split: EvalSplit, engine: FullEngine, masks: torch.Tensor) -> torch.Tensor:
+def pair_losses(split: EvalSplit, engine: Engine, masks: torch.Tensor) -> torch.Tensor:
     """Each pair's loss of the split's desideratum under each mask (patching). (K, N)"""
     parts = []
     for prep, d0 in zip(split.batches, split.d0):
@@ -212,18 +209,27 @@ def pair_losses(split: EvalSplit, engine: FullEngine, masks: torch.Tensor) -> to
 
 
 class CircuitEvaluation:
-    """The tests of any circuit on a job's held-out splits, under every ablation kind the config asks for.
+    """The tests of any circuit on held-out splits, under every ablation kind `settings.ablations` asks for.
 
-    The reference values of mean and resample ablations are recorded once, on first use."""
+    `settings` is the `evaluate` config (ablations, min_share); `reference` gives the reference
+    prompts' values of mean and resample ablations, asked for once, on first use."""
 
-    def __init__(self, job: "Job", splits: Sequence[EvalSplit]):
-        self.job, self.splits = job, splits
-        self.kinds = ablation_kinds(list(job.cfg.evaluate.ablations))
+    def __init__(
+        self,
+        engine: Engine,
+        splits: Sequence[EvalSplit],
+        settings: Any,
+        seed: int,
+        reference: Callable[[], Reference],
+    ):
+        self.engine, self.splits, self.settings, self.seed = engine, splits, settings, seed
+        self.kinds = ablation_kinds(list(settings.ablations))
+        self._read_reference = reference
         self._reference: Reference | None = None
 
     def reference(self) -> Reference:
         if self._reference is None:
-            self._reference = reference_values(self.job, self.job.cfg.evaluate.min_reference)
+            self._reference = self._read_reference()
         return self._reference
 
     def check_reference(self) -> None:
@@ -232,19 +238,18 @@ class CircuitEvaluation:
             self.reference()
 
     def __call__(self, circuit: CircuitUnderTest) -> Dict[str, Any]:
-        job, cfg = self.job, self.job.cfg
-        seed = cfg.seed
+        engine, seed = self.engine, self.seed
         ablations = {}
         for kind in self.kinds:
             ablation = Ablation(kind, self.reference() if kind in NEEDS_REFERENCE else None, seed)
             ablations[kind] = {
                 "description": f"ablated units are {ablation.description}",
-                "splits": {s.name: split_report(s, job.engine, circuit, ablation, seed) for s in self.splits},
+                "splits": {s.name: split_report(s, engine, circuit, ablation, seed) for s in self.splits},
             }
         return {
             "circuit": circuit.names,
             "n_units": len(circuit.names),
-            "n_components": job.space.n_components,
+            "n_components": engine.space.n_components,
             "source": circuit.source,
             "ranked_by": circuit.ranked_by,
             "intervals": f"{LEVEL:.0%} bootstrap intervals over each split's pairs",
@@ -256,14 +261,5 @@ class CircuitEvaluation:
             },
             "faithfulness": "(d - d(empty)) / (d(full) - d(empty)), d the desideratum's logit difference",
             "ablations": ablations,
-            "minimality": minimality(self.splits, job.engine, circuit, job.space, cfg.evaluate.min_share, seed),
-            "data": {
-                "task": job.task.name,
-                "fingerprint": data_fingerprint(job.data),
-                "n_test": cfg.task.n_test,
-                "n_transfer": cfg.task.n_transfer,
-                "seed": seed,
-            },
-            "model": {"kind": cfg.model.kind, "name_or_path": cfg.model.name_or_path, "dtype": cfg.model.dtype},
-            "desiderata": cfg.desiderata.name,
+            "minimality": minimality(self.splits, engine, circuit, engine.space, self.settings.min_share, seed),
         }

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from circuitfind.model.space import LAST
+from circuitfind.config.choices import LAST
 from circuitfind.task.encoding import EncodedPairs, PairEncoder, left_pad, position_ids
 from circuitfind.task.positions import slot_positions
 from circuitfind.task.spec import Prompt, TaskSpec

@@ -10,16 +10,13 @@ cached_full  the cached engine gives the full engine's final state and mask grad
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Dict
 
 import torch
 
 from circuitfind.errors import CircuitfindError
-from circuitfind.model.engine import CachedEngine, FullEngine
+from circuitfind.model.engine import CachedEngine, Engine, FullEngine
 from circuitfind.task.encoding import EncodedPairs, position_ids
-
-if TYPE_CHECKING:
-    from circuitfind.study.job import Job
 
 N_PAIRS = 4
 # (absolute, relative to the largest magnitude compared): float32 rounding, or a few steps of the low-precision type
@@ -41,7 +38,7 @@ def agreement(what: str, ours: torch.Tensor, reference: torch.Tensor, dtype: tor
 
 
 @torch.no_grad()
-def model_logits(engine: FullEngine, pairs: EncodedPairs) -> torch.Tensor:
+def model_logits(engine: Engine, pairs: EncodedPairs) -> torch.Tensor:
     """The Hugging Face model's own final-position logits, no hook in place. (B, V)"""
     attn = pairs.base_attn
     out = engine.model(
@@ -53,7 +50,7 @@ def model_logits(engine: FullEngine, pairs: EncodedPairs) -> torch.Tensor:
     return out.logits[:, -1]
 
 
-def mask_gradient(engine: FullEngine, pairs: EncodedPairs, mask: torch.Tensor):
+def mask_gradient(engine: Engine, pairs: EncodedPairs, mask: torch.Tensor):
     """The final state under a mask, and the gradient of a logit difference with respect to the mask."""
     prep = engine.prepare(pairs)
     mask = mask.clone().requires_grad_(True)
@@ -62,7 +59,7 @@ def mask_gradient(engine: FullEngine, pairs: EncodedPairs, mask: torch.Tensor):
     return hidden.detach(), mask.grad
 
 
-def self_checks(engine: FullEngine, encoded: EncodedPairs) -> Dict[str, Any]:
+def self_checks(engine: Engine, encoded: EncodedPairs) -> Dict[str, Any]:
     """Run every check on the first few pairs; a failed one stops the run with one line."""
     pairs = next(encoded.chunks(N_PAIRS))
     dtype = engine.readout.weight.dtype
@@ -117,11 +114,3 @@ def self_checks(engine: FullEngine, encoded: EncodedPairs) -> Dict[str, Any]:
                 "report it with the model's name, or run with checks=false to skip the checks"
             )
     return {"pairs": len(pairs), "dtype": str(dtype).replace("torch.", ""), "results": results}
-
-
-def job_self_checks(job: "Job") -> Dict[str, Any]:
-    """The checks on a few of the first desideratum's train pairs, or why they were skipped."""
-    if not job.cfg.checks:
-        return {"skipped": "checks=false"}
-    first = next(iter(job.data))
-    return self_checks(job.engine, job.encoded[(first, "train")])

@@ -1,0 +1,1 @@
+"""Judging masks and circuits: held-out metrics, circuit tests under ablations, evidence, self-checks."""

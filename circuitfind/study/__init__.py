@@ -1,1 +1,0 @@
-"""The study around a search: the job, held-out evaluation, evidence, optimality, one run."""
