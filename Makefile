@@ -3,8 +3,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# Two workers, one thread each (tests/conftest.py); pyproject.toml's addopts choose the fast tier.
+PYTEST := $(BIN)/python -m pytest -q -n 2
 
-.PHONY: help install run test test-slow smoke sweep bench lint format clean
+.PHONY: help install run test test-all test-slow smoke sweep bench docs lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -20,10 +22,13 @@ install: $(STAMP) ## create .venv and install circuitfind with its dev tools
 run: $(STAMP) ## the main job: circuitfind train +desiderata=vd_oi on the default model (ARGS=... for overrides)
 	$(BIN)/circuitfind train +desiderata=vd_oi $(ARGS)
 
-test: $(STAMP) ## the fast test suite (two workers, one thread each)
-	$(BIN)/python -m pytest -q -n 2 $(ARGS)
+test: $(STAMP) ## the fast tier (under 3 minutes on 2 cores); prints the slowest tests
+	$(PYTEST) $(ARGS)
 
-test-slow: $(STAMP) ## the slow tests: real models and long runs
+test-all: $(STAMP) ## the fast tier plus golden runs, the CLI end to end, the browser report, launchers (CI)
+	$(PYTEST) -m 'not slow and not gpu' $(ARGS)
+
+test-slow: $(STAMP) ## the slow tests: real models (SmolLM2-135M), by hand
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 smoke: $(STAMP) ## a seconds-long run on the random tiny LLaMA
@@ -35,13 +40,18 @@ sweep: $(STAMP) ## a lambda sweep with its summary table and figure
 bench: $(STAMP) ## engine timings against the published script's style
 	$(BIN)/python scripts/bench.py $(ARGS)
 
-lint: $(STAMP) ## ruff lint and format check
+docs: $(STAMP) ## the documentation site (docs/ and an API reference from the docstrings) in site/
+	$(BIN)/pip install -q -e '.[docs]'
+	$(BIN)/mkdocs build --strict -d site
+
+lint: $(STAMP) ## ruff lint and format check, and the import layers
 	$(BIN)/ruff check circuitfind tests scripts
 	$(BIN)/ruff format --check circuitfind tests scripts
+	$(BIN)/lint-imports
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix circuitfind tests scripts
 	$(BIN)/ruff format circuitfind tests scripts
 
-clean: ## remove the virtualenv and all run outputs
-	rm -rf $(VENV) outputs multirun
+clean: ## remove the virtualenv, all run outputs and the built site
+	rm -rf $(VENV) outputs multirun site

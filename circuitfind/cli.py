@@ -85,28 +85,25 @@ def nearest_key(error: BaseException) -> str | None:
 
 
 def check_train_overrides(args: list[str]) -> None:
-    """One line, before Hydra, for overrides whose target does not exist in this config."""
+    """Refuse, before Hydra, overrides whose target does not exist in this config."""
+    from circuitfind.errors import UsageError
+
     renamed = [a for a in args if a.lstrip("+~").startswith("dataset")]
     if renamed:
-        print(f"circuitfind: error: {renamed[0]!r}: {DATASET_RENAMED}", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError(f"{renamed[0]!r}: {DATASET_RENAMED}")
     circuit = [a for a in args if a.lstrip("+").startswith("circuit=")]
     if circuit:
-        print(
-            f"circuitfind: error: {circuit[0]!r}: train finds a circuit; to test one you have, run "
-            f"circuitfind eval <the same options> {circuit[0]}",
-            file=sys.stderr,
+        raise UsageError(
+            f"{circuit[0]!r}: train finds a circuit; to test one you have, run "
+            f"circuitfind eval <the same options> {circuit[0]}"
         )
-        sys.exit(2)
     chosen = any(a.lstrip("+").startswith("desiderata=") for a in args)
     inner = [a for a in args if a.lstrip("+~").startswith("desiderata.")]
     if inner and not chosen:
-        print(
-            f"circuitfind: error: {inner[0]!r}: no desiderata were chosen, so there is nothing to change; "
-            f"edit the task's own as task.{inner[0].lstrip('+~')}, or choose them first: +desiderata=<name> {inner[0]}",
-            file=sys.stderr,
+        raise UsageError(
+            f"{inner[0]!r}: no desiderata were chosen, so there is nothing to change; "
+            f"edit the task's own as task.{inner[0].lstrip('+~')}, or choose them first: +desiderata=<name> {inner[0]}"
         )
-        sys.exit(2)
 
 
 def yaml_location(error: BaseException, args: list[str]) -> str:
@@ -174,14 +171,6 @@ def main() -> None:
     if command not in COMMANDS:
         print(f"circuitfind: error: unknown command {command!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    if command == "train":
-        check_train_overrides(args[1:])
-    import yaml
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from circuitfind.errors import CircuitfindError
-
     # Hydra re-raises instead of printing its multi-line report, so the error is shown once.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     # Hydra's argparse cannot take overrides on both sides of -m; move the flag first.
@@ -189,25 +178,41 @@ def main() -> None:
     flags = [a for a in rest if a in ("-m", "--multirun")] if command in HYDRA_APPS else []
     sys.argv = ["circuitfind", *flags, *[a for a in rest if a not in flags]]
     try:
+        if command == "train":
+            check_train_overrides(rest)
         _app(command)()
-    except CircuitfindError as e:
-        print(f"circuitfind: error: {e}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 1))
-    except (HydraException, OmegaConfBaseException) as e:
-        print(f"circuitfind: config error: {one_line(e)}{yaml_location(e, rest)}", file=sys.stderr)
-        sys.exit(1)
-    except yaml.YAMLError as e:  # a config file that is not YAML: its line and column
-        mark = getattr(e, "problem_mark", None)
-        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        print(f"circuitfind: config error: {where}{getattr(e, 'problem', None) or e}", file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt:
         print("circuitfind: interrupted", file=sys.stderr)
         sys.exit(130)
-    except OSError as e:  # the file system said no: an unwritable run directory, a full disk
-        where = f" {e.filename}" if e.filename else ""
-        print(f"circuitfind: error: cannot write or read{where}: {e.strerror or e}; check the path", file=sys.stderr)
-        sys.exit(1)
+    except Exception as e:
+        line = error_line(e, rest)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 1))
+
+
+def error_line(error: BaseException, args: list[str]) -> str | None:
+    """The one line shown for an error a user can fix (bad config, bad input, a file system that says no);
+    None for anything else, which keeps its traceback."""
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from circuitfind.errors import CircuitfindError
+
+    if isinstance(error, CircuitfindError):
+        return f"circuitfind: error: {error}"
+    if isinstance(error, (HydraException, OmegaConfBaseException)):
+        return f"circuitfind: config error: {one_line(error)}{yaml_location(error, args)}"
+    if isinstance(error, yaml.YAMLError):  # a config file that is not YAML: its line and column
+        mark = getattr(error, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        return f"circuitfind: config error: {where}{getattr(error, 'problem', None) or error}"
+    if isinstance(error, OSError):  # the file system said no: an unwritable run directory, a full disk
+        where = f" {error.filename}" if error.filename else ""
+        return f"circuitfind: error: cannot write or read{where}: {error.strerror or error}; check the path"
+    return None
 
 
 if __name__ == "__main__":

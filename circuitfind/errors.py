@@ -9,6 +9,14 @@ from typing import Iterator
 class CircuitfindError(Exception):
     """Bad input or an untrustworthy run: the message names the problem and the fix."""
 
+    exit_code = 1
+
+
+class UsageError(CircuitfindError):
+    """A command line that cannot mean anything (exit status 2, as argparse's)."""
+
+    exit_code = 2
+
 
 def out_of_memory(e: BaseException) -> bool:
     """A CUDA/CPU allocation failure, whichever exception type the backend raised."""

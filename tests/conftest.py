@@ -20,9 +20,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Threads of each circuitfind process a test starts: 1 by default (two workers share 2 cores);
+# CIRCUITFIND_TEST_THREADS=2 checks that the suite passes with another thread count too.
+CLI_THREADS = os.environ.get("CIRCUITFIND_TEST_THREADS", "1")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that starts a `circuitfind` process is an end-to-end test: `make test-all` runs it."""
+    for item in items:
+        if "cli" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the installed `circuitfind` console script; an env value of None unsets it."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": None, **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": CLI_THREADS, "HYDRA_FULL_ERROR": None, **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}
     exe = Path(sys.executable).with_name("circuitfind")
     return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -39,6 +51,26 @@ def compose(*overrides: str):
     from circuitfind.config.compose import compose_train_config
 
     return compose_train_config(list(overrides))
+
+
+def train_error(*overrides: str) -> str | None:
+    """The one line `circuitfind train <overrides>` prints before it writes anything, or None when it
+    would run: the CLI's own override checks, composition, validation, data, model and preparation,
+    in this process (tests/test_cli.py keeps end-to-end cases that the line is what the command prints)."""
+    from circuitfind.cli import check_train_overrides, error_line
+    from circuitfind.runs.job import Job
+    from circuitfind.runs.train import Run
+
+    try:
+        check_train_overrides(list(overrides))
+        Run(Job(compose(*overrides)))
+    except Exception as e:
+        line = error_line(e, list(overrides))
+        if line is None:
+            raise
+        assert "\n" not in line, line
+        return line
+    return None
 
 
 def arithmetic_desideratum(name: str):

@@ -90,3 +90,27 @@ def test_a_run_made_before_tasks_is_refused_with_one_line(tmp_path):
     write_record(tmp_path, record)
     with pytest.raises(CircuitfindError, match="made by circuitfind 0.1, whose `dataset` config is now `task`"):
         load_config(tmp_path)
+
+
+def test_every_config_choice_has_exactly_one_implementation():
+    """The config layer names the choices (config/choices.py); each implementation's registry has the same names."""
+    from circuitfind.config import choices
+    from circuitfind.methods.baselines import SCORERS
+    from circuitfind.methods.registry import METHODS
+    from circuitfind.model.engine import ENGINE_CLASSES
+
+    assert list(METHODS) == choices.METHODS
+    assert sorted(SCORERS) == sorted(choices.RANKING_METHODS)
+    assert [name for name, m in METHODS.items() if m.learns_mask] == list(choices.SEARCH_METHODS)
+    assert sorted(ENGINE_CLASSES) == sorted(choices.ENGINES)
+    assert set(choices.NEEDS_REFERENCE) < set(choices.ABLATIONS)
+    assert choices.shipped("units") == sorted(choices.UNIT_KINDS)
+
+
+def test_the_config_layer_imports_nothing_above_it():
+    code = (
+        "import sys; import circuitfind.config.validation, circuitfind.config.compose; "
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('circuitfind.')}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['config', 'errors', 'version']"  # version: the package's __init__

@@ -16,6 +16,8 @@ from circuitfind.config.schema import ModelConfig
 from circuitfind.model.builtin import build_char_tokenizer
 from circuitfind.model.loading import load_model
 
+from conftest import train_error
+
 SMOKE = ("+desiderata=vd_oi", "experiment=smoke", "progress=false")
 OUTPUTS = [
     "circuit.json",
@@ -175,28 +177,36 @@ BAD_INPUTS = {
 }
 
 
+def bad_input_overrides(case: str) -> list[str]:
+    """The command line of one bad-input case (the smoke experiment, but for the low-baseline case)."""
+    overrides, _ = BAD_INPUTS[case]
+    args = [a for a in SMOKE if not a.startswith("+desiderata")] + list(overrides)
+    if case.startswith("low baseline"):
+        args.remove("experiment=smoke")
+        args += ["model=tiny_llama", "task.n_train=9", "task.n_test=9", "task.n_transfer=9", "optimizer.steps=1"]
+    return args
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_clear_line_and_keeps_earlier_outputs(cli, tmp_path, case):
-    overrides, message = BAD_INPUTS[case]
+def test_bad_input_is_one_clear_line(case):
+    """In this process, through the command's own checks, composition, validation and preparation."""
+    line = train_error(*bad_input_overrides(case))
+    assert line is not None and line.startswith("circuitfind:")
+    assert BAD_INPUTS[case][1] in line
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", ["unknown key", "value of several tokens", "old dataset group"])
+def test_the_command_prints_that_line_and_keeps_earlier_outputs(cli, tmp_path, case):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     earlier = run_dir / "circuit.json"
     earlier.write_text('{"earlier": true}')
-    args = [a for a in SMOKE if not a.startswith("+desiderata")] + list(overrides)
-    if case.startswith("low baseline"):
-        args.remove("experiment=smoke")
-        args += [
-            "model=tiny_llama",
-            "task.n_train=9",
-            "task.n_test=9",
-            "task.n_transfer=9",
-            "optimizer.steps=1",
-        ]
+    args = bad_input_overrides(case)
     res = cli("train", *args, "overwrite=true", f"hydra.run.dir={run_dir}")  # even overwrite keeps them
-    assert res.returncode != 0
+    assert res.returncode == (2 if case == "old dataset group" else 1)
     lines = [line for line in res.stderr.splitlines() if line.strip() and "Warning" not in line]
-    assert len(lines) == 1, res.stderr
-    assert message in lines[0] and lines[0].startswith("circuitfind:")
+    assert lines == [train_error(*args, "overwrite=true", f"hydra.run.dir={run_dir}")], res.stderr
     assert earlier.read_text() == '{"earlier": true}'
 
 

@@ -134,6 +134,7 @@ def test_clear_outputs_keeps_only_hydra_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "train.log"]
 
 
+@pytest.mark.e2e
 def test_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     """Kill a three-job sweep while its second job trains; the same command then finishes it."""
     sweep = tmp_path / "sweep"

@@ -50,6 +50,7 @@ def test_a_size_no_lambda_reaches_is_reported_with_the_nearest_sizes():
     assert never.record()["nearest_larger"] is None and "nearest: 3 units at λ=1e-06" in never.summary()
 
 
+@pytest.mark.e2e
 def test_target_size_finds_the_planted_circuit_on_the_organism(tmp_path):
     records = run_search(compose(*QUIET, "optimizer.target_size=4"), tmp_path / "run")
     record = records[0]

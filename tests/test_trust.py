@@ -196,6 +196,7 @@ def test_an_unwritable_run_directory_is_one_line(cli):
     assert res.returncode == 1 and "/proc/circuitfind-test" in one_error_line(res)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_keeps_the_last_mask_and_says_where(tmp_path):
     run = tmp_path / "run"
     exe = Path(sys.executable).with_name("circuitfind")

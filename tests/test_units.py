@@ -130,6 +130,7 @@ def test_a_neuron_group_patch_replaces_exactly_those_neurons_at_that_position():
     assert torch.equal(values.points["neurons"][3], alt)
 
 
+@pytest.mark.e2e
 def test_dbm_finds_the_planted_heads_at_the_final_position_among_several_positions(tmp_path):
     """The organism's circuit is planted at the final position: with x's and the query's positions on offer,
     DBM still patches the planted heads there, and the run's names, exports and eval all carry positions."""
