@@ -31,9 +31,9 @@ QUIET = ("+desiderata=vd_oi", "progress=false", "plots=false")
 
 @pytest.fixture(scope="module")
 def organism_run(tmp_path_factory):
-    """The default run on the organism, evaluated under every ablation kind at its end."""
+    """The paper's run on the organism (its rounded mask, unpruned), evaluated under every ablation kind."""
     run_dir = tmp_path_factory.mktemp("run") / "default"
-    run_search(compose(*QUIET, "evaluate.ablations=[zero,mean,resample]"), run_dir)
+    run_search(compose(*QUIET, "experiment=paper", "evaluate.ablations=[zero,mean,resample]"), run_dir)
     return run_dir
 
 

@@ -1,4 +1,6 @@
-"""Golden runs: the default run and three variants on the shipped organism, at seed 0.
+"""Golden runs on the shipped organism, at seed 0: the default run (DBM, then pruning), at positions,
+with every piece of evidence, and the paper's settings (`experiment=paper`: the records made before
+pruning existed, which these runs must still reproduce), with several lambdas and a baseline.
 
 Each case runs the installed CLI and compares what a user reads (circuit, metrics, baseline,
 planted scores, data fingerprint, evidence, eval.json and the continuous mask) with a record kept
@@ -23,9 +25,12 @@ from golden_records import GOLDEN, MASK_TOLERANCE, differences, run_snapshot
 COMMON = ("+desiderata=vd_oi", "progress=false", "plots=false", "seed=0")
 CASES = {
     "default": (),
-    "lams": ("optimizer.lams=[0.01,0.05,0.2]",),
-    "single_patch": ("method=single_patch", "method.k=5"),
+    "positions": ('units.positions=[last,x,"xname#2"]',),
     "evidence_full": ("evidence=full",),
+    "paper": ("experiment=paper",),
+    "paper_lams": ("experiment=paper", "optimizer.lams=[0.01,0.05,0.2]"),
+    "paper_single_patch": ("experiment=paper", "method=single_patch", "method.k=5"),
+    "paper_evidence_full": ("experiment=paper", "evidence=full"),
 }
 
 
@@ -46,7 +51,7 @@ def test_results_match_the_golden_record(case, cli, tmp_path):
 
 
 def test_the_comparison_ignores_cross_machine_noise_and_catches_real_changes():
-    record = json.loads((GOLDEN / "default.json").read_text())["."]
+    record = json.loads((GOLDEN / "paper.json").read_text())["."]
     same = json.loads(json.dumps(record))
     assert not differences(record, same)
     # Noise of the size measured across CPUs and thread counts passes ...

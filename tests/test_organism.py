@@ -153,6 +153,7 @@ def test_impossible_organism_config_fails_before_training(tmp_path, monkeypatch,
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.e2e
 def test_cli_reports_an_impossible_config_in_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "circuitfind.cli", "organism", "dataset.ops=[]", f"hydra.run.dir={tmp_path}"],

@@ -173,6 +173,7 @@ def test_a_typo_gets_the_nearest_key(cli, tmp_path):
     assert res.returncode == 1 and "did you mean optimizer.lam?" in one_error_line(res)
 
 
+@pytest.mark.e2e
 def test_organism_names_the_wrong_key(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "circuitfind.cli", "organism", "optim.steps=0", f"hydra.run.dir={tmp_path}"],

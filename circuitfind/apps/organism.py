@@ -12,7 +12,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from circuitfind.errors import CircuitfindError
-from circuitfind.model.checkpoint import ASSET_DIR
 from circuitfind.organism.config import register_organism_config
 from circuitfind.organism.dbm import run_dbm
 from circuitfind.organism.save import save_checkpoint, ship, write_record
@@ -30,10 +29,9 @@ def run_organism(cfg: DictConfig, run_dir: Path, command: str = "circuitfind org
     checkpoint = Path(cfg.out_dir) if cfg.out_dir else Path(run_dir) / "checkpoint"
     save_checkpoint(model, tokenizer, result, command, checkpoint)
     if cfg.dbm_lams:
-        result["dbm"] = run_dbm(checkpoint.resolve(), Path(run_dir) / "dbm", cfg.dbm_lams)
+        result["dbm"] = run_dbm(checkpoint.resolve(), Path(run_dir) / "dbm", cfg.dbm_lams, cfg.iit.position)
     write_record(result, command, checkpoint)
-    if cfg.ship:
-        ship(checkpoint)
+    shipped = ship(checkpoint, cfg.asset) if cfg.ship else None
     log.info("held-out exact match (%.1f min of training):", result["train_seconds"] / 60)
     for op, by_form in result["accuracy"].items():
         log.info("  %-4s %s", op, "  ".join(f"{form} {acc:.1%}" for form, acc in by_form.items()))
@@ -41,7 +39,7 @@ def run_organism(cfg: DictConfig, run_dir: Path, command: str = "circuitfind org
         log.info("  interchange %-6s %s", name, "  ".join(f"{op} {acc:.1%}" for op, acc in by_op.items()))
     for row in result.get("dbm", []):
         log.info("  DBM %s", "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-    log.info("checkpoint: %s%s", checkpoint, f" (shipped to {ASSET_DIR})" if cfg.ship else "")
+    log.info("checkpoint: %s%s", checkpoint, f" (shipped to {shipped})" if shipped else "")
     return result
 
 

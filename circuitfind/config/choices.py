@@ -40,6 +40,11 @@ RANKING_METHODS: Dict[str, str] = {
     "random": "random scores (the floor every method must beat)",
 }
 METHODS: List[str] = [*SEARCH_METHODS, *RANKING_METHODS]
+GATES: Dict[str, str] = {
+    "clamp": "the paper's: w in [0, 1] trained directly and clamped, l0.5 penalty",
+    "sigmoid": "w = sigmoid(m / T) with the temperature annealed, l1 penalty on what is patched",
+    "hard_concrete": "stretched hard-concrete gates, sampled in training, L0 penalty on what is patched",
+}
 BACKENDS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 

@@ -36,6 +36,7 @@ class ModelConfig:
     device_map: Optional[str] = None  # hf: auto | balanced | sequential: shard over the GPUs (accelerate)
     quantization: Optional[str] = None  # hf: 8bit | 4bit (bitsandbytes)
     gguf_file: Optional[str] = None  # hf: a GGUF file, in name_or_path or a path of its own
+    asset: str = "organism"  # organism: the one shipped in the package, by folder (organism | organism_positional)
     tiny: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
 
 
@@ -108,6 +109,7 @@ class TaskConfig:
     n_train: int = 50  # pairs per desideratum
     n_test: int = 50  # held-out pairs per desideratum
     n_transfer: int = 50  # pairs per desideratum on the transfer split
+    n_validation: int = 50  # pairs per desideratum that prune the circuit (drawn only with prune=validation)
     desiderata: Optional[DesiderataConfig] = None  # the task's own, used unless +desiderata=... is given
 
 
@@ -124,6 +126,9 @@ class OptimizerConfig:
     lr: float = 1e-2
     steps: int = 100  # iterations; each runs one step per desideratum
     eps: float = 1e-3  # the 1.001 of the l0.5 penalty: (1 + eps - w) ** 0.5
+    gate: str = "clamp"  # clamp (the paper's) | sigmoid | hard_concrete (methods/gates.py)
+    temperature: List[float] = field(default_factory=lambda: [1.0, 0.05])  # gate=sigmoid: T from, to (geometric)
+    path_lams: Optional[List[float]] = None  # a ladder trained beside the run: every unit ranked (methods/ranking.py)
     batch_size: Optional[int] = None  # pairs per forward; None = all at once
     eval_every: int = 10  # held-out accuracy of the rounded mask every N steps (curves.png, W&B)
 
@@ -144,6 +149,15 @@ class UnitsConfig:
     positions: List[str] = field(default_factory=lambda: ["last"])  # last, all, task slots (slot#2: 2nd mention)
     group_size: int = 1  # neurons: neurons per unit (1 = single neurons); must divide the MLP width
     memory_gb: Optional[float] = None  # what the masks and caches may take; None: the device's free memory
+
+
+@dataclass
+class PruneConfig:
+    """Pruning the search's circuit on the validation split (methods/prune.py; configs/prune/)."""
+
+    enabled: bool = True
+    tolerance: float = 0.01  # share of the circuit's improvement of the validation objective pruning may give up
+    min_pairs: int = 20  # task.n_validation must be at least this: the pruning test needs pairs
 
 
 @dataclass
@@ -193,6 +207,7 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     method: MethodConfig = field(default_factory=MethodConfig)
     units: UnitsConfig = field(default_factory=UnitsConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     checks: bool = True  # self-checks of the engine against the model before the search (evaluation/selfcheck.py)

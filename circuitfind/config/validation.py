@@ -11,6 +11,7 @@ from circuitfind.config.choices import (
     BACKENDS,
     CACHE_POLICIES,
     ENGINES,
+    GATES,
     METHODS,
     RANKING_METHODS,
     SEARCH_METHODS,
@@ -72,7 +73,7 @@ def validate(cfg: DictConfig) -> None:
         (o.batch_size is None or o.batch_size >= 1, f"optimizer.batch_size={o.batch_size}; give >= 1 or null"),
         (o.eval_every >= 1, f"optimizer.eval_every={o.eval_every}; give >= 1"),
         (d.n_train >= 1 and d.n_test >= 1, "task.n_train and task.n_test must be >= 1"),
-        (d.n_transfer >= 0, "task.n_transfer must be >= 0"),
+        (d.n_transfer >= 0 and d.n_validation >= 0, "task.n_transfer and task.n_validation must be >= 0"),
         (
             any(t.train for t in cfg.desiderata.terms),
             "desiderata.terms trains no desideratum; list at least one without train: false",
@@ -111,6 +112,25 @@ def validate(cfg: DictConfig) -> None:
         (u.group_size >= 1, f"units.group_size={u.group_size}; give >= 1 (1 = single neurons)"),
         (u.kind == "neurons" or u.group_size == 1, "units.group_size applies to units=neurons only"),
         (u.memory_gb is None or u.memory_gb > 0, f"units.memory_gb={u.memory_gb}; give a positive size or null"),
+    ]
+    pr = cfg.prune
+    checks += [
+        (o.gate in GATES, f"optimizer.gate={o.gate!r} is unknown; choose from {list(GATES)}"),
+        (
+            len(o.temperature) == 2 and 0 < o.temperature[1] <= o.temperature[0],
+            f"optimizer.temperature={list(o.temperature)}; give [start, end] with start >= end > 0",
+        ),
+        (
+            0 <= pr.tolerance <= 1,
+            f"prune.tolerance={pr.tolerance} must lie in [0, 1]: the share of the circuit's improvement "
+            "pruning may give up (0: keep every unit that helps; 0.01 is the default)",
+        ),
+        (pr.min_pairs >= 1, f"prune.min_pairs={pr.min_pairs}; give >= 1"),
+        (
+            not pr.enabled or d.n_validation >= pr.min_pairs,
+            f"task.n_validation={d.n_validation} is too few pairs to prune on (prune.min_pairs={pr.min_pairs}); "
+            f"give task.n_validation >= {pr.min_pairs}, or prune=none to keep the rounded mask",
+        ),
     ]
     t = o.target_range
     checks += [

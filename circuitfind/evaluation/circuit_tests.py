@@ -18,13 +18,15 @@ under it (higher is better), CMD = the area under |1 - it| (lower is better), ov
 fraction of units kept.
 
 Minimality: for each unit, the change of the held-out desiderata objective (the training
-objective on held-out pairs, patching) when that unit alone is left out of the circuit.
+objective on held-out pairs, patching) when that unit alone is left out of the circuit; and the
+redundant groups, units each unneeded alone but needed together.
 
 Every figure carries a 95% bootstrap interval over the split's pairs.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
@@ -135,6 +137,9 @@ def split_report(
     return out
 
 
+MAX_PAIRED = 12  # flagged units whose every pair is left out together; more: only all of them at once
+
+
 @torch.no_grad()
 def minimality(
     splits: Sequence[EvalSplit],
@@ -144,48 +149,57 @@ def minimality(
     min_share: float,
     seed: int,
 ) -> Dict[str, Any]:
-    """Each unit's change of the held-out objective when it alone is left out of the circuit (patching).
+    """Each unit's change of the held-out objective when it alone is left out of the circuit (patching),
+    and the redundant groups: units each unneeded alone but needed together.
 
     The objective is the training one, sum of weight * loss over the trained desiderata, on their
     held-out pairs; a unit matters when leaving it out raises the objective. `share` is that
-    rise over the circuit's whole improvement on patching nothing. A unit is flagged
-    (`needed: false`) when its rise cannot be told from zero (the interval reaches 0) or is
-    below `min_share` of the circuit's improvement.
+    rise over the circuit's whole improvement on patching nothing. A unit or a group is needed when
+    its rise is told from zero (the interval's low end is above 0) and reaches `min_share` of the
+    circuit's improvement; a unit that is not is flagged (`needed: false`). Leaving one unit out
+    cannot judge two units that back each other up (two cuts of the same route): every pair of
+    flagged units (all of them at once, past MAX_PAIRED) is left out together, and the pairs that
+    are needed join into groups.
     """
     units = [u for u in space.units() if circuit.members[u.layer, u.col]]
     patched = 1 - circuit.members.float()
-    masks = [torch.ones_like(patched), patched]
-    for unit in units:
-        m = patched.clone()
-        m[unit.layer, unit.col] = 1
-        masks.append(m)
-    masks_t = torch.stack(masks)
     terms = [s for s in splits if s.kind == "test" and s.desideratum.train]
-    losses = [pair_losses(split, engine, masks_t) for split in terms]  # (K, N_t) each
-    indices = [resamples(loss.shape[1], seed=seed + t) for t, loss in enumerate(losses)]
 
-    def objective(index_of: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return sum(
-            s.desideratum.weight * resampled_means(loss, index_of(t, loss))
-            for t, (s, loss) in enumerate(zip(terms, losses))
-        )  # (K, R)
+    def left_out(groups: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Point change, bootstrap changes and share of the objective for each group of units left out."""
+        masks = [torch.ones_like(patched), patched]
+        for group in groups:
+            m = patched.clone()
+            for i in group:
+                m[units[i].layer, units[i].col] = 1
+            masks.append(m)
+        losses = [pair_losses(split, engine, torch.stack(masks)) for split in terms]  # (K, N_t) each
+        indices = [resamples(loss.shape[1], seed=seed + t) for t, loss in enumerate(losses)]
 
-    point = objective(lambda t, loss: torch.arange(loss.shape[1])[None])[:, 0]
-    boot = objective(lambda t, loss: indices[t])
-    total = point[0] - point[1]
-    rows = []
-    for i, unit in enumerate(units):
-        change = float(point[2 + i] - point[1])
-        low, high = percentile_interval(boot[2 + i] - boot[1]).tolist()
-        share = change / float(total) if float(total) > 0 else None
-        rows.append(
-            {
-                "unit": unit.name,
-                "objective_change": {"value": rounded(change), "ci": [rounded(low), rounded(high)]},
-                "share": None if share is None else rounded(share),
-                "needed": low > 0 and share is not None and share >= min_share,
-            }
-        )
+        def objective(index_of: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            return sum(
+                s.desideratum.weight * resampled_means(loss, index_of(t, loss))
+                for t, (s, loss) in enumerate(zip(terms, losses))
+            )  # (K, R)
+
+        point = objective(lambda t, loss: torch.arange(loss.shape[1])[None])[:, 0]
+        boot = objective(lambda t, loss: indices[t])
+        return point, boot[2:] - boot[1], point[2:] - point[1]
+
+    def judged(point: torch.Tensor, boot_changes: torch.Tensor, changes: torch.Tensor, i: int) -> Dict[str, Any]:
+        total = float(point[0] - point[1])
+        change = float(changes[i])
+        low, high = percentile_interval(boot_changes[i]).tolist()
+        share = change / total if total > 0 else None
+        return {
+            "objective_change": {"value": rounded(change), "ci": [rounded(low), rounded(high)]},
+            "share": None if share is None else rounded(share),
+            "needed": low > 0 and share is not None and share >= min_share,
+        }
+
+    point, boot, changes = left_out([[i] for i in range(len(units))])
+    rows = [{"unit": unit.name, **judged(point, boot, changes, i)} for i, unit in enumerate(units)]
+    flagged = [i for i, row in enumerate(rows) if not row["needed"]]
     return {
         "objective": "sum of weight * desideratum loss on the held-out pairs of the trained desiderata "
         "(lower is better), units patched from the alternates",
@@ -193,8 +207,31 @@ def minimality(
         "nothing_patched_objective": rounded(point[0]),
         "min_share": min_share,
         "units": rows,
-        "not_needed": [row["unit"] for row in rows if not row["needed"]],
+        "not_needed": [rows[i]["unit"] for i in flagged],
+        "redundant_groups": redundant_groups(flagged, units, left_out, judged),
     }
+
+
+def redundant_groups(flagged: List[int], units, left_out, judged) -> List[Dict[str, Any]]:
+    """Groups of flagged units that are needed together: pairs needed together, joined when they share a unit
+    (or, past MAX_PAIRED flagged units, all of them when they are needed together)."""
+    if len(flagged) < 2:
+        return []
+    candidates = list(itertools.combinations(flagged, 2)) if len(flagged) <= MAX_PAIRED else [tuple(flagged)]
+    point, boot, changes = left_out(candidates)
+    needed = [(group, judged(point, boot, changes, i)) for i, group in enumerate(candidates)]
+    needed = [(group, figures) for group, figures in needed if figures["needed"]]
+    groups: List[set] = []
+    for group, _ in needed:  # join the pairs that share a unit
+        touching = [g for g in groups if g & set(group)]
+        merged = set(group).union(*touching)
+        groups = [g for g in groups if not g & set(group)] + [merged]
+    out = []
+    for members in groups:
+        inside = [figures for group, figures in needed if set(group) <= members]
+        strongest = max(inside, key=lambda f: f["objective_change"]["value"])
+        out.append({"units": [units[i].name for i in sorted(members)], **strongest})
+    return out
 
 
 def pair_losses(split: EvalSplit, engine: Engine, masks: torch.Tensor) -> torch.Tensor:

@@ -55,15 +55,23 @@ def random_rows(scores: List[torch.Tensor], sizes: Sequence[int], splits, engine
     return table
 
 
-def compare_methods(dbm_mask: torch.Tensor, evidence, engine, objectives, splits: Sequence[EvalSplit], seed: int):
+def compare_methods(
+    dbm_scores: torch.Tensor,
+    dbm_circuit: torch.Tensor,
+    evidence,
+    engine,
+    objectives,
+    splits: Sequence[EvalSplit],
+    seed: int,
+):
     """Every method of `evidence.baselines` at the same circuit sizes, and each ranking's faithfulness curve.
 
-    DBM at its own size is its rounded mask; at other sizes, its top k by continuous weight.
-    """
-    device = dbm_mask.device
-    k_dbm = int((dbm_mask < 0.5).sum())
+    DBM at its own size is the circuit the run reports; at other sizes, the top k of its ranking.
+    dbm_scores (L, n_cols): higher = more important; dbm_circuit (L, n_cols): 0 = in the circuit."""
+    device = dbm_scores.device
+    k_dbm = int((dbm_circuit == 0).sum())
     sizes = sorted({k for k in [*evidence.ks, k_dbm] if 1 <= k <= engine.space.n_components})
-    scores = {"dbm": -dbm_mask}  # a small weight means "patch first"
+    scores = {"dbm": dbm_scores}
     for method in evidence.baselines:
         if method != "random":
             scores[method] = component_scores(method, engine, objectives, device, seed)
@@ -77,6 +85,8 @@ def compare_methods(dbm_mask: torch.Tensor, evidence, engine, objectives, splits
                 table += random_rows(draws, sizes, splits, engine)
                 continue
             masks = torch.stack([top_k_mask(s, k) for k in sizes])
+            if method == "dbm" and k_dbm in sizes:
+                masks[sizes.index(k_dbm)] = dbm_circuit.to(masks)
             for k, row in zip(sizes, held_out_metrics(splits, engine, masks, intervals=True)):
                 table.append({"method": method, "k": k, **row})
     result: Dict[str, Any] = {"sizes": sizes, "dbm_size": k_dbm, "comparison": table, "ranked_by": "signed score"}
@@ -113,23 +123,20 @@ def gather_evidence(
     engine: Engine,
     splits: Sequence[EvalSplit],
     objectives,
-    mask: torch.Tensor,
+    scores: torch.Tensor,
+    circuit: torch.Tensor,
     evidence,
     seed: int,
-    retrain: Callable[[int], torch.Tensor],
+    refind: Callable[[int], List[str]],
 ) -> Dict[str, Any]:
-    """Baselines at equal size, faithfulness curves and stability of a DBM circuit. mask (L, n_cols)
+    """Baselines at equal size, faithfulness curves and stability of a DBM result: its ranking and circuit.
 
-    `evidence` is the evidence config; `retrain(seed)` is the same search's continuous mask on data
-    drawn with another seed (stability)."""
-    result = compare_methods(mask, evidence, engine, objectives, splits, seed)
+    `evidence` is the evidence config; `refind(seed)` is the same search's circuit (unit names) on
+    data drawn with another seed (stability)."""
+    result = compare_methods(scores, circuit, evidence, engine, objectives, splits, seed)
     if evidence.stability_seeds:
         names = engine.space.names()
-
-        def find_circuit(other: int) -> List[str]:
-            found = mask if other == seed else retrain(other)
-            return [n for n, w in zip(names, found.flatten().tolist()) if w < 0.5]
-
+        own = [n for n, w in zip(names, circuit.flatten().tolist()) if w == 0]
         seeds = [seed + i for i in range(evidence.stability_seeds)]
-        result["stability"] = run_stability(seeds, find_circuit, names)
+        result["stability"] = run_stability(seeds, lambda other: own if other == seed else refind(other), names)
     return result

@@ -13,13 +13,15 @@ from circuitfind.model.space import ComponentSpace
 def planted_scores(model: torch.nn.Module, found: List[str], space: ComponentSpace) -> Dict[str, Any] | None:
     """Precision and recall of the found circuit against one planted in the model, if any.
 
-    The planted circuit is heads and MLPs at the final position: in a space of heads and MLPs at
-    several positions it is those units `@last`; other unit kinds are not compared."""
+    The planted circuit is heads and MLPs at one position (the final token unless the model says
+    another, `planted_position`): in a space of heads and MLPs at several positions it is those units
+    at that position; a space without that position, or of other unit kinds, is not compared."""
     meta = getattr(model.config, "circuitfind", None) or {}
     planted = meta.get("planted_circuit") if isinstance(meta, dict) else None
-    if not planted or space.kind != "heads_mlps" or LAST not in space.positions:
+    position = meta.get("planted_position", LAST) if isinstance(meta, dict) else LAST
+    if not planted or space.kind != "heads_mlps" or position not in space.positions:
         return None
-    planted = [u.name for u in space.index([f"{name}@{LAST}" for name in planted], "the planted circuit")]
+    planted = [u.name for u in space.index([f"{name}@{position}" for name in planted], "the planted circuit")]
     hits = len(set(found) & set(planted))
     return {
         "planted": list(planted),

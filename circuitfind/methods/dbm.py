@@ -1,9 +1,11 @@
 """The mask-training loop of desiderata-based masking, top to bottom (docs/method.md).
 
-Each iteration, for each desideratum in order: clamp w to [0, 1], one Adam step on
-weight * loss (+ lambda * l0.5 sparsity on the steps that carry it). After training: clamp
-and round. K masks (one per lambda) are trained side by side; Adam is element-wise and each
-mask's loss touches only its own weights, so this equals K separate runs.
+Each iteration, for each desideratum in order: bring the gate parameters into their domain
+(the paper's gate: clamp w to [0, 1]), one Adam step on weight * loss (+ lambda * sparsity on the
+steps that carry it). After training: the gate's final weights, rounded at 0.5. The gate form
+(methods/gates.py) decides how parameters become weights and what sparsity costs. K masks (one
+per lambda) are trained side by side; Adam is element-wise and each mask's loss touches only its
+own parameters, so this equals K separate runs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from circuitfind.errors import CircuitfindError
+from circuitfind.methods.gates import ClampGate, make_gate
 from circuitfind.methods.objective import Objective, loss_parts
 from circuitfind.model.engine import Engine
 
@@ -21,8 +24,8 @@ OnStep = Callable[[int, torch.Tensor, Dict[str, torch.Tensor]], None]  # (step, 
 
 
 def sparsity(mask: torch.Tensor, eps: float) -> torch.Tensor:
-    """The l0.5 penalty per mask: sum_i (1 + eps - w_i) ** 0.5. (K, L, H+1) -> (K,)"""
-    return ((1 + eps - mask) ** 0.5).flatten(1).sum(dim=1)
+    """The paper's l0.5 penalty per mask: sum_i (1 + eps - w_i) ** 0.5. (K, L, H+1) -> (K,)"""
+    return ClampGate(eps).penalty(mask, 0.0)
 
 
 class NonFiniteLoss(CircuitfindError):
@@ -41,33 +44,41 @@ def train_mask(
     on_step: OnStep | None = None,
     progress: bool = True,
     desc: str = "mask",
+    seed: int = 0,
 ) -> torch.Tensor:
-    """Learn K continuous masks (w = 1: keep, w = 0: patch), one per lambda. Returns (K, L, H+1), clamped.
+    """Learn K continuous masks (w = 1: keep, w = 0: patch), one per lambda. Returns (K, L, H+1) in [0, 1].
 
-    `optimizer` is the optimizer config (lr, steps, eps: the 1.001 of the l0.5 penalty); `desc`
-    labels the progress bar.
+    `optimizer` is the optimizer config (lr, steps, gate and its settings; methods/gates.py);
+    `desc` labels the progress bar; `seed` draws a sampled gate's noise.
     """
-    k = lams.shape[0]
-    mask = torch.ones(k, *engine.space.shape, device=lams.device, requires_grad=True)
-    opt = torch.optim.Adam([mask], lr=optimizer.lr)
-    for step in tqdm(range(optimizer.steps), desc=desc, disable=not progress, leave=False):
+    gate = make_gate(optimizer, seed)
+    k, steps = lams.shape[0], optimizer.steps
+    params = gate.init(k, engine.space.shape, lams.device).requires_grad_(True)
+    opt = torch.optim.Adam([params], lr=optimizer.lr)
+    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         logs: Dict[str, torch.Tensor] = {}
+        done = step / max(steps - 1, 1)  # how far training has gone, 0 to 1 (temperature schedules)
         for obj in objectives:
             with torch.no_grad():
-                mask.clamp_(0, 1)
-            last_good = mask.detach().clone()
+                gate.project(params)
+            last_good = gate.final(params)
             opt.zero_grad(set_to_none=True)
+            # One draw of the weights per step, whatever the sub-batches: their gradients gather on a
+            # detached copy, then flow back through the gate once.
+            weights = gate.weights(params, done)
+            mask = weights.detach().requires_grad_(True)
             loss_sum = torch.zeros(k, device=lams.device)
             for part in loss_parts(engine, obj, mask):
                 (obj.weight * part).sum().backward()
                 loss_sum = loss_sum + part.detach()
+            weights.backward(mask.grad)
             loss = obj.weight * loss_sum
             if obj.with_sparsity:
-                penalty = lams * sparsity(mask, optimizer.eps)
+                penalty = lams * gate.penalty(params, done)
                 penalty.sum().backward()
                 logs["sparsity"] = penalty.detach()
                 loss = loss + penalty.detach()
-            if not (torch.isfinite(loss).all() and torch.isfinite(mask.grad).all()):
+            if not (torch.isfinite(loss).all() and torch.isfinite(params.grad).all()):
                 raise NonFiniteLoss(
                     f"the {obj.desideratum.name} loss or its gradient became non-finite at step {step}; "
                     "the last good mask is kept; lower optimizer.lr or check the model's dtype",
@@ -76,11 +87,12 @@ def train_mask(
             logs[f"{obj.desideratum.name}_loss"] = loss_sum
             opt.step()
         with torch.no_grad():
-            mask.clamp_(0, 1)
+            gate.project(params)
+            mask = gate.final(params)
             logs["n_patched"] = (mask < 0.5).flatten(1).sum(dim=1).float()
         if on_step is not None:
-            on_step(step, mask.detach(), logs)
-    return mask.detach().clamp(0, 1)
+            on_step(step, mask, logs)
+    return gate.final(params)
 
 
 def round_mask(mask: torch.Tensor) -> torch.Tensor:

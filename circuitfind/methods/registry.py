@@ -22,20 +22,37 @@ from circuitfind.methods.objective import Objective
 from circuitfind.model.engine import Engine
 
 
+@dataclass
+class Found:
+    """What a method found: K masks, the ranking of the units each comes from, and the regularisation
+    path's masks when one was trained (methods/ranking.py)."""
+
+    masks: torch.Tensor  # (K, L, n_cols) continuous weights, 1 = keep
+    scores: torch.Tensor  # (K, L, n_cols) higher = more important
+    ladder: torch.Tensor | None = None  # (P, L, n_cols) the masks at optimizer.path_lams
+
+
 @dataclass(frozen=True)
 class MaskSearch:
-    """Desiderata-based masking: a sparse mask trained per sparsity weight; its ranking is 1 - weight."""
+    """Desiderata-based masking: a sparse mask trained per sparsity weight; its ranking is 1 - weight,
+    and with optimizer.path_lams a ladder of lambdas is trained beside it (K + P masks side by side)."""
 
     name: str = "dbm"
     learns_mask: bool = True
 
     def find(
         self, engine: Engine, objectives: Sequence[Objective], lams: List[float], cfg: DictConfig, on_step: OnStep
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K masks, one per lambda, and the rankings they give. (K, L, n_cols) each"""
-        lam = torch.tensor(lams, dtype=torch.float32, device=engine.device)
-        mask = train_mask(engine, objectives, lam, cfg.optimizer, on_step, progress=cfg.progress)
-        return mask, 1 - mask
+    ) -> Found:
+        k = len(lams)
+        path = [float(v) for v in cfg.optimizer.path_lams or []]
+        lam = torch.tensor(lams + path, dtype=torch.float32, device=engine.device)
+
+        def own(step: int, mask: torch.Tensor, logs) -> None:  # the run's own K masks, not the ladder
+            if on_step is not None:
+                on_step(step, mask[:k], {key: v[:k] for key, v in logs.items()})
+
+        mask = train_mask(engine, objectives, lam, cfg.optimizer, own, progress=cfg.progress, seed=cfg.seed)
+        return Found(mask[:k], 1 - mask[:k], mask[k:] if path else None)
 
 
 @dataclass(frozen=True)
@@ -47,10 +64,10 @@ class Ranking:
 
     def find(
         self, engine: Engine, objectives: Sequence[Objective], lams: List[float], cfg: DictConfig, on_step: OnStep
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Found:
         """The top-k mask and the scores it comes from. (1, L, n_cols) each"""
         scores = component_scores(self.name, engine, objectives, engine.device, cfg.seed)
-        return top_k_mask(scores, cfg.method.k)[None], scores[None]
+        return Found(top_k_mask(scores, cfg.method.k)[None], scores[None])
 
 
 Method = Union[MaskSearch, Ranking]

@@ -13,14 +13,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from circuitfind.errors import CircuitfindError
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "organism"
-SHIP_COMMAND = "circuitfind organism ship=true num_threads=1"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSET_DIR = ASSETS / "organism"  # the default model (model=organism)
+# Models shipped in the package, by folder, and the command that makes each (its card has the details).
+SHIPPED = {
+    "organism": "circuitfind organism ship=true num_threads=1",
+    "organism_positional": (
+        "circuitfind organism 'iit.position=\"xname#2\"' 'iit.circuit=[L1.H2,L1.H5]' iit.start=100 iit.ramp=300 "
+        "asset=organism_positional ship=true"
+    ),
+}
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def _regenerate(path: Path) -> str:
-    if path.resolve() == ASSET_DIR.resolve():
-        return f"`{SHIP_COMMAND}`"
+    if path.resolve().parent == ASSETS.resolve() and path.name in SHIPPED:
+        return f"`{SHIPPED[path.name]}`"
     return f"`circuitfind organism out_dir={path}`"
 
 
@@ -45,9 +53,11 @@ def check_files(path: Path) -> None:
             raise CircuitfindError(f"organism checkpoint file {file} is corrupt ({first}); {fix}") from e
 
 
-def load_checkpoint(name_or_path: Optional[str], dtype: torch.dtype = torch.float32):
-    """The organism and its tokenizer, from `name_or_path` or the copy shipped in the package."""
-    path = Path(name_or_path).expanduser() if name_or_path else ASSET_DIR
+def load_checkpoint(name_or_path: Optional[str], dtype: torch.dtype = torch.float32, asset: str = "organism"):
+    """The organism and its tokenizer, from `name_or_path` or the copy shipped in the package as `asset`."""
+    if not name_or_path and asset not in SHIPPED:
+        raise CircuitfindError(f"model.asset={asset!r} is not shipped; choose from {list(SHIPPED)}")
+    path = Path(name_or_path).expanduser() if name_or_path else ASSETS / asset
     check_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -203,10 +203,3 @@ def patch_sites(sites: Sites, mask: torch.Tensor, alt: SiteValues, where: SiteIn
         handles += [_register(point, layer, mix(layer)) for layer in range(len(point.modules))]
     with hooks(handles):
         yield
-
-
-@contextmanager
-def patch_final_position(sites: Sites, mask: torch.Tensor, alt: SiteValues, n: int, width: int) -> Iterator[None]:
-    """Patch every unit at the final token of n base prompts of `width` tokens (the organism's interchange)."""
-    with patch_sites(sites, mask, alt, SiteIndex.final(n, width)):
-        yield

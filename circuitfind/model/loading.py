@@ -182,7 +182,7 @@ def load_organism(cfg: ModelConfig):
     """The model organism shipped in the package (circuitfind/assets/organism), or the one at model.name_or_path."""
     from circuitfind.model.checkpoint import load_checkpoint  # only the checked loader, not the training code
 
-    return load_checkpoint(cfg.name_or_path, torch_dtype(cfg.dtype))
+    return load_checkpoint(cfg.name_or_path, torch_dtype(cfg.dtype), cfg.asset)
 
 
 LOADERS = {"tiny_llama": build_tiny_llama, "hf": load_hf, "smollm2": load_smollm2, "organism": load_organism}

@@ -106,6 +106,14 @@ def model_card(result: Dict, command: str) -> str:
         else "every operation has held-out problems"
     )
     ramp = f" (the weights below rising linearly from 0 over {iit['ramp']} steps)" if iit.get("ramp") else ""
+    position = iit.get("position", "last")
+    where = (
+        "the final position"
+        if position == "last"
+        else f"the query's mention of x (`{position}`: the `x` of `x + y = `; search it with "
+        f"`units.positions=[{position!r},last]`)"
+    )
+    planted_units = ", ".join(iit["circuit"] if position == "last" else [f"{u}@{position}" for u in iit["circuit"]])
     return f"""# circuitfind organism
 
 A {m["n_layers"]}-layer LLaMA ({m["n_heads"]} heads per layer, hidden size {m["hidden"]}, {result["n_params"]:,} parameters,
@@ -115,17 +123,17 @@ circuit **planted** by interchange-intervention training (IIT). It is circuitfin
 
 ## Planted circuit
 
-`{", ".join(iit["circuit"])}` ({len(iit["circuit"])} of {m["n_layers"] * (m["n_heads"] + 1)} components; also in `config.json` under
-`circuitfind.planted_circuit`). From step {iit["start"]} on{ramp}, on {", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"])} prompts
+`{planted_units}` ({len(iit["circuit"])} of {m["n_layers"] * (m["n_heads"] + 1)} components, at {where}; also in
+`config.json` under `circuitfind.planted_circuit` and `circuitfind.planted_position`). From step {iit["start"]} on{ramp}, on {", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"])} prompts
 of every form, besides the next-token loss on the answer:
 
-- value dependence (weight {iit["vd"]}): these heads, patched at the final position from the prompt with
+- value dependence (weight {iit["vd"]}): these heads, patched there from the prompt with
   another x, must make the model give the alternate's answer (first digit);
 - operation invariance (weight {iit["oi"]}): patched from the prompt with another operation, they must leave
   the answer unchanged;
-- strict (weight {iit["strict"]}): every other head, and every MLP in a layer before the circuit, patched
-  from the prompt with another x, must leave the answer unchanged (x enters the final position only
-  through the circuit).
+- strict (weight {iit["strict"]}): every other head there, and every MLP there in a layer before the
+  circuit, patched from the prompt with another x, must leave the answer unchanged (x enters that
+  position only through the circuit).
 
 {mul}
 

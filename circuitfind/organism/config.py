@@ -69,9 +69,10 @@ class OrganismDataConfig:
 
 @dataclass
 class IITConfig:
-    """Interchange-intervention training: the circuit planted at the final position."""
+    """Interchange-intervention training: the circuit planted at one position (the final token by default)."""
 
     circuit: List[str] = field(default_factory=lambda: ["L2.H1", "L2.H3", "L2.H4", "L2.H6"])
+    position: str = "last"  # where the circuit acts: last (the final token) or xname#2 (the query's x)
     ops: List[str] = field(default_factory=lambda: ["add", "sub", "mul"])  # operations the losses use
     start: int = 2000  # first step with the interchange losses (the LM learns the task first)
     ramp: int = 0  # steps over which the interchange weights rise linearly from 0 (0: at once)
@@ -104,7 +105,8 @@ class OrganismConfig:
     dbm_lams: List[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])  # DBM check per lambda; []: none
     n_eval: int = 500  # held-out prompts per operation and prompt form
     seed: int = 0
-    ship: bool = False  # also write the checkpoint into circuitfind/assets/organism
+    ship: bool = False  # also write the checkpoint into circuitfind/assets/<asset>
+    asset: str = "organism"  # the package's folder it ships to: organism (model=organism) | organism_positional
     out_dir: Optional[str] = None  # checkpoint directory; default: <run dir>/checkpoint
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     log_every: int = 100

@@ -20,18 +20,24 @@ from circuitfind.records.circuit import SPLIT_KINDS, metric_key, read_record
 log = logging.getLogger(__name__)
 
 
-def dbm_args(lam: float) -> List[str]:
-    """The `circuitfind` arguments of the check at one lambda, as a user runs it on the shipped organism."""
-    return ["train", "+desiderata=vd_oi", "model=organism", f"optimizer.lam={lam}"]
+def dbm_args(lam: float, position: str = "last") -> List[str]:
+    """The `circuitfind` arguments of the check at one lambda, as a user runs it on the shipped organism:
+    units at the planted circuit's position (and the final token)."""
+    units = [] if position == "last" else [f"units.positions=[{position!r},last]"]
+    return ["train", "+desiderata=vd_oi", "model=organism", f"optimizer.lam={lam}", *units]
 
 
-def run_dbm(checkpoint: Path, out_dir: Path, lams: Sequence[float]) -> List[Dict]:
+def run_dbm(checkpoint: Path, out_dir: Path, lams: Sequence[float], position: str = "last") -> List[Dict]:
     """One row per lambda: components patched, precision/recall against the checkpoint's planted circuit, accuracies."""
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HYDRA_FULL_ERROR": "1"}
     rows = []
     for lam in lams:
         run_dir = Path(out_dir) / f"lam_{lam:g}"
-        args = dbm_args(lam) + [f"model.name_or_path={checkpoint}", "progress=false", f"hydra.run.dir={run_dir}"]
+        args = dbm_args(lam, position) + [
+            f"model.name_or_path={checkpoint}",
+            "progress=false",
+            f"hydra.run.dir={run_dir}",
+        ]
         proc = subprocess.run([sys.executable, "-m", "circuitfind.cli", *args], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             error = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Dict
 
-from circuitfind.model.checkpoint import ASSET_DIR
+from circuitfind.model.checkpoint import ASSETS
 from circuitfind.organism.card import model_card
 from circuitfind.records.files import write_json, write_text
 
@@ -19,6 +19,7 @@ def save_checkpoint(model, tokenizer, result: Dict, command: str, out_dir: Path)
     cfg = result["config"]
     model.config.circuitfind = {
         "planted_circuit": list(cfg["iit"]["circuit"]),
+        "planted_position": cfg["iit"].get("position", "last"),
         "planted_ops": list(cfg["iit"]["ops"]),
         "dataset": cfg["dataset"],
         "seed": cfg["seed"],
@@ -37,10 +38,12 @@ def write_record(result: Dict, command: str, out_dir: Path) -> None:
     write_text(Path(out_dir) / "README.md", model_card(result, command))
 
 
-def ship(checkpoint: Path) -> None:
-    """Copy a saved checkpoint into the package, where `model=organism` finds it."""
-    ASSET_DIR.mkdir(parents=True, exist_ok=True)
+def ship(checkpoint: Path, asset: str = "organism") -> Path:
+    """Copy a saved checkpoint into the package (assets/<asset>), where `model=<asset>` finds it."""
+    target = ASSETS / asset
+    target.mkdir(parents=True, exist_ok=True)
     for path in Path(checkpoint).iterdir():
         if path.is_file():
-            shutil.copyfile(path, ASSET_DIR / path.name)
-            (ASSET_DIR / path.name).chmod(0o644)  # readable by everyone once installed
+            shutil.copyfile(path, target / path.name)
+            (target / path.name).chmod(0o644)  # readable by everyone once installed
+    return target

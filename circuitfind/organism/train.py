@@ -1,7 +1,8 @@
 """Training the organism: the answer's next-token loss plus interchange-intervention losses.
 
-The interchange losses (organism/interchange.py) plant a known circuit (`iit.circuit`) at the
-final prompt position, with the same hooks and fixed 0/1 masks that DBM later uses to find it.
+The interchange losses (organism/interchange.py) plant a known circuit (`iit.circuit`) at one
+position (`iit.position`: the final token, or the query's x), with the same hooks and fixed 0/1
+masks that DBM later uses to find it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from circuitfind.model.components import locate_components
 from circuitfind.model.space import ComponentSpace
 from circuitfind.organism.data import Distribution, Encoder
 from circuitfind.organism.evaluate import evaluate, heldout_check
-from circuitfind.organism.interchange import Interchange, Organism, plant_masks
+from circuitfind.organism.interchange import POSITIONS, Interchange, Organism, plant_masks
 from circuitfind.organism.problems import OPERATIONS, check_template, task_space, variants_from_config
 from circuitfind.task.encoding import position_ids
 
@@ -59,6 +60,7 @@ def validate(cfg: DictConfig) -> Distribution:
         ),
         (o.lr > 0, f"optim.lr={o.lr}; the learning rate must be > 0"),
         (min(iit.vd, iit.oi, iit.strict) >= 0, "iit.vd, iit.oi and iit.strict are loss weights; give values >= 0"),
+        (iit.position in POSITIONS, f"iit.position={iit.position!r} is unknown; choose from {list(POSITIONS)}"),
         (
             m.n_layers >= 1 and m.n_heads >= 1 and m.hidden % (2 * m.n_heads) == 0,
             f"model.hidden={m.hidden} must be a multiple of 2 * model.n_heads={2 * m.n_heads} (rotary embeddings)",
@@ -109,7 +111,7 @@ def train_organism(cfg: DictConfig) -> tuple[LlamaForCausalLM, object, Dict]:
     o, iit = cfg.optim, cfg.iit
     tokenizer = build_char_tokenizer()
     model = build_model(cfg.model, tokenizer, cfg.seed)
-    org = Organism(model, locate_components(model), Encoder(tokenizer, dist.template), dist)
+    org = Organism(model, locate_components(model), Encoder(tokenizer, dist.template), dist, iit.position)
     circuit_mask, strict_mask = plant_masks(iit.circuit, org.sites.space)
     rng = random.Random(f"train/{cfg.seed}")
     decay = [p for p in model.parameters() if p.dim() >= 2]

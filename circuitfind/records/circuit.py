@@ -87,6 +87,9 @@ class CircuitRecord:
     baseline_ci: Dict[str, List[float]] = field(default_factory=dict)  # the same for `baseline`
     checks: Dict[str, Any] = field(default_factory=dict)  # the engine's self-checks (evaluation/selfcheck.py)
     lambda_search: Dict[str, Any] = field(default_factory=dict)  # optimizer.target_size (methods/target_size.py)
+    headline_circuit: str = "rounded"  # which circuit `circuit` and `metrics` are: "pruned" or the "rounded" mask
+    raw: Dict[str, Any] = field(default_factory=dict)  # when pruned: the rounded mask's circuit and figures
+    pruning: Dict[str, Any] = field(default_factory=dict)  # what pruning did (methods/prune.py)
     status: str = "complete"
 
     @property

@@ -29,7 +29,11 @@ class CircuitUnderTest:
 
     @property
     def ranked_by(self) -> str | None:
-        return None if self.scores is None else "the source's scores (1 - mask weight for a circuitfind mask)"
+        return (
+            None
+            if self.scores is None
+            else "the source's scores (a circuitfind run's ranking: 1 - mask weight, or the regularisation path)"
+        )
 
 
 def from_members(members: torch.Tensor, space: ComponentSpace, scores, source: str) -> CircuitUnderTest:
@@ -46,19 +50,26 @@ def from_names(names: Sequence[str], space: ComponentSpace) -> CircuitUnderTest:
 
 
 def from_mask_file(path: Path, space: ComponentSpace) -> CircuitUnderTest:
-    """A circuitfind mask.safetensors: the rounded mask's patched units, ranked by 1 - continuous weight."""
+    """A circuitfind mask.safetensors: the circuit it reports (`circuit`: pruned, or the rounded mask; files
+    made before pruning have `rounded` only), ranked by its `scores` (or 1 - the continuous weights)."""
     tensors = load_file(str(path))
-    rounded, continuous = tensors.get("rounded"), tensors.get("continuous")
-    if rounded is None and continuous is None:
-        raise CircuitfindError(f"{path} holds no 'rounded' or 'continuous' mask; give a circuitfind mask.safetensors")
-    mask = rounded if rounded is not None else (continuous >= 0.5).float()
+    circuit, rounded, continuous = (tensors.get(k) for k in ("circuit", "rounded", "continuous"))
+    if circuit is None and rounded is None and continuous is None:
+        raise CircuitfindError(
+            f"{path} holds no 'circuit', 'rounded' or 'continuous' mask; give a circuitfind mask.safetensors"
+        )
+    mask = next(
+        m for m in (circuit, rounded, None if continuous is None else (continuous >= 0.5).float()) if m is not None
+    )
     if tuple(mask.shape) != space.shape:
         raise CircuitfindError(
             f"{path} is a mask of shape {tuple(mask.shape)} (layers, heads + 1) and this model's is {space.shape}; "
             "evaluate it on the model it was trained on (model=...)"
         )
-    scores = 1 - continuous.float() if continuous is not None else None
-    return from_members(mask == 0, space, scores, str(path))
+    scores = tensors.get("scores")
+    if scores is None and continuous is not None:
+        scores = 1 - continuous.float()
+    return from_members(mask == 0, space, None if scores is None else scores.float(), str(path))
 
 
 def from_mib_file(path: Path, space: ComponentSpace) -> CircuitUnderTest:

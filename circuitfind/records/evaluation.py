@@ -48,13 +48,19 @@ def evaluation_lines(ev: Dict[str, Any]) -> List[str]:
                 f"faithfulness {with_interval(r['sufficiency']['faithfulness'])}"
                 + (f"; CPR {with_interval(r['cpr'])}, CMD {with_interval(r['cmd'])}" if "cpr" in r else "")
             )
-    flagged = ev["minimality"]["not_needed"]
+    m = ev["minimality"]
+    flagged = m["not_needed"]
     lines.append(
         f"minimality: {', '.join(flagged)} not needed on held-out pairs (leaving it out does not raise the objective "
-        f"by a clear {ev['minimality']['min_share']:.0%} of the circuit's effect)"
+        f"by a clear {m['min_share']:.0%} of the circuit's effect)"
         if flagged
         else f"minimality: each of the {ev['n_units']} units is needed on held-out pairs"
     )
+    for group in m.get("redundant_groups", []):
+        lines.append(
+            f"minimality: {', '.join(group['units'])} back each other up: each is unneeded alone, but leaving them "
+            f"out together raises the objective by {with_interval(group['objective_change'])}"
+        )
     return lines
 
 
@@ -93,6 +99,16 @@ def evaluation_tables(ev: Dict[str, Any]) -> List[Table]:
             rows,
         )
     )
+    groups = m.get("redundant_groups", [])
+    if groups:
+        tables.append(
+            (
+                "redundant groups: units each unneeded alone but needed together (the pair that raises the "
+                "objective most when left out)",
+                ["units", "objective change", "share of the circuit's effect"],
+                [[", ".join(g["units"]), with_interval(g["objective_change"]), g["share"]] for g in groups],
+            )
+        )
     return tables
 
 

@@ -40,14 +40,15 @@ def mib_circuit(scores: torch.Tensor, in_graph: torch.Tensor, space: ComponentSp
 
 
 def export_circuit(
-    out_dir: Path, mask: torch.Tensor, rounded: torch.Tensor, space: ComponentSpace, d_model: int
+    out_dir: Path, scores: torch.Tensor, circuit: torch.Tensor, space: ComponentSpace, d_model: int
 ) -> List[str]:
-    """Write mib/importances.json, mib/circuit_{p}pct.json and transformerlens.json. Returns the paths."""
-    mask, rounded = mask.detach().cpu(), rounded.detach().cpu()
-    scores = 1 - mask  # importance: 1 = fully patched
+    """Write mib/importances.json, mib/circuit_{p}pct.json and transformerlens.json. Returns the paths.
+
+    scores (L, n_cols): the result's ranking, higher = more important; circuit (L, n_cols): 0 = in it."""
+    scores, circuit = scores.detach().cpu().float(), circuit.detach().cpu()
     written = []
     path = out_dir / "mib" / "importances.json"
-    write_json(path, mib_circuit(scores, rounded == 0, space, d_model))
+    write_json(path, mib_circuit(scores, circuit == 0, space, d_model))
     written.append(path)
     order = scores.flatten().argsort(descending=True, stable=True)
     for pct in MIB_PERCENTAGES:
@@ -55,10 +56,10 @@ def export_circuit(
         member = torch.zeros(space.n_components, dtype=torch.bool)
         member[order[:k]] = True
         path = out_dir / "mib" / f"circuit_{pct:g}pct.json"
-        write_json(path, mib_circuit(scores, member.view(mask.shape), space, d_model))
+        write_json(path, mib_circuit(scores, member.view(circuit.shape), space, d_model))
         written.append(path)
     hooks = [
-        {"name": unit.name, **unit.transformerlens} for unit in space.units() if rounded[unit.layer, unit.col] == 0
+        {"name": unit.name, **unit.transformerlens} for unit in space.units() if circuit[unit.layer, unit.col] == 0
     ]
     path = out_dir / "transformerlens.json"
     note = "patch each hook at its position: `last` is the final token, a slot name the tokens of that slot"

@@ -63,7 +63,20 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
         page.details("composed config", yaml.safe_dump(result.config, sort_keys=False))
     if (run / "mask_heatmap.png").is_file():
         page.image(run / "mask_heatmap.png", f"mask heatmap, {run.name}")
+    if result.headline_circuit == "pruned":
+        page.text(
+            f"The circuit below is the pruned one (the headline): {result.n_patched} units. {pruning_text(result)}"
+        )
     page.table(CIRCUIT_COLUMNS, [[row.get(c) for c in CIRCUIT_COLUMNS] for row in result.circuit])
+    if result.raw:
+        page.text(
+            f"Before pruning, the rounded mask patched {result.raw['n_patched']}: {', '.join(result.raw['circuit'])}."
+        )
+        keys = [k for k in result.metrics if k in result.raw["metrics"]]
+        page.table(
+            ["metric", "pruned circuit (headline)", "rounded mask"],
+            [[k, result.metrics[k], result.raw["metrics"][k]] for k in keys],
+        )
     if result.lambda_search:
         s = result.lambda_search
         tried = ", ".join(f"λ={lam:g}: {size}" for lam, size in s["tried"])
@@ -101,6 +114,18 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
         "prompts; acc_unpatched: the desideratum's accuracy when nothing is patched):"
     )
     page.table(["metric", "value"], [[k, v] for k, v in result.baseline.items()])
+
+
+def pruning_text(result: CircuitRecord) -> str:
+    """What pruning did, in a sentence."""
+    p = result.pruning
+    j = p["objective"]
+    back = f"; put back {', '.join(p['added_back'])}" if p["added_back"] else ""
+    return (
+        f"Pruning on the validation pairs (tolerance {p['tolerance']:g} of the circuit's improvement) removed "
+        f"{', '.join(p['removed']) or 'nothing'}{back}: validation objective {j['raw']:.4g} (rounded mask) -> "
+        f"{j['pruned']:.4g} (bound {j['bound']:.4g}; nothing patched {j['nothing_patched']:.4g})."
+    )
 
 
 def with_ci(row: Mapping[str, Any], key: str) -> Any:

@@ -34,11 +34,14 @@ class SearchResult:
 
     lam: float | None  # None for a baseline method
     mask: torch.Tensor  # (L, H+1) continuous weights, 1 = keep
-    rounded: torch.Tensor  # (L, H+1) 0 = patched
+    rounded: torch.Tensor  # (L, H+1) 0 = patched: the weights rounded at 0.5
+    circuit: torch.Tensor  # (L, H+1) 0 = patched: the circuit reported (pruned, or the rounded mask)
     scores: torch.Tensor  # (L, H+1) the ranking the mask comes from, higher = more important
-    metrics: Dict[str, float]  # metric_key(...) -> value, rounded mask; continuous/... for the weights
-    metrics_ci: Dict[str, List[float]]  # metric_key(...) -> 95% bootstrap interval, rounded mask
+    metrics: Dict[str, float]  # metric_key(...) -> value, of the circuit; continuous/... for the weights
+    metrics_ci: Dict[str, List[float]]  # metric_key(...) -> 95% bootstrap interval, of the circuit
     history: List[Dict[str, float]]  # one row per training step
+    raw: Dict[str, Any] | None = None  # when pruned: the rounded mask's circuit, metrics and intervals
+    pruning: Dict[str, Any] | None = None  # what pruning did (methods/prune.py)
 
 
 class RunWriter:
@@ -86,14 +89,22 @@ class RunWriter:
         out_dir, prefix = self.dirs[k], self.prefixes[k]
         names = space.names()
         write_evaluation(out_dir, evaluation)
-        tensors = {"continuous": result.mask, "rounded": result.rounded, "scores": result.scores}
+        tensors = {
+            "continuous": result.mask,
+            "rounded": result.rounded,
+            "circuit": result.circuit,
+            "scores": result.scores,
+        }
         write_tensors(out_dir / "mask.safetensors", tensors, {"names": json.dumps(names)})
         if self.batched:  # the run directory's metrics.jsonl holds every lambda; each result gets its own
             write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in result.history))
-        export_circuit(out_dir, result.mask, result.rounded, space, record.model["hidden_size"])
+        export_circuit(out_dir, result.scores, result.circuit, space, record.model["hidden_size"])
         summary = {"n_patched": record.n_patched, "fraction_patched": record.fraction_patched, **record.metrics}
         if record.planted:
             summary |= {f"planted/{k}": record.planted[k] for k in ("precision", "recall")}
+        if record.raw:
+            summary |= {"rounded/n_patched": record.raw["n_patched"]}
+            summary |= {f"rounded/{k}": v for k, v in record.raw["metrics"].items()}
         self.tracker.summary(
             {prefix + k: v for k, v in summary.items()} | {f"baseline/{k}": v for k, v in record.baseline.items()}
         )
@@ -117,14 +128,28 @@ class RunWriter:
         self.tracker.close(failed=failed)
 
 
-def log_result(record: CircuitRecord, out_dir: Path) -> None:
-    """The run's log line: the circuit, each desideratum's held-out accuracy, and planted scores."""
-    m, names = record.metrics, record.evaluated
+def held_out_summary(record_metrics: Dict[str, float], names: Sequence[str]) -> str:
+    """`VD acc 1.00, OI acc 1.00, VD transfer 1.00`: each desideratum's held-out accuracy, the first's transfer."""
+    m = record_metrics
     accs = [f"{d.upper()} acc {m.get(metric_key(d, 'test', 'acc'), float('nan')):.2f}" for d in names]
     if names and metric_key(names[0], "transfer", "acc") in m:  # a task may have no transfer split
         accs.append(f"{names[0].upper()} transfer {m[metric_key(names[0], 'transfer', 'acc')]:.2f}")
-    head = f"{record.label}: {record.n_patched} of {record.n_components} components patched {record.names[:12]}"
-    log.info(f"{head}; held-out {', '.join(accs)}; written to {out_dir}")
+    return ", ".join(accs)
+
+
+def log_result(record: CircuitRecord, out_dir: Path) -> None:
+    """The run's log lines: the circuit (pruned when the run prunes, and then the rounded mask it came
+    from), each desideratum's held-out accuracy, and planted scores."""
+    names = record.evaluated
+    what = "pruned circuit" if record.headline_circuit == "pruned" else "circuit"
+    head = f"{record.label}: {what} of {record.n_patched} of {record.n_components} units {record.names[:12]}"
+    log.info(f"{head}; held-out {held_out_summary(record.metrics, names)}; written to {out_dir}")
+    if record.raw:
+        raw = record.raw
+        log.info(
+            f"{record.label}: before pruning, the rounded mask patched {raw['n_patched']} {raw['circuit'][:12]}; "
+            f"held-out {held_out_summary(raw['metrics'], names)}"
+        )
     if record.planted:
         p = record.planted
         log.info(

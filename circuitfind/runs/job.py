@@ -69,7 +69,8 @@ class Job:
         torch.manual_seed(cfg.seed)
         self.task = task_of(cfg)
         self.desiderata = desiderata_from(OmegaConf.to_container(cfg.desiderata, resolve=True), self.task)
-        self.data = build_data(self.task, cfg.task, self.desiderata, cfg.seed)
+        n_validation = cfg.task.n_validation if self.prunes else 0  # only pruning reads the validation split
+        self.data = build_data(self.task, cfg.task, self.desiderata, cfg.seed, n_validation)
         if not cfg.progress:
             transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
         if loaded is None:
@@ -96,6 +97,15 @@ class Job:
         self.engine: Engine = make_engine(cfg.engine, self.model, self.sites, cfg.cache)
         check_memory(self.memory_estimate(), cfg.units.memory_gb, self.device)
 
+    @property
+    def prunes(self) -> bool:
+        """Whether the search's circuit is pruned on the validation split: prune.enabled, a mask search,
+        and no optimizer.target_size (a size asked for is the size reported)."""
+        cfg = self.cfg
+        return (
+            bool(cfg.prune.enabled) and method_named(cfg.method.name).learns_mask and cfg.optimizer.target_size is None
+        )
+
     def encode_all(self, tokenizer) -> None:
         """Tokenise every pair of every split, so that values and answers the tokenizer cannot
         take stop the run before the model's weights are read."""
@@ -108,14 +118,13 @@ class Job:
         self.encoded: Dict[Tuple[str, str], EncodedPairs] = {
             (name, split): self.encoder.encode(pairs, dd.desideratum)
             for name, dd in self.data.items()
-            for split, pairs in (("train", dd.train), ("test", dd.test), ("transfer", dd.transfer))
-            if pairs
+            for split, pairs in dd.splits().items()
         }
 
     def unit_positions(self, tokenizer) -> tuple[str, ...]:
         """The units' positions, checked against the task's slots, with `all` expanded to token indices."""
         positions = list(self.cfg.units.positions)
-        splits = [pairs for dd in self.data.values() for pairs in (dd.train, dd.test, dd.transfer)]
+        splits = [pairs for dd in self.data.values() for pairs in dd.splits().values()]
         prompts = [p for pairs in splits for pair in pairs for p in (pair.base, pair.alt)]
         labels = slot_labels(self.task, prompts) if names_slots(positions) else []  # read every prompt only if needed
         check_positions(positions, labels, self.task.name)
@@ -138,7 +147,7 @@ class Job:
         return [self.engine.prepare(chunk) for chunk in enc.chunks(self.cfg.optimizer.batch_size)]
 
     def objectives(self, split: str = "train") -> List[Objective]:
-        """The training objective's terms on the `split` ("train" or held-out "test") pairs."""
+        """The training objective's terms on the `split` ("train", "validation" or held-out "test") pairs."""
         objs = []
         for des in trained(self.desiderata):
             batches = self.prepared(des.name, split)

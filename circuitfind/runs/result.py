@@ -38,7 +38,7 @@ class RunFacts:
 def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecord:
     """The circuit.json record of one result."""
     cfg, space = job.cfg, job.space
-    circuit = circuit_table(result.mask, result.rounded, space)
+    circuit = circuit_table(result.mask, result.circuit, space)
     model_config = job.model.config.get_text_config()
     return CircuitRecord(
         circuit=circuit,
@@ -54,6 +54,9 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
         checks=facts.checks,
         lambda_search=facts.lambda_search,
         planted=planted_scores(job.model, [row["name"] for row in circuit], space),
+        headline_circuit="pruned" if result.pruning is not None else "rounded",
+        raw=raw_record(job, result),
+        pruning=result.pruning or {},
         warnings=facts.warnings,
         model={
             "kind": cfg.model.kind,
@@ -89,6 +92,14 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
         config=OmegaConf.to_container(cfg, resolve=True),
         attention=slot_attention(job, circuit),
     )
+
+
+def raw_record(job: Job, result: SearchResult) -> Dict[str, Any]:
+    """When the circuit was pruned: the rounded mask's circuit, its held-out figures and planted scores."""
+    if result.raw is None:
+        return {}
+    names = result.raw["circuit"]
+    return {"n_patched": len(names), **result.raw, "planted": planted_scores(job.model, names, job.space)}
 
 
 def final_heads(circuit: List[Dict[str, Any]]) -> List[tuple[int, int]]:
@@ -143,5 +154,5 @@ def position_labels(job: Job) -> List[str]:
 
 
 def circuit_of(result: SearchResult, space) -> CircuitUnderTest:
-    """The circuit a result found (its rounded mask's patched units), ranked by its scores."""
-    return from_members(result.rounded.cpu() == 0, space, result.scores.detach().cpu(), "this run")
+    """The circuit a result reports (pruned, or its rounded mask), ranked by its scores."""
+    return from_members(result.circuit.cpu() == 0, space, result.scores.detach().cpu(), "this run")

@@ -30,7 +30,9 @@ from circuitfind.evaluation.heldout import (
 )
 from circuitfind.methods.dbm import NonFiniteLoss, OnStep, round_mask, train_mask
 from circuitfind.methods.objective import Objective
-from circuitfind.methods.registry import method_named
+from circuitfind.methods.prune import prune_circuit, prune_summary
+from circuitfind.methods.ranking import path_scores
+from circuitfind.methods.registry import Found, method_named
 from circuitfind.methods.target_size import LambdaSearch, search_lambda
 from circuitfind.records.circuit import CircuitRecord
 from circuitfind.records.sweep import write_summary
@@ -53,9 +55,7 @@ def lambdas(cfg: DictConfig) -> List[float]:
     return [float(v) for v in cfg.optimizer.lams] if cfg.optimizer.lams else [float(cfg.optimizer.lam)]
 
 
-def find_masks(
-    job: Job, objectives: Sequence[Objective], lams: List[float], on_step: OnStep
-) -> tuple[torch.Tensor, torch.Tensor]:
+def find_masks(job: Job, objectives: Sequence[Objective], lams: List[float], on_step: OnStep) -> Found:
     """The K masks of this run, as its method finds them, and the ranking of the units each comes
     from (higher = more important). (K, L, n_cols) each"""
     return method_named(job.cfg.method.name).find(job.engine, objectives, lams, job.cfg, on_step)
@@ -97,30 +97,54 @@ def held_out_accuracy(
 
 
 def results_of(
-    job: Job, splits, mask: torch.Tensor, scores: torch.Tensor, lams: List[float], histories
+    job: Job,
+    splits,
+    mask: torch.Tensor,
+    circuits: torch.Tensor,
+    scores: torch.Tensor,
+    lams: List[float],
+    histories,
+    prunings: List[Dict | None],
 ) -> List[SearchResult]:
-    """Each mask's held-out metrics with their 95% intervals, rounded (and, for accuracy, continuous).
-    mask, scores (K, L, H+1)"""
+    """Each result's held-out metrics with their 95% intervals: of its circuit (the headline), of the
+    raw rounded mask when pruning changed it, and of the continuous weights (accuracy).
+    mask, circuits, scores (K, L, n_cols)"""
     rounded = round_mask(mask)
+    k = mask.shape[0]
+    both = torch.cat([circuits, rounded]) if any(prunings) else circuits  # headline, then raw
     intervals: Dict[str, torch.Tensor] = {}
     continuous_intervals: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        final = evaluate_splits(splits, job.engine, rounded, intervals=intervals)
+        final = evaluate_splits(splits, job.engine, both, intervals=intervals)
         continuous = held_out_accuracy(job, splits, mask, continuous_intervals)
-    return [
-        SearchResult(
-            lam=lam if method_named(job.cfg.method.name).learns_mask else None,  # a ranking has no sparsity weight
-            mask=mask[k],
-            rounded=rounded[k],
-            scores=scores[k],
-            metrics={key: float(v[k]) for key, v in final.items()}
-            | {f"continuous/{key}": float(v[k]) for key, v in continuous.items()},
-            metrics_ci={key: as_pair(v[k]) for key, v in intervals.items()}
-            | {f"continuous/{key}": as_pair(v[k]) for key, v in continuous_intervals.items()},
-            history=histories[k],
+    names = job.space.names()
+    learns_mask = method_named(job.cfg.method.name).learns_mask
+    results = []
+    for i, lam in enumerate(lams):
+        raw = None
+        if prunings[i] is not None:
+            raw = {
+                "circuit": [n for n, w in zip(names, rounded[i].flatten().tolist()) if w == 0],
+                "metrics": {key: float(v[k + i]) for key, v in final.items()},
+                "metrics_ci": {key: as_pair(v[k + i]) for key, v in intervals.items()},
+            }
+        results.append(
+            SearchResult(
+                lam=lam if learns_mask else None,  # a ranking has no sparsity weight
+                mask=mask[i],
+                rounded=rounded[i],
+                circuit=circuits[i],
+                scores=scores[i],
+                metrics={key: float(v[i]) for key, v in final.items()}
+                | {f"continuous/{key}": float(v[i]) for key, v in continuous.items()},
+                metrics_ci={key: as_pair(v[i]) for key, v in intervals.items()}
+                | {f"continuous/{key}": as_pair(v[i]) for key, v in continuous_intervals.items()},
+                history=histories[i],
+                raw=raw,
+                pruning=prunings[i],
+            )
         )
-        for k, lam in enumerate(lams)
-    ]
+    return results
 
 
 class Run:
@@ -135,6 +159,7 @@ class Run:
         ):
             self.splits = job.eval_splits()
             self.objectives = job.objectives()
+            self.validation = job.objectives("validation") if job.prunes else []
         self.checks = job.self_checks()
         self.evaluation = job.circuit_evaluation(self.splits)
         self.evaluation.check_reference()  # too few prompts for a mean ablation stops the run here
@@ -161,19 +186,25 @@ class Run:
         failed = True
         try:
             t_train = time.perf_counter()
-            mask, scores = self.find(writer, step_log, lams)
+            found = self.find(writer, step_log, lams)
+            mask = found.masks
             train_s = time.perf_counter() - t_train
-            results = results_of(job, self.splits, mask, scores, lams, step_log.histories)
+            t_prune = time.perf_counter()
+            circuits, prunings = self.prune(mask)
+            prune_s = time.perf_counter() - t_prune
+            scores = self.ranking(found, lams, circuits)
+            results = results_of(job, self.splits, mask, circuits, scores, lams, step_log.histories, prunings)
             timing = {
                 "train_s": round(train_s, 3),
+                "prune_s": round(prune_s, 3),
                 "total_s": round(time.perf_counter() - job.started, 3),
                 "train_s_per_step": round(train_s / cfg.optimizer.steps, 5),
                 "masks_trained_together": len(lams),
             } | ({"target_search_s": round(search_s, 3)} if search else {})
             if wants_evidence(cfg.evidence):
                 evidence = gather_evidence(
-                    job.engine, self.splits, self.objectives, mask[0], cfg.evidence, cfg.seed,
-                    lambda seed: retrain(job.with_seed(seed), lams[0]),
+                    job.engine, self.splits, self.objectives, results[0].scores, results[0].circuit, cfg.evidence,
+                    cfg.seed, lambda seed: refind(job.with_seed(seed), lams[0]),
                 )  # fmt: skip
                 writer.write_evidence(evidence, {d.name: d.title for d in job.desiderata})
             facts = RunFacts(
@@ -194,6 +225,31 @@ class Run:
         finally:
             writer.close(failed=failed)
 
+    def prune(self, mask: torch.Tensor) -> tuple[torch.Tensor, List[Dict | None]]:
+        """Each mask's circuit: its rounding, pruned on the validation split when the run prunes
+        (methods/prune.py), with what pruning did. (K, L, n_cols)"""
+        rounded = round_mask(mask)
+        if not self.job.prunes:
+            return rounded, [None] * mask.shape[0]
+        tolerance = self.job.cfg.prune.tolerance
+        pruned = [prune_circuit(self.job.engine, self.validation, r, m, tolerance) for r, m in zip(rounded, mask)]
+        for record in (record for _, record in pruned):
+            log.info(prune_summary(record))
+        return torch.stack([circuit for circuit, _ in pruned]), [record for _, record in pruned]
+
+    def ranking(self, found: Found, lams: List[float], circuits: torch.Tensor) -> torch.Tensor:
+        """Each result's ranking of every unit: the method's own, or with optimizer.path_lams the
+        regularisation path with the result's circuit first (methods/ranking.py). (K, L, n_cols)"""
+        if found.ladder is None:
+            return found.scores
+        path = [float(v) for v in self.job.cfg.optimizer.path_lams]
+        return torch.stack(
+            [
+                path_scores(torch.cat([found.ladder, mask[None]]), [*path, lam], circuit).to(mask.device)
+                for mask, lam, circuit in zip(found.masks, lams, circuits)
+            ]
+        )
+
     def search_size(self) -> LambdaSearch:
         """The lambda whose circuit has optimizer.target_size units, by rounds of lambdas trained side by side."""
         job, o = self.job, self.job.cfg.optimizer
@@ -201,7 +257,9 @@ class Run:
         def sizes_of(lams: Sequence[float]) -> List[int]:
             lam = torch.tensor(list(lams), dtype=torch.float32, device=job.device)
             desc = f"target size {o.target_size}: λ={','.join(f'{v:g}' for v in lams)}"
-            mask = train_mask(job.engine, self.objectives, lam, o, progress=job.cfg.progress, desc=desc)
+            mask = train_mask(
+                job.engine, self.objectives, lam, o, progress=job.cfg.progress, desc=desc, seed=job.cfg.seed
+            )
             return [int(n) for n in (mask < 0.5).flatten(1).sum(dim=1)]
 
         with out_of_memory_hint("while searching for the target size; lower optimizer.target_lams"):
@@ -209,7 +267,7 @@ class Run:
         (log.info if search.found is not None else log.warning)(search.summary())
         return search
 
-    def find(self, writer: RunWriter, step_log: StepLog, lams: List[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    def find(self, writer: RunWriter, step_log: StepLog, lams: List[float]) -> Found:
         """The masks and their rankings, with what to keep when training stops early (NaN, Ctrl-C). (K, L, H+1)"""
         try:
             with out_of_memory_hint(
@@ -230,11 +288,19 @@ class Run:
             raise Interrupted(f"interrupted at step {step_log.steps_done}{kept}") from None
 
 
-def retrain(job: Job, lam: float) -> torch.Tensor:
-    """DBM's continuous mask at `lam` on the job's data, without logging (stability across seeds). (L, n_cols)"""
+def refind(job: Job, lam: float) -> List[str]:
+    """The circuit the run's search finds at `lam` on the job's data, pruned when the run prunes, without
+    logging or outputs (stability across seeds): its unit names."""
     lams = torch.tensor([lam], device=job.device)
     desc = f"stability: seed {job.cfg.seed}"
-    return train_mask(job.engine, job.objectives(), lams, job.cfg.optimizer, progress=job.cfg.progress, desc=desc)[0]
+    cfg = job.cfg
+    mask = train_mask(
+        job.engine, job.objectives(), lams, cfg.optimizer, progress=cfg.progress, desc=desc, seed=cfg.seed
+    )
+    circuit = round_mask(mask)[0]
+    if job.prunes:
+        circuit, _ = prune_circuit(job.engine, job.objectives("validation"), circuit, mask[0], cfg.prune.tolerance)
+    return [n for n, w in zip(job.space.names(), circuit.flatten().tolist()) if w == 0]
 
 
 def run_name(cfg: DictConfig, run_dir: Path) -> str:

@@ -6,8 +6,8 @@ import hashlib
 import json
 import random
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Set, Tuple
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.task.desiderata import Desideratum
@@ -35,14 +35,16 @@ def make_pairs(
     sizes: Sequence[int],
     rng: random.Random,
     names: Sequence[str] = (),
+    exclude: Set[Tuple] = frozenset(),
 ) -> List[List[Pair]]:
     """Draw disjoint lists of pairs from `split`'s problems, each balanced over the answer's key.
 
     Bases are shuffled per key; each gets a form, then an alternate drawn among its usable
     ones (a base with none is skipped). `names` are the config keys of the sizes, for the
-    error that says how large the first one can be.
+    error that says how large the first one can be; problems whose values are in `exclude` are
+    never a base.
     """
-    problems = task.problems(split)
+    problems = [p for p in task.problems(split) if p.values not in exclude]
     keys = task.keys(problems)
     by_key: Dict[str, List[Problem]] = defaultdict(list)
     for p in problems:
@@ -123,10 +125,21 @@ class DesideratumData:
     train: List[Pair]
     test: List[Pair]
     transfer: List[Pair]
+    validation: List[Pair] = field(default_factory=list)  # drawn like train, no base shared with train or test
+
+    def splits(self) -> Dict[str, List[Pair]]:
+        """Every split that has pairs, by name."""
+        every = {"train": self.train, "test": self.test, "transfer": self.transfer, "validation": self.validation}
+        return {name: pairs for name, pairs in every.items() if pairs}
 
 
-def build_data(task: TaskSpec, sizes, desiderata: Sequence[Desideratum], seed: int) -> Dict[str, DesideratumData]:
-    """Train, held-out and transfer pairs of each desideratum; `sizes` has n_train, n_test, n_transfer."""
+def build_data(
+    task: TaskSpec, sizes, desiderata: Sequence[Desideratum], seed: int, n_validation: int = 0
+) -> Dict[str, DesideratumData]:
+    """Train, held-out and transfer pairs of each desideratum (`sizes` has n_train, n_test, n_transfer),
+    and `n_validation` validation pairs from the train problems that no train or test pair is based on.
+
+    The validation split has its own random stream, so asking for it changes no other split."""
     data = {}
     for des in desiderata:
         rng = random.Random(f"{seed}/{des.name}")  # independent of which other desiderata run
@@ -136,7 +149,14 @@ def build_data(task: TaskSpec, sizes, desiderata: Sequence[Desideratum], seed: i
         transfer: List[Pair] = []
         if task.has_transfer and sizes.n_transfer:
             (transfer,) = make_pairs(task, des, "transfer", [sizes.n_transfer], rng, ["task.n_transfer"])
-        data[des.name] = DesideratumData(des, train, test, transfer)
+        validation: List[Pair] = []
+        if n_validation:
+            used = {pair.base.problem.values for pair in train + test}
+            (validation,) = make_pairs(
+                task, des, "train", [n_validation], random.Random(f"{seed}/{des.name}/validation"),
+                ["task.n_validation"], exclude=used,
+            )  # fmt: skip
+        data[des.name] = DesideratumData(des, train, test, transfer, validation)
     return data
 
 
@@ -146,9 +166,9 @@ def data_fingerprint(data: Dict[str, DesideratumData]) -> str:
         {
             name: [
                 [[p.base.text, p.base.answer_text, p.alt.text, p.alt.answer_text] for p in split]
-                for split in (v.train, v.test, v.transfer)
+                for split in (v.train, v.test, v.transfer) + ((v.validation,) if v.validation else ())
             ]
             for name, v in data.items()
         }
-    )
+    )  # a run without a validation split keeps the fingerprint it had before there was one
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,154 @@
+"""Pruning a found circuit on the validation split: the smallest circuit that keeps what it does.
+
+In a space with redundant routes (units at several positions, the residual stream) the search
+can patch several cuts of the same information flow at once, and a unit that helps the training
+pairs only is kept too. Pruning judges each unit on pairs the search never saw:
+
+1. The objective J (the training objective, sum of weight * desideratum loss, lower is better)
+   is measured on the validation pairs with nothing patched, J(none), and with the circuit, J(raw).
+   Pruning may give up `tolerance` of the circuit's improvement: every circuit it keeps has
+   J <= J(raw) + tolerance * (J(none) - J(raw)).
+2. Backward elimination: every unit's removal alone is scored at once; then, least harmful first
+   (ties: the unit the search patched least firmly, the highest mask weight), each unit goes when
+   the circuit without it stays within that bound. A unit whose removal alone leaves the bound
+   is not tried again in that pass; passes repeat, each scoring the removals alone in the circuit
+   left, until one removes nothing (a unit needed beside a harmful one may go once that one has).
+3. Adding back: a removed unit whose removal used a real part of the tolerance (at least a tenth
+   of it; the three that used most) is put back, and elimination runs again from there with that
+   unit kept; the result replaces the circuit when it is smaller (a unit that lets two others go),
+   until no addition helps. A unit whose removal cost nothing was carried by others all along.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from circuitfind.methods.objective import Objective, objective_of_masks
+from circuitfind.model.engine import Engine
+
+ADD_BACK = 3  # removed units tried back in: those whose removal raised J most ...
+ADD_BACK_SHARE = 0.1  # ... and by at least this share of the tolerance
+
+
+def masks_of(circuits: Sequence[frozenset], shape: tuple[int, int], device) -> torch.Tensor:
+    """One mask per circuit: its units (flat indices) patched (0), the rest kept (1). (N, L, n_cols)"""
+    masks = torch.ones(len(circuits), shape[0] * shape[1], device=device)
+    for i, units in enumerate(circuits):
+        masks[i, sorted(units)] = 0
+    return masks.view(len(circuits), *shape)
+
+
+class Pruner:
+    """Backward elimination and adding back, scored by the objective on the validation pairs."""
+
+    def __init__(self, engine: Engine, objectives: Sequence[Objective], weights: torch.Tensor, tolerance: float):
+        self.engine, self.objectives, self.tolerance = engine, objectives, tolerance
+        self.shape = engine.space.shape
+        self.firmness = weights.detach().flatten().cpu()  # the search's mask weight: low = patched firmly
+        self.scored: Dict[frozenset, float] = {}  # J of every circuit tried
+        self.bound = float("inf")
+
+    def objective(self, circuits: Sequence[frozenset]) -> List[float]:
+        """J of each circuit on the validation pairs, each computed once."""
+        new = [c for c in dict.fromkeys(circuits) if c not in self.scored]
+        if new:
+            values = objective_of_masks(self.engine, self.objectives, masks_of(new, self.shape, self.engine.device))
+            self.scored.update(zip(new, values.cpu().tolist()))
+        return [self.scored[c] for c in circuits]
+
+    def eliminate(
+        self, circuit: frozenset, steps: List[Dict[str, Any]] | None = None, keep: frozenset = frozenset()
+    ) -> frozenset:
+        """Remove units but those in `keep`, least harmful alone first, while J stays within the bound;
+        `steps` records each removal."""
+        units = sorted(circuit - keep, key=lambda u: (-float(self.firmness[u]), u))  # ties: least firm first
+        alone = self.objective([circuit - {u} for u in units])
+        (current,) = self.objective([circuit])
+        for value_alone, unit in sorted(zip(alone, units), key=lambda pair: pair[0]):  # stable: ties by firmness
+            if value_alone > self.bound:
+                continue
+            smaller = circuit - {unit}
+            (value,) = self.objective([smaller])
+            if value <= self.bound:
+                if steps is not None:
+                    steps.append({"removed": unit, "objective": value, "rise": value - current})
+                circuit, current = smaller, value
+        return circuit
+
+    def eliminate_all(self, circuit: frozenset, steps: List[Dict[str, Any]]) -> frozenset:
+        """Elimination passes until one removes nothing."""
+        while True:
+            smaller = self.eliminate(circuit, steps)
+            if smaller == circuit:
+                return circuit
+            circuit = smaller
+
+    def add_back(self, kept: frozenset, steps: Sequence[Dict[str, Any]], budget: float) -> tuple[frozenset, List[int]]:
+        """Put back, one at a time, a removed unit whose removal used at least ADD_BACK_SHARE of the
+        tolerance `budget`, and eliminate again; taken when the result is smaller, until none is."""
+        added: List[int] = []
+        costly = [s for s in sorted(steps, key=lambda s: -s["rise"]) if s["rise"] >= ADD_BACK_SHARE * budget]
+        candidates = [s["removed"] for s in costly[:ADD_BACK]]
+        while True:
+            trials = (self.eliminate(kept | {unit}, keep=frozenset({unit})) for unit in candidates if unit not in kept)
+            smaller = next((trial for trial in trials if len(trial) < len(kept)), None)
+            if smaller is None:
+                return kept, added
+            added += sorted(smaller - kept)
+            kept = smaller
+
+    def __call__(self, circuit: frozenset) -> tuple[frozenset, Dict[str, Any]]:
+        """The pruned circuit, and what pruning did (objectives, removals, additions)."""
+        none, raw = self.objective([frozenset(), circuit])
+        improvement = none - raw
+        budget = self.tolerance * max(improvement, 0.0)
+        self.bound = raw + budget
+        steps: List[Dict[str, Any]] = []
+        kept = self.eliminate_all(circuit, steps)
+        kept, added = self.add_back(kept, steps, budget)
+        (final,) = self.objective([kept])
+        return kept, {
+            "tolerance": self.tolerance,
+            "objective": {"nothing_patched": none, "raw": raw, "pruned": final, "bound": self.bound},
+            "kept_share": (none - final) / improvement if improvement > 0 else None,
+            "removed": sorted(circuit - kept),
+            "elimination": steps,
+            "added_back": added,
+            "circuits_scored": len(self.scored),
+        }
+
+
+@torch.no_grad()
+def prune_circuit(
+    engine: Engine,
+    objectives: Sequence[Objective],
+    rounded: torch.Tensor,
+    weights: torch.Tensor,
+    tolerance: float,
+) -> tuple[torch.Tensor, Dict[str, Any]]:
+    """Prune one rounded mask (0 = patched) on the validation objectives; returns the pruned mask and
+    its record, units by name. rounded, weights (L, n_cols)"""
+    names = engine.space.names()
+    circuit = frozenset(int(i) for i in (rounded.flatten() == 0).nonzero().flatten().tolist())
+    kept, record = Pruner(engine, objectives, weights, tolerance)(circuit)
+    pruned = masks_of([kept], engine.space.shape, rounded.device)[0].to(rounded.dtype)
+    record["removed"] = [names[u] for u in record["removed"]]
+    record["added_back"] = [names[u] for u in record["added_back"]]
+    record["elimination"] = [
+        {"removed": names[s["removed"]], "objective": s["objective"]} for s in record["elimination"]
+    ]
+    return pruned, record
+
+
+def prune_summary(record: Dict[str, Any]) -> str:
+    """What pruning did, in one log line."""
+    j = record["objective"]
+    removed = ", ".join(record["removed"]) or "nothing"
+    back = f"; put back {', '.join(record['added_back'])}" if record["added_back"] else ""
+    share = f", keeping {record['kept_share']:.0%} of its improvement" if record["kept_share"] is not None else ""
+    return (
+        f"pruning on the validation pairs removed {removed}{back}: objective {j['raw']:.4g} -> {j['pruned']:.4g} "
+        f"(nothing patched: {j['nothing_patched']:.4g}{share}; tolerance {record['tolerance']:g})"
+    )

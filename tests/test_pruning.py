@@ -1,0 +1,229 @@
+"""The circuit, not a superset: pruning on the validation split, redundant groups, the regularisation
+path's ranking, and the gate forms, on the organism (planted circuit known) and on made-up objectives."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Callable, Dict, FrozenSet
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from circuitfind.evaluation.circuit_tests import redundant_groups
+from circuitfind.methods.gates import ClampGate, HardConcreteGate, SigmoidGate, make_gate
+from circuitfind.methods.prune import Pruner
+from circuitfind.methods.ranking import path_scores
+from circuitfind.records.circuit import read_record
+from circuitfind.runs.train import run_search
+
+from conftest import compose, train_error
+
+PLANTED = ["L2.H1", "L2.H3", "L2.H4", "L2.H6"]
+QUIET = ("+desiderata=vd_oi", "progress=false", "plots=false")
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """The default run on the organism: DBM, then pruning on the validation split."""
+    run_dir = tmp_path_factory.mktemp("pruned") / "run"
+    run_search(compose(*QUIET), run_dir)
+    return run_dir
+
+
+def test_the_default_run_reports_exactly_the_planted_circuit(pruned_run):
+    record = read_record(pruned_run)
+    assert sorted(record.names) == PLANTED and record.headline_circuit == "pruned"
+    assert record.planted["exact"] and record.planted["precision"] == record.planted["recall"] == 1.0
+    for key in ("vd_test/acc", "oi_test/acc", "vd_transfer/acc"):
+        assert record.metrics[key] >= 0.98, key
+    # The rounded mask it came from, with its own figures: L1.H2 helps the 50 training pairs only.
+    assert sorted(record.raw["circuit"]) == sorted(PLANTED + ["L1.H2"]) and record.raw["n_patched"] == 5
+    assert set(record.raw["metrics"]) == {k for k in record.metrics if not k.startswith("continuous/")}
+    assert record.raw["planted"]["precision"] == 0.8
+    assert record.pruning["removed"] == ["L1.H2"] and record.pruning["added_back"] == []
+    j = record.pruning["objective"]
+    assert j["pruned"] <= j["bound"] == pytest.approx(j["raw"] + 0.01 * (j["nothing_patched"] - j["raw"]))
+    masks = load_file(pruned_run / "mask.safetensors")
+    assert int((masks["rounded"] == 0).sum()) == 5 and int((masks["circuit"] == 0).sum()) == 4
+
+
+def test_after_pruning_every_unit_is_needed_alone(pruned_run):
+    ev = json.loads((pruned_run / "eval.json").read_text())
+    assert sorted(ev["circuit"]) == PLANTED
+    assert ev["minimality"]["not_needed"] == [] and ev["minimality"]["redundant_groups"] == []
+    assert all(row["objective_change"]["ci"][0] > 0 for row in ev["minimality"]["units"])
+
+
+def test_the_validation_split_is_drawn_apart_and_changes_no_other_split(pruned_run):
+    from circuitfind.runs.job import Job
+
+    job = Job(compose(*QUIET))
+    paper = Job(compose(*QUIET, "experiment=paper"), loaded=job.loaded)
+    for name, dd in job.data.items():
+        assert len(dd.validation) == 50 and not paper.data[name].validation
+        assert (dd.train, dd.test, dd.transfer) == (
+            paper.data[name].train,
+            paper.data[name].test,
+            paper.data[name].transfer,
+        )
+        seen = {p.base.problem.values for p in dd.train + dd.test}
+        assert not seen & {p.base.problem.values for p in dd.validation}
+    assert (
+        read_record(pruned_run).data["fingerprint"] != read_record(pruned_run).config
+        and job.encoded[("vd", "validation")]
+    )
+
+
+def test_the_log_says_which_circuit_is_the_headline(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        run_search(compose(*QUIET, "optimizer.steps=30"), tmp_path / "run")
+    assert "pruned circuit of" in caplog.text and "before pruning, the rounded mask patched" in caplog.text
+    assert "pruning on the validation pairs removed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("prune.tolerance=1.5",), "prune.tolerance=1.5 must lie in [0, 1]"),
+        (("prune.tolerance=-0.1",), "prune.tolerance=-0.1 must lie in [0, 1]"),
+        (("task.n_validation=5",), "task.n_validation=5 is too few pairs to prune on (prune.min_pairs=20)"),
+        (("optimizer.gate=sigmoidal",), "optimizer.gate='sigmoidal' is unknown"),
+        (
+            ("optimizer.temperature=[0.1,1.0]",),
+            "optimizer.temperature=[0.1, 1.0]; give [start, end] with start >= end > 0",
+        ),
+    ],
+)
+def test_bad_pruning_and_gate_settings_are_one_line_before_any_model_is_loaded(overrides, message, monkeypatch):
+    from circuitfind.runs import job
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(job, "load_model", no_loading)
+    line = train_error(*QUIET, *overrides)
+    assert line is not None and message in line, line
+
+
+def test_a_small_validation_split_is_fine_without_pruning():
+    assert train_error(*QUIET, "prune=none", "task.n_validation=5", "optimizer.steps=1") is None
+
+
+class ScoredPruner(Pruner):
+    """A pruner scored by a made-up objective of the set of units, instead of a model."""
+
+    def __init__(self, objective: Callable[[FrozenSet[int]], float], n: int, tolerance: float):
+        self.fn, self.tolerance = objective, tolerance
+        self.firmness = torch.zeros(n)
+        self.scored: Dict[frozenset, float] = {}
+        self.bound = float("inf")
+
+    def objective(self, circuits):
+        for c in circuits:
+            self.scored.setdefault(c, self.fn(c))
+        return [self.scored[c] for c in circuits]
+
+
+def cuts(*routes: set, extra: Dict[int, float] | None = None) -> Callable[[FrozenSet[int]], float]:
+    """J = -100 when some route is fully patched, -50 x the best route's patched share otherwise;
+    `extra` units lower J a little more (a unit that helps the training pairs only)."""
+
+    def j(units: FrozenSet[int]) -> float:
+        best = max(len(r & units) / len(r) for r in routes)
+        value = -100.0 if best == 1 else -50.0 * best
+        return value - sum(v for u, v in (extra or {}).items() if u in units)
+
+    return j
+
+
+def test_pruning_keeps_the_smaller_of_two_redundant_routes():
+    small, large = {0, 1}, {2, 3, 4}
+    kept, record = ScoredPruner(cuts(small, large, extra={5: 0.1}), 6, 0.01)(frozenset(small | large | {5}))
+    assert kept == frozenset(small) or kept == frozenset(large)  # elimination alone keeps whichever is left
+    assert record["objective"]["pruned"] <= record["objective"]["bound"]
+    assert 5 in record["removed"]  # worth 0.1 of an improvement of 100.1: within the tolerance
+
+
+def test_adding_back_swaps_a_route_for_a_smaller_one():
+    """Unit 0 alone carries the answer; units 2 and 3 together nearly do. Removing 0 first looks least
+    harmful, and elimination is then stuck with {2, 3}; put back (and kept), 0 lets both go."""
+    table = {
+        frozenset({0, 2, 3}): -100.4,
+        frozenset({2, 3}): -99.9,
+        frozenset({0, 3}): -99.6,
+        frozenset({0, 2}): -99.6,
+        frozenset({0}): -99.5,
+        frozenset({2}): -50.0,
+        frozenset({3}): -50.0,
+        frozenset(): 0.0,
+    }
+    kept, record = ScoredPruner(table.__getitem__, 4, 0.01)(frozenset({0, 2, 3}))
+    assert record["elimination"][0]["removed"] == 0  # the wrong first step
+    assert kept == frozenset({0}) and record["added_back"] == [0]
+    assert record["objective"]["pruned"] == -99.5 <= record["objective"]["bound"]
+
+
+def test_redundant_groups_join_the_pairs_needed_together():
+    names = [type("U", (), {"name": n})() for n in ["a", "b", "c", "d"]]
+
+    def left_out(groups):  # a and b back each other up; c and d too; nothing else matters
+        needed = [set(g) in ({0, 1}, {2, 3}) or set(g) >= {0, 1} for g in groups]
+        point = torch.tensor([10.0, 0.0])
+        changes = torch.tensor([5.0 if n else 0.0 for n in needed])
+        boot = changes[:, None] + torch.linspace(-0.1, 0.1, 50)[None]
+        return point, boot, changes
+
+    def judged(point, boot, changes, i):
+        return {"objective_change": {"value": float(changes[i])}, "needed": bool(boot[i].min() > 0)}
+
+    groups = redundant_groups([0, 1, 2, 3], names, left_out, judged)
+    assert sorted(g["units"] for g in groups) == [["a", "b"], ["c", "d"]]
+    assert redundant_groups([0], names, left_out, judged) == []
+
+
+def test_the_path_ranks_the_circuit_first_then_by_the_largest_lambda_that_patches_a_unit():
+    # Four units along a ladder of three lambdas (w < 0.5: patched).
+    weights = torch.tensor(
+        [
+            [[0.0, 0.0, 0.2, 1.0]],  # lambda 0.01: units 0, 1, 2 patched
+            [[0.0, 0.3, 1.0, 1.0]],  # lambda 0.1: units 0, 1
+            [[0.4, 1.0, 1.0, 1.0]],  # lambda 1: unit 0
+        ]
+    )
+    circuit = torch.tensor([[1.0, 0.0, 1.0, 1.0]])  # the run reports unit 1 alone
+    scores = path_scores(weights, [0.01, 0.1, 1.0], circuit)
+    assert scores.flatten().argsort(descending=True).tolist() == [1, 0, 2, 3]
+    assert scores.max() == 1.0 and scores.min() > 0
+
+
+@pytest.mark.parametrize("gate", [ClampGate(), SigmoidGate(), HardConcreteGate(seed=3)])
+def test_every_gate_gives_weights_in_the_unit_interval_and_a_deterministic_end(gate):
+    params = gate.init(2, (3, 5), torch.device("cpu"))
+    params = params + torch.randn(params.shape, generator=torch.Generator().manual_seed(0))
+    gate.project(params)
+    for progress in (0.0, 0.5, 1.0):
+        w = gate.weights(params, progress)
+        assert w.shape == (2, 3, 5) and bool(((0 <= w) & (w <= 1)).all())
+    assert torch.equal(gate.final(params), gate.final(params))
+    assert gate.penalty(params, 0.5).shape == (2,)
+
+
+def test_the_hard_concrete_draws_repeat_with_the_seed():
+    first, second = HardConcreteGate(seed=1), HardConcreteGate(seed=1)
+    p1, p2 = first.init(1, (2, 2), torch.device("cpu")), second.init(1, (2, 2), torch.device("cpu"))
+    assert torch.equal(first.weights(p1, 0.0), second.weights(p2, 0.0))
+
+
+def test_make_gate_follows_the_config():
+    cfg = OmegaConf.create({"gate": "sigmoid", "temperature": [2.0, 0.1], "eps": 1e-3})
+    assert make_gate(cfg) == SigmoidGate(temperature=(2.0, 0.1))
+    assert make_gate(OmegaConf.merge(cfg, {"gate": "clamp"})) == ClampGate(1e-3)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "hard_concrete"])
+def test_the_other_gates_find_the_planted_circuit_with_pruning(gate, tmp_path):
+    (record,) = run_search(compose(*QUIET, f"optimizer.gate={gate}", "optimizer.lr=0.1"), tmp_path / "run")
+    assert set(record.names) <= set(PLANTED) and len(record.names) >= 3
