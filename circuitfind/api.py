@@ -7,13 +7,12 @@ records[0].names, records[0].metrics["vd_test/acc"]
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import List
 
 from circuitfind.config.compose import compose_train_config
 from circuitfind.records.circuit import CircuitRecord
-from circuitfind.records.rundir import clear_outputs, refuse_earlier_run, write_invocation
+from circuitfind.records.rundir import clear_outputs, owned, refuse_earlier_run, unique_dir, write_invocation
 
 
 def find_circuit(*overrides: str, run_dir: str | Path | None = None) -> List[CircuitRecord]:
@@ -29,12 +28,13 @@ def find_circuit(*overrides: str, run_dir: str | Path | None = None) -> List[Cir
 
     cfg = normalised(compose_train_config(list(overrides)))
     validate(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else Path("outputs/api") / time.strftime("%Y-%m-%d/%H-%M-%S")
-    refuse_earlier_run(run_dir, cfg.overwrite)
-    run = Run(Job(cfg))
-    clear_outputs(run_dir)
-    write_invocation(run_dir, cfg, list(overrides))
-    return run.execute(run_dir)
+    run_dir = Path(run_dir) if run_dir is not None else unique_dir(Path("outputs/api"))
+    with owned(run_dir, "run_dir"):
+        refuse_earlier_run(run_dir, cfg.overwrite)
+        run = Run(Job(cfg))
+        clear_outputs(run_dir)
+        write_invocation(run_dir, cfg, list(overrides))
+        return run.execute(run_dir)
 
 
 def evaluate_circuit(*overrides: str, circuit=None, run: str | Path | None = None, out_dir: str | Path | None = None):
@@ -43,7 +43,7 @@ def evaluate_circuit(*overrides: str, circuit=None, run: str | Path | None = Non
     `run`: a finished run directory (its config and, unless `circuit` is given, its circuit);
     otherwise `overrides` compose the config and `circuit` is a list of unit names or the path of
     a mask.safetensors or MIB circuit file. eval.json goes to `out_dir` (default: the run
-    directory, or `outputs/eval/<date>/<time>`).
+    directory for the run's own circuit, else `outputs/eval/<date>/<time>`).
     """
     import json
 
@@ -53,8 +53,7 @@ def evaluate_circuit(*overrides: str, circuit=None, run: str | Path | None = Non
         from circuitfind.errors import CircuitfindError
 
         raise CircuitfindError("give circuit=[unit names] or a mask or MIB file path, or run=<run directory>")
-    default = Path(run) if run is not None else Path("outputs/eval") / time.strftime("%Y-%m-%d/%H-%M-%S")
-    path = evaluate_to(
-        Path(out_dir) if out_dir else default, list(overrides), run=Path(run) if run else None, circuit=circuit
+    done = evaluate_to(
+        Path(out_dir) if out_dir else None, list(overrides), run=Path(run) if run else None, circuit=circuit
     )
-    return json.loads(path.read_text())
+    return json.loads(done.eval_json.read_text())

@@ -84,6 +84,24 @@ def nearest_key(error: BaseException) -> str | None:
     return f"{parent + '.' if parent else ''}{match[0]}" if match else None
 
 
+def check_run_dir_free(args: list[str]) -> None:
+    """A `hydra.run.dir` that another circuitfind run holds is refused before Hydra logs anything into it."""
+    from pathlib import Path
+
+    from circuitfind.errors import CircuitfindError
+    from circuitfind.records.rundir import holder
+
+    for arg in args:
+        if arg.startswith("hydra.run.dir="):
+            run_dir = Path(arg.split("=", 1)[1].strip("'\""))
+            pid = holder(run_dir)
+            if pid is not None:
+                raise CircuitfindError(
+                    f"{run_dir} is in use by another circuitfind run (pid {pid}); give another hydra.run.dir, "
+                    "or wait for that run to finish"
+                )
+
+
 def check_train_overrides(args: list[str]) -> None:
     """Refuse, before Hydra, overrides whose target does not exist in this config."""
     from circuitfind.errors import UsageError
@@ -180,6 +198,7 @@ def main() -> None:
     try:
         if command == "train":
             check_train_overrides(rest)
+            check_run_dir_free(rest)
         _app(command)()
     except KeyboardInterrupt:
         print("circuitfind: interrupted", file=sys.stderr)

@@ -124,19 +124,58 @@ def test_the_accuracy_curves_have_points():
     assert compose("+desiderata=vd_oi").optimizer.eval_every <= 10
 
 
-def test_the_sweep_figure_has_integer_ticks_visible_lines_and_no_overlapping_labels():
+def inside_figure(fig, texts) -> bool:
+    renderer = fig.canvas.get_renderer()
+    frame = fig.bbox
+    return all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in (t.get_window_extent(renderer) for t in texts))
+
+
+def test_the_sweep_figure_has_points_on_integer_ticks_and_readable_lambda_labels():
     rows = [{"lam": lam, "n_patched": n, "vd_test/acc": 1.0, "oi_test/acc": 1.0, "vd_transfer/acc": 1.0}
             for lam, n in ((0.005, 6), (0.01, 6), (0.02, 6), (0.05, 5), (0.1, 5), (0.2, 4), (0.3, 3))]  # fmt: skip
     fig = plots.sweep_axes(rows, {"vd": "Value Dependence", "oi": "Operation Invariance"})
     ax = fig.axes[0]
-    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert list(ax.get_xticks()) == [3, 4, 5, 6]
     lines = ax.get_lines()
     assert len({line.get_marker() for line in lines}) == len(lines) == 3
-    assert len({tuple(line.get_xdata()) for line in lines}) == 3, "coinciding series are nudged apart"
-    renderer = fig.canvas.get_renderer()
-    boxes = sorted((t.get_window_extent(renderer) for t in ax.texts), key=lambda b: b.x0)
-    assert boxes and all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))
+    assert all(float(x).is_integer() for line in lines for x in line.get_xdata()), "markers on their sizes"
+    assert len({line.get_markersize() for line in lines}) == 3 and all(line.get_fillstyle() == "none" for line in lines)
+    labels = ax.get_xticklabels()
+    assert "λ=0.005,0.01,0.02" in labels[-1].get_text()
+    assert all(label.get_rotation() == 0 and label.get_fontsize() >= 7 for label in labels)
+    fig.canvas.draw()
+    assert inside_figure(fig, labels), "no label runs off the figure"
     plots.plt.close(fig)
+
+
+def test_unit_figures_keep_titles_apart_say_what_a_panel_sums_and_count_in_integers(tmp_path):
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from circuitfind.model.space import ComponentSpace
+    from circuitfind.records import unit_plots
+
+    drawn: list = []
+    original = unit_plots.save_figure
+    unit_plots.save_figure = lambda path, fig: drawn.append(fig) or original(path, fig)
+    try:
+        heads = ComponentSpace(4, 8, 8, positions=("last", "x"))
+        unit_plots.unit_heatmaps(
+            np.full(heads.shape, 0.2), heads, ["last", "x"], tmp_path / "h.png", "a long title " * 4
+        )
+        neurons = ComponentSpace(4, 8, 8, kind="neurons", positions=("last",), group_size=16, mlp_width=64)
+        unit_plots.neuron_counts(np.zeros(neurons.shape), neurons, tmp_path / "n.png", "neurons")
+    finally:
+        unit_plots.save_figure = original
+    fig, counts = drawn
+    assert isinstance(fig, Figure) and "summed over" in fig.axes[0].get_title()
+    canvas = FigureCanvasAgg(fig)  # the figure was closed after saving: draw it again
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    top = fig._suptitle.get_window_extent(renderer)
+    assert all(top.y0 >= ax.title.get_window_extent(renderer).y1 - 1 for ax in fig.axes if ax.get_title())
+    assert all(float(t).is_integer() for t in counts.axes[0].get_yticks())
 
 
 def test_a_baseline_needs_a_size_that_fits_and_logs_no_lambda(cli, tmp_path):

@@ -6,16 +6,16 @@
   circuitfind eval ... circuit=path/to/mib_circuit.json  (a MIB node-level circuit file)
 
 With a run directory, key=value options change the run's config (task.n_test=500,
-evaluate.ablations=[zero,mean]) and eval.json is written into it; otherwise the options
-compose a config as `circuitfind train` does and eval.json goes to outputs/eval/<date>/<time>
-(or --out). The report (report.html, report.md) is written beside it.
+evaluate.ablations=[zero,mean]) and the run's own circuit's eval.json is written into it (an
+earlier one is kept as eval.<n>.json); another circuit's goes to outputs/eval/<date>/<time>, as
+when the options compose a config as `circuitfind train` does (or to --out, which may not be a
+finished run of another circuit). The report (report.html, report.md) is written beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 from typing import List, Tuple
 
@@ -76,9 +76,10 @@ def main(argv: List[str]) -> None:
         models: dict = {}  # the runs of a sweep share their model: it is loaded once
         for one in finished_runs(run):
             spec = circuit_spec(circuit) if circuit else None
-            path = evaluate_to(args.out or one, overrides, run=one, circuit=spec, models=models)
-            print(f"evaluation written: {path}")
+            report_written(evaluate_to(args.out, overrides, run=one, circuit=spec, models=models))
         return
-    out = args.out or Path("outputs/eval") / time.strftime("%Y-%m-%d/%H-%M-%S")
-    path = evaluate_to(out, overrides, run=None, circuit=circuit_spec(circuit))
-    print(f"evaluation written: {path}")
+    report_written(evaluate_to(args.out, overrides, run=None, circuit=circuit_spec(circuit)))
+
+
+def report_written(done) -> None:
+    print(f"evaluation written: {done.eval_json}; report: {done.report_html}, {done.report_md}")

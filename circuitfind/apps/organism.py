@@ -7,15 +7,11 @@ from pathlib import Path
 from typing import Dict
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.organism.config import register_organism_config
-from circuitfind.organism.dbm import run_dbm
-from circuitfind.organism.save import save_checkpoint, ship, write_record
-from circuitfind.organism.train import train_organism
 
 log = logging.getLogger(__name__)
 register_organism_config()
@@ -23,6 +19,12 @@ register_organism_config()
 
 def run_organism(cfg: DictConfig, run_dir: Path, command: str = "circuitfind organism") -> Dict:
     """Train, save into `out_dir` (default <run_dir>/checkpoint), ship if asked; print the accuracies."""
+    import torch  # only once Hydra has composed a config: --help and config errors come without it
+
+    from circuitfind.organism.dbm import run_dbm
+    from circuitfind.organism.save import save_checkpoint, ship, write_record
+    from circuitfind.organism.train import train_organism
+
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     model, tokenizer, result = train_organism(cfg)

@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 from typing import List
 
-from circuitfind.records.report import build_report
+from circuitfind.errors import CircuitfindError
+from circuitfind.records.rundir import owned
 
 
 def main(argv: List[str]) -> None:
@@ -21,5 +22,16 @@ def main(argv: List[str]) -> None:
     )
     parser.add_argument("path", type=Path, help="a run directory or a sweep directory")
     args = parser.parse_args(argv)
-    html_path, md_path = build_report(args.path)
-    print(f"report written: {html_path} and {md_path}")
+    from circuitfind.records.report import build_report  # matplotlib: only once the arguments are good
+
+    if not args.path.is_dir():
+        raise CircuitfindError(f"{args.path} is not a directory; give a run or sweep directory under outputs/")
+    replaced = [name for name in ("report.html", "report.md") if (args.path / name).is_file()]
+    with owned(args.path, "path"):  # not while a run or an evaluation writes there
+        html_path, md_path = build_report(args.path)
+    again = (
+        f" (replacing the earlier {' and '.join(replaced)}: the page always shows every result there)"
+        if replaced
+        else ""
+    )
+    print(f"report written: {html_path} and {md_path}{again}")

@@ -1,7 +1,8 @@
 """`circuitfind train`: the Hydra app around `runs/train.py` (config: configs/train.yaml).
 
-A thin `@hydra.main`. A run owns its directory: an earlier run there is refused unless
-`overwrite=true`, and a sweep re-run in the same `hydra.sweep.dir` skips the jobs that finished
+A thin `@hydra.main`. A run owns its directory: it holds a lock on it from start to end (a second
+run there stops with one line), an earlier run there is refused unless `overwrite=true`, and a
+sweep re-run in the same `hydra.sweep.dir` skips the jobs that finished
 with the same config. The config is checked, the data drawn and the model loaded before anything
 is written; only then are the directory cleared and `.hydra/` written (Hydra's own copy is off,
 `hydra.output_subdir: null`, so that a refused run cannot overwrite an earlier run's config).
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from circuitfind.apps.callbacks import register_resolvers
 from circuitfind.config.compose import register_configs
+from circuitfind.config.schema import lambdas
 from circuitfind.config.validation import normalised, validate
 from circuitfind.errors import CircuitfindError
 from circuitfind.records.circuit import CircuitRecord, read_record
@@ -28,12 +30,10 @@ from circuitfind.records.rundir import (
     clear_outputs,
     config_differences,
     discard_if_unused,
+    owned,
     refuse_earlier_run,
     write_invocation,
 )
-from circuitfind.records.sweep import clear_failure, write_failure
-from circuitfind.runs.job import Job
-from circuitfind.runs.train import Interrupted, Run, lambdas
 
 register_configs()
 register_resolvers()
@@ -69,22 +69,31 @@ def finished_with_this_config(run_dir: Path, cfg: DictConfig) -> bool:
 
 @hydra.main(config_path="pkg://circuitfind.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # torch, transformers and matplotlib only once Hydra has composed a config: --help and config
+    # errors are answered without them
+    from circuitfind.records.sweep import clear_failure, write_failure
+    from circuitfind.runs.job import Job
+    from circuitfind.runs.train import Interrupted, Run
+
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     try:
-        cfg = normalised(cfg)
-        validate(cfg)
-        if multirun and finished_with_this_config(run_dir, cfg):
-            log.info(f"skipping finished job {run_dir.name}: it finished with this config (overwrite=true re-runs it)")
-            clear_failure(run_dir)
-            return
-        if not multirun:
-            refuse_earlier_run(run_dir, cfg.overwrite)
-        run = Run(Job(cfg))  # data, model and unpatched baselines: bad input stops here, nothing written
-        clear_outputs(run_dir)  # a refused or resumed run's leftovers: the run owns its directory
-        write_invocation(run_dir, cfg, list(hc.overrides.task), hydra=hc)
-        run.execute(run_dir, group=hc.sweep.dir if multirun else None)
+        with owned(run_dir, "hydra.sweep.dir" if multirun else "hydra.run.dir"):  # for the whole run
+            cfg = normalised(cfg)
+            validate(cfg)
+            if multirun and finished_with_this_config(run_dir, cfg):
+                log.info(
+                    f"skipping finished job {run_dir.name}: it finished with this config (overwrite=true re-runs it)"
+                )
+                clear_failure(run_dir)
+                return
+            if not multirun:
+                refuse_earlier_run(run_dir, cfg.overwrite)
+            run = Run(Job(cfg))  # data, model and unpatched baselines: bad input stops here, nothing written
+            clear_outputs(run_dir)  # a refused or resumed run's leftovers: the run owns its directory
+            write_invocation(run_dir, cfg, list(hc.overrides.task), hydra=hc)
+            run.execute(run_dir, group=hc.sweep.dir if multirun else None)
     except CircuitfindError as e:
         discard_if_unused(run_dir)
         if multirun and not isinstance(e, Interrupted):  # the sweep goes on; its summary lists the failed jobs

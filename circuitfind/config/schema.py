@@ -133,6 +133,11 @@ class OptimizerConfig:
     eval_every: int = 10  # held-out accuracy of the rounded mask every N steps (curves.png, W&B)
 
 
+def lambdas(cfg) -> List[float]:
+    """The sparsity weights a train config trains: optimizer.lams (K masks at once) or optimizer.lam."""
+    return [float(v) for v in cfg.optimizer.lams] if cfg.optimizer.lams else [float(cfg.optimizer.lam)]
+
+
 @dataclass
 class MethodConfig:
     """How the circuit is chosen: dbm trains a mask; the baselines rank components, top k."""

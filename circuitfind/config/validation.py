@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,6 +60,18 @@ def validate(cfg: DictConfig) -> None:
         )
     o, d, m, e, lg, ev = cfg.optimizer, cfg.task, cfg.method, cfg.evidence, cfg.logger, cfg.evaluate
     lams = list(o.lams or [])
+    not_finite = [
+        (key, value)
+        for key, value in [("optimizer.lam", o.lam), ("optimizer.lr", o.lr), ("optimizer.eps", o.eps),
+                           ("prune.tolerance", cfg.prune.tolerance), ("min_baseline_acc", cfg.min_baseline_acc)]
+        + [(f"optimizer.lams[{i}]", v) for i, v in enumerate(lams)]
+        + [(f"optimizer.temperature[{i}]", v) for i, v in enumerate(o.temperature)]
+        + [(f"optimizer.target_range[{i}]", v) for i, v in enumerate(o.target_range)]
+        if not math.isfinite(value)
+    ]  # fmt: skip
+    if not_finite:
+        key, value = not_finite[0]
+        raise CircuitfindError(f"{key}={value} is not a finite number; give a finite value")
     checks = [
         (lg.backend in BACKENDS, f"logger.backend={lg.backend!r} is unknown; use logger=wandb or logger=none"),
         (lg.mode in WANDB_MODES, f"logger.mode={lg.mode!r} is unknown; choose from {list(WANDB_MODES)}"),

@@ -107,6 +107,34 @@ def low_baseline_warnings(
     return warnings
 
 
+MIN_PAIRS = 20  # held-out pairs per split below which an interval means little
+REACHED = 0.05  # a circuit reaches a desideratum when it beats the unpatched accuracy by more than this
+
+
+def circuit_warnings(splits: Sequence[EvalSplit], metrics: Dict[str, float], baseline: Dict[str, float]) -> List[str]:
+    """What a reader must not miss about one circuit's held-out figures: a circuit that reaches none of
+    the desiderata that ask for a change, and intervals that rest on too few pairs."""
+    out = []
+    moving = [s for s in splits if s.kind == "test" and s.desideratum.train and s.desideratum.target != "base"]
+    floor = {s.name: baseline.get(s.key("acc_unpatched"), 0.0) for s in moving}
+    if moving and all(metrics[s.key("acc")] <= floor[s.name] + REACHED for s in moving):
+        accs = ", ".join(
+            f"{s.desideratum.name.upper()} acc {metrics[s.key('acc')]:.2f} ({floor[s.name]:.2f} unpatched)"
+            for s in moving
+        )
+        out.append(
+            f"the circuit reaches none of its desiderata ({accs}): it does not carry what they ask for; lower "
+            "optimizer.lam, or search other units"
+        )
+    fewest = min((sum(len(b.pairs) for b in s.batches) for s in splits if s.kind == "test"), default=MIN_PAIRS)
+    if fewest < MIN_PAIRS:
+        out.append(
+            f"the held-out figures rest on {fewest} pairs per split, and their intervals mean little; "
+            f"raise task.n_test to {MIN_PAIRS} or more"
+        )
+    return out
+
+
 def _targets(split: EvalSplit, own: bool) -> torch.Tensor:
     """The answer each pair should give: the task's, or the model's own unpatched one. (N, S)
 

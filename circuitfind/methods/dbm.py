@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Callable, Dict, Sequence
 
 import torch
-from tqdm import tqdm
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.gates import ClampGate, make_gate
 from circuitfind.methods.objective import Objective, loss_parts
 from circuitfind.model.engine import Engine
+from circuitfind.progress import progress as progress_of
 
 OnStep = Callable[[int, torch.Tensor, Dict[str, torch.Tensor]], None]  # (step, masks (K, L, H+1), logs)
 
@@ -55,44 +55,51 @@ def train_mask(
     k, steps = lams.shape[0], optimizer.steps
     params = gate.init(k, engine.space.shape, lams.device).requires_grad_(True)
     opt = torch.optim.Adam([params], lr=optimizer.lr)
-    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        logs: Dict[str, torch.Tensor] = {}
-        done = step / max(steps - 1, 1)  # how far training has gone, 0 to 1 (temperature schedules)
-        for obj in objectives:
+    with progress_of(steps, desc, progress) as advance:
+        for step in range(steps):
+            logs: Dict[str, torch.Tensor] = {}
+            done = step / max(steps - 1, 1)  # how far training has gone, 0 to 1 (temperature schedules)
+            for obj in objectives:
+                one_step(engine, obj, gate, params, opt, lams, done, step, logs)
             with torch.no_grad():
                 gate.project(params)
-            last_good = gate.final(params)
-            opt.zero_grad(set_to_none=True)
-            # One draw of the weights per step, whatever the sub-batches: their gradients gather on a
-            # detached copy, then flow back through the gate once.
-            weights = gate.weights(params, done)
-            mask = weights.detach().requires_grad_(True)
-            loss_sum = torch.zeros(k, device=lams.device)
-            for part in loss_parts(engine, obj, mask):
-                (obj.weight * part).sum().backward()
-                loss_sum = loss_sum + part.detach()
-            weights.backward(mask.grad)
-            loss = obj.weight * loss_sum
-            if obj.with_sparsity:
-                penalty = lams * gate.penalty(params, done)
-                penalty.sum().backward()
-                logs["sparsity"] = penalty.detach()
-                loss = loss + penalty.detach()
-            if not (torch.isfinite(loss).all() and torch.isfinite(params.grad).all()):
-                raise NonFiniteLoss(
-                    f"the {obj.desideratum.name} loss or its gradient became non-finite at step {step}; "
-                    "the last good mask is kept; lower optimizer.lr or check the model's dtype",
-                    last_good,
-                )
-            logs[f"{obj.desideratum.name}_loss"] = loss_sum
-            opt.step()
-        with torch.no_grad():
-            gate.project(params)
-            mask = gate.final(params)
-            logs["n_patched"] = (mask < 0.5).flatten(1).sum(dim=1).float()
-        if on_step is not None:
-            on_step(step, mask, logs)
+                mask = gate.final(params)
+                logs["n_patched"] = (mask < 0.5).flatten(1).sum(dim=1).float()
+            if on_step is not None:
+                on_step(step, mask, logs)
+            advance(1)
     return gate.final(params)
+
+
+def one_step(engine, obj: Objective, gate, params, opt, lams, done: float, step: int, logs) -> None:
+    """One Adam step of one desideratum's term (with lambda * sparsity when the term carries it)."""
+    with torch.no_grad():
+        gate.project(params)
+    last_good = gate.final(params)
+    opt.zero_grad(set_to_none=True)
+    # One draw of the weights per step, whatever the sub-batches: their gradients gather on a
+    # detached copy, then flow back through the gate once.
+    weights = gate.weights(params, done)
+    mask = weights.detach().requires_grad_(True)
+    loss_sum = torch.zeros(params.shape[0], device=params.device)
+    for part in loss_parts(engine, obj, mask):
+        (obj.weight * part).sum().backward()
+        loss_sum = loss_sum + part.detach()
+    weights.backward(mask.grad)
+    loss = obj.weight * loss_sum
+    if obj.with_sparsity:
+        penalty = lams * gate.penalty(params, done)
+        penalty.sum().backward()
+        logs["sparsity"] = penalty.detach()
+        loss = loss + penalty.detach()
+    if not (torch.isfinite(loss).all() and torch.isfinite(params.grad).all()):
+        raise NonFiniteLoss(
+            f"the {obj.desideratum.name} loss or its gradient became non-finite at step {step}; "
+            "the last good mask is kept; lower optimizer.lr or check the model's dtype",
+            last_good,
+        )
+    logs[f"{obj.desideratum.name}_loss"] = loss_sum
+    opt.step()
 
 
 def round_mask(mask: torch.Tensor) -> torch.Tensor:

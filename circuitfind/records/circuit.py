@@ -11,13 +11,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.space import ComponentSpace
 from circuitfind.records.files import write_json
+
+if TYPE_CHECKING:  # the record is read by light commands (report, resume) that need no torch
+    import torch
 
 RECORD_FILE = "circuit.json"
 SPLIT_KINDS = ("test", "transfer")  # held-out pairs of the train operations; pairs of the transfer operations

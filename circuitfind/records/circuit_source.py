@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from circuitfind.errors import CircuitfindError
@@ -52,7 +53,16 @@ def from_names(names: Sequence[str], space: ComponentSpace) -> CircuitUnderTest:
 def from_mask_file(path: Path, space: ComponentSpace) -> CircuitUnderTest:
     """A circuitfind mask.safetensors: the circuit it reports (`circuit`: pruned, or the rounded mask; files
     made before pruning have `rounded` only), ranked by its `scores` (or 1 - the continuous weights)."""
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            names = json.loads((f.metadata() or {}).get("names", "null"))
+    except (SafetensorError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CircuitfindError(
+            f"{path} is not a readable mask file ({first}); it is truncated or corrupt: re-run the search that "
+            "wrote it, or give the circuit by unit names (circuit=[L2.H1,L2.H3])"
+        ) from None
     circuit, rounded, continuous = (tensors.get(k) for k in ("circuit", "rounded", "continuous"))
     if circuit is None and rounded is None and continuous is None:
         raise CircuitfindError(
@@ -61,6 +71,8 @@ def from_mask_file(path: Path, space: ComponentSpace) -> CircuitUnderTest:
     mask = next(
         m for m in (circuit, rounded, None if continuous is None else (continuous >= 0.5).float()) if m is not None
     )
+    if names and names != space.names():
+        raise CircuitfindError(f"{path} is a mask over other units than this run's: {units_hint(names, space)}")
     if tuple(mask.shape) != space.shape:
         raise CircuitfindError(
             f"{path} is a mask of shape {tuple(mask.shape)} (layers, heads + 1) and this model's is {space.shape}; "
@@ -70,6 +82,20 @@ def from_mask_file(path: Path, space: ComponentSpace) -> CircuitUnderTest:
     if scores is None and continuous is not None:
         scores = 1 - continuous.float()
     return from_members(mask == 0, space, None if scores is None else scores.float(), str(path))
+
+
+def units_hint(names: List[str], space: ComponentSpace) -> str:
+    """What a mask's own unit names say about the units it was trained over, and the options that give them."""
+    kind = "residual" if ".resid" in names[0] else "neurons" if "MLP[" in names[0] else "heads_mlps"
+    positions = list(dict.fromkeys(n.rpartition("@")[2] for n in names if "@" in n)) or ["last"]
+    layers = len({n.split(".")[0] for n in names})
+    options = [f"units={kind}"] if kind != space.kind else []
+    if positions != list(space.positions):
+        quoted = [f'"{p}"' if "#" in p else p for p in positions]  # Hydra reads `#` as a comment otherwise
+        options.append(f"'units.positions=[{','.join(quoted)}]'")
+    where = f"{len(names)} units ({names[0]}, ...) of a {layers}-layer model"
+    fix = " ".join(options) if options else "model=<the model it was trained on>"
+    return f"{where}, and this run's are {space.describe()}; evaluate it with {fix}"
 
 
 def from_mib_file(path: Path, space: ComponentSpace) -> CircuitUnderTest:

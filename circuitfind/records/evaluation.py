@@ -35,12 +35,10 @@ def with_interval(figure: Dict[str, Any] | None) -> str:
 
 
 def evaluation_lines(ev: Dict[str, Any]) -> List[str]:
-    """The log's summary: necessity and sufficiency on each held-out split, then minimality."""
+    """The log's summary: necessity and sufficiency on each held-out and transfer split, then minimality."""
     lines = []
     for kind, ablation in ev["ablations"].items():
         for split, r in ablation["splits"].items():
-            if not split.endswith("_test"):
-                continue  # the log keeps to the held-out splits; eval.json and the report have every split
             lines.append(
                 f"{kind} ablation, {split}: necessity (circuit ablated) task acc drop "
                 f"{with_interval(r['necessity']['task_acc_drop'])}, faithfulness {with_interval(r['necessity']['faithfulness'])}; "

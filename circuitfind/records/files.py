@@ -6,10 +6,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # torch only where tensors are written, not for every JSON file
+    import torch
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -43,6 +43,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
     _atomic(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata))
 
 

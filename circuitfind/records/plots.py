@@ -10,7 +10,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from circuitfind.records.circuit import metric_key  # noqa: E402
 from circuitfind.records.files import save_figure  # noqa: E402
@@ -88,42 +87,38 @@ MARKERS, STYLES = "osD^v<>", ("-", "--", ":", "-.")
 def sweep_axes(rows: List[Dict[str, float]], desiderata: Titles):
     """The paper's figure: each desideratum's held-out accuracy against the number of components patched.
 
-    Integer ticks; each series its own marker and line style, nudged sideways by a little so
-    that series which coincide stay visible; the lambdas of each size written above the plot,
-    a label left out where it would overlap its neighbour (the sweep summary has them all).
+    Every point sits on its integer size; series that coincide stay visible through hollow markers of
+    different shapes and sizes and their own line styles. The lambdas of each size are written under
+    its tick, horizontal and readable (7 pt); with many sizes, every size keeps its tick and the
+    lambdas go to the sweep summary's table.
     """
     rows = sorted(rows, key=lambda r: (r["n_patched"], r.get("lam") or 0.0))
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    sizes = sorted({int(r["n_patched"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(sizes) + 2), 4.0))
     series = accuracy_series(desiderata)
     for i, (key, label) in enumerate(series):
         pts = [(r["n_patched"], r[key]) for r in rows if key in r]
         if pts:
-            nudge = (i - (len(series) - 1) / 2) * 0.08
-            xs, ys = [x + nudge for x, _ in pts], [y for _, y in pts]
+            xs, ys = zip(*pts)
             ax.plot(
-                xs, ys, marker=MARKERS[i % len(MARKERS)], linestyle=STYLES[i % len(STYLES)], label=label, alpha=0.85
-            )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("components patched")
-    ax.set_ylabel("accuracy (rounded mask, held out)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8, loc="lower right")
+                xs, ys, marker=MARKERS[i % len(MARKERS)], markersize=9 - 1.5 * (i % 3), fillstyle="none",
+                linestyle=STYLES[i % len(STYLES)], label=label, alpha=0.9,
+            )  # fmt: skip
     lams: Dict[int, List[str]] = {}
     for r in rows:
         if r.get("lam") is not None:
-            lams.setdefault(r["n_patched"], []).append(f"{r['lam']:g}")
-    fig.canvas.draw()
-    last_right = -np.inf
-    for n, values in lams.items():
-        text = ax.annotate(
-            "λ=" + ",".join(values), (n, 1.0), xytext=(0, 4), textcoords="offset points",
-            xycoords=("data", "axes fraction"), rotation=45, fontsize=6, ha="left", va="bottom",
-        )  # fmt: skip
-        box = text.get_window_extent(fig.canvas.get_renderer())
-        if box.x0 < last_right:  # it would overlap the label before: leave it to the table
-            text.remove()
-        else:
-            last_right = box.x1
+            lams.setdefault(int(r["n_patched"]), []).append(f"{r['lam']:g}")
+    labelled = lams and len(sizes) <= 8
+    ax.set_xticks(
+        sizes, [f"{n}\nλ={','.join(lams[n])}" if labelled and n in lams else str(n) for n in sizes], fontsize=7
+    )
+    if sizes:
+        ax.set_xlim(min(sizes) - 0.5, max(sizes) + 0.5)
+    ax.set_xlabel("components patched" + (" (and the lambdas that gave each size)" if labelled else ""), fontsize=9)
+    ax.set_ylabel("accuracy (held out)", fontsize=9)
+    ax.set_ylim(-0.02, 1.05)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
     return fig
 
 

@@ -63,6 +63,8 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
         page.details("composed config", yaml.safe_dump(result.config, sort_keys=False))
     if (run / "mask_heatmap.png").is_file():
         page.image(run / "mask_heatmap.png", f"mask heatmap, {run.name}")
+    for warning in result.warnings:
+        page.text(f"Warning: {warning}")
     if result.headline_circuit == "pruned":
         page.text(
             f"The circuit below is the pruned one (the headline): {result.n_patched} units. {pruning_text(result)}"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -71,8 +75,59 @@ def load_config(run: Path) -> DictConfig:
     return OmegaConf.create(config)
 
 
-# A run directory also holds what Hydra keeps of the invocation; anything else is a run's output.
-INVOCATION = (".hydra",)
+LOCK_FILE = ".circuitfind.lock"  # held (flock) by the process writing into the directory, for its whole life
+
+
+def holder(run_dir: Path) -> int | None:
+    """The pid of the live process that holds `run_dir`, or None when it is free."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = path.read_text().strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)  # closing drops a lock this check took
+    return None
+
+
+def unique_dir(root: Path) -> Path:
+    """A new directory name under `root`, `<date>/<time>` to the microsecond, that no other run has."""
+    stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+    return Path(root) / stamp
+
+
+@contextmanager
+def owned(run_dir: Path, what: str = "hydra.run.dir") -> Iterator[None]:
+    """Hold `run_dir` while the block runs: another process (or another run in this one) that asks for
+    it stops with one line instead of mixing its outputs in. The lock goes with the process, even on a crash."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = path.read_text().strip()
+        raise CircuitfindError(
+            f"{run_dir} is in use by another circuitfind run (pid {pid or 'unknown'}); give another {what}, "
+            "or wait for that run to finish"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# A run directory also holds what Hydra keeps of the invocation, and its lock; anything else is a run's output.
+INVOCATION = (".hydra", LOCK_FILE)
 IGNORED = (
     "progress",
     "overwrite",
@@ -95,12 +150,13 @@ def clear_outputs(run_dir: Path) -> None:
 
 
 def discard_if_unused(run_dir: Path) -> None:
-    """Remove a run directory that holds nothing but empty logs (an input error stopped the run)."""
+    """Remove a run directory that holds nothing but empty logs and its lock (an input error stopped the run)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
     entries = list(run_dir.iterdir())
-    if all(e.is_file() and e.suffix == ".log" and e.stat().st_size == 0 for e in entries):
+    unused = [e.name == LOCK_FILE or (e.suffix == ".log" and e.stat().st_size == 0) for e in entries if e.is_file()]
+    if len(unused) == len(entries) and all(unused):
         for e in entries:
             e.unlink()
         run_dir.rmdir()

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from circuitfind.model.space import ComponentSpace  # noqa: E402
 from circuitfind.records.files import save_figure  # noqa: E402
@@ -31,7 +32,11 @@ def panels(mask: np.ndarray, space: ComponentSpace) -> List[tuple[str, np.ndarra
         return [(f"neuron groups patched (of {space.per_position})", counts, max(1.0, counts.max()))]
     heads = patched[..., : space.n_heads].sum(-1)
     return [
-        (f"heads patched (sum of 1 - w, of {space.n_heads})", heads, max(1.0, heads.max())),
+        (
+            f"heads patched: 1 - w summed over\nthe layer's {space.n_heads} heads at each position",
+            heads,
+            max(1.0, heads.max()),
+        ),
         ("MLP patched (1 - w)", patched[..., space.n_heads], 1.0),
     ]
 
@@ -41,7 +46,9 @@ def unit_heatmaps(mask: np.ndarray, space: ComponentSpace, labels: Sequence[str]
     shown = panels(mask, space)
     n_pos = len(space.positions)
     width = 1.6 + 0.38 * max(n_pos, 4)
-    fig, axes = plt.subplots(1, len(shown), figsize=(width * len(shown), 1.4 + 0.3 * space.n_layers), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(shown), figsize=(width * len(shown), 1.9 + 0.3 * space.n_layers), squeeze=False, layout="constrained"
+    )  # constrained: the figure's title above the panels' titles, never on them
     for ax, (name, values, top) in zip(axes[0], shown):
         im = ax.imshow(values, vmin=0, vmax=top, cmap="magma", aspect="auto", origin="lower")
         ax.set_xticks(range(n_pos), list(labels), fontsize=7, rotation=90 if n_pos > 6 else 0)
@@ -64,6 +71,8 @@ def neuron_counts(mask: np.ndarray, space: ComponentSpace, path: Path, title: st
         ax.bar(range(space.n_layers), counts[:, p], bottom=bottom, label=f"@{position}")
         bottom += counts[:, p]
     ax.set_xlabel("layer")
+    ax.set_xticks(range(space.n_layers))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no half ticks
     ax.set_ylabel(f"groups of {space.group_size} patched")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)

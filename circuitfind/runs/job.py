@@ -23,6 +23,7 @@ from circuitfind.model.components import UnitsChoice, locate_components
 from circuitfind.model.engine import Engine, Prepared, make_engine
 from circuitfind.model.loading import LoadedModel, load_model
 from circuitfind.model.memory import MemoryEstimate, check_memory, estimate_memory
+from circuitfind.progress import on_terminal
 from circuitfind.task.desiderata import desiderata_from, trained
 from circuitfind.task.encoding import EncodedPairs, PairEncoder
 from circuitfind.task.pairs import build_data, data_fingerprint
@@ -71,10 +72,11 @@ class Job:
         self.desiderata = desiderata_from(OmegaConf.to_container(cfg.desiderata, resolve=True), self.task)
         n_validation = cfg.task.n_validation if self.prunes else 0  # only pruning reads the validation split
         self.data = build_data(self.task, cfg.task, self.desiderata, cfg.seed, n_validation)
-        if not cfg.progress:
+        bars = cfg.progress and on_terminal()  # off a terminal a bar is one long line of carriage returns
+        if not bars:
             transformers.utils.logging.disable_progress_bar()  # its weight-loading bar too
         if loaded is None:
-            with plain_tqdm_disabled(not cfg.progress):  # the GGUF loader's bar is a plain tqdm
+            with plain_tqdm_disabled(not bars):  # the GGUF loader's bar is a plain tqdm
                 self.loaded = load_model(cfg.model, before_weights=self.encode_all)
         else:
             self.loaded = loaded
@@ -115,6 +117,10 @@ class Job:
         finder = None if positions == (LAST,) else PositionFinder(tokenizer, self.task, positions)
         self.encoder = PairEncoder(tokenizer, self.task.answer_prefix, finder)
         self.encoder.check_one_token_slots(self.task)
+        self.encoder.check_representable(
+            [text for dd in self.data.values() for pairs in dd.splits().values() for pair in pairs
+             for text in (pair.base.text, pair.alt.text, pair.base.answer_text, pair.alt.answer_text)]
+        )  # fmt: skip
         self.encoded: Dict[Tuple[str, str], EncodedPairs] = {
             (name, split): self.encoder.encode(pairs, dd.desideratum)
             for name, dd in self.data.items()

@@ -17,10 +17,10 @@ from typing import Any, Dict, List
 
 import torch
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.objective import objective_of_masks
+from circuitfind.progress import progress
 from circuitfind.records.circuit import read_record
 from circuitfind.records.files import write_json
 from circuitfind.records.rundir import load_config
@@ -58,31 +58,33 @@ def subset_masks(subsets: List[tuple], shape: tuple[int, int]) -> torch.Tensor:
 
 def search(job, k: int, chunk: int = 256) -> Dict[int, Dict[str, Any]]:
     """Best subset of each size 0..k by held-out objective (lower is better)."""
-    shape = job.space.shape
     names = job.space.names()
     objectives = job.objectives(split="test")
     best: Dict[int, Dict[str, Any]] = {}
-    bar = tqdm(
-        total=n_subsets(len(names), k), desc="optimum: subsets scored", unit="subset", disable=not job.cfg.progress
-    )
-    for size in range(k + 1):
-        combos = itertools.combinations(range(len(names)), size)
-        values, members = [], []
-        while batch := list(itertools.islice(combos, chunk)):
-            masks = subset_masks(batch, shape).to(job.device)
-            values.append(objective_of_masks(job.engine, objectives, masks, chunk).cpu())
-            members += batch
-            bar.update(len(batch))
-        values_all = torch.cat(values)
-        i = int(values_all.argmin())
-        best[size] = {
-            "components": [names[c] for c in members[i]],
-            "objective": float(values_all[i]),
-            "subsets": len(members),
-            "median_objective": float(values_all.median()),
-        }
-    bar.close()
+    with progress(n_subsets(len(names), k), "optimum: subsets scored", job.cfg.progress, "subset") as advance:
+        for size in range(k + 1):
+            best[size] = best_of_size(job, objectives, size, chunk, advance)
     return best
+
+
+def best_of_size(job, objectives, size: int, chunk: int, advance) -> Dict[str, Any]:
+    """The subset of `size` units with the lowest held-out objective, scored `chunk` at a time."""
+    shape, names = job.space.shape, job.space.names()
+    combos = itertools.combinations(range(len(names)), size)
+    values, members = [], []
+    while batch := list(itertools.islice(combos, chunk)):
+        masks = subset_masks(batch, shape).to(job.device)
+        values.append(objective_of_masks(job.engine, objectives, masks, chunk).cpu())
+        members += batch
+        advance(len(batch))
+    values_all = torch.cat(values)
+    i = int(values_all.argmin())
+    return {
+        "components": [names[c] for c in members[i]],
+        "objective": float(values_all[i]),
+        "subsets": len(members),
+        "median_objective": float(values_all.median()),
+    }
 
 
 def circuit_objective(job, circuit: List[str]) -> float:

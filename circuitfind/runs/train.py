@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from circuitfind.config.schema import wants_evidence
+from circuitfind.config.schema import lambdas, wants_evidence
 from circuitfind.errors import CircuitfindError, out_of_memory_hint
 from circuitfind.evaluation.bootstrap import as_pair
 from circuitfind.evaluation.evidence import gather_evidence
@@ -25,6 +25,7 @@ from circuitfind.evaluation.heldout import (
     EvalSplit,
     baseline_intervals,
     baseline_of,
+    circuit_warnings,
     evaluate_splits,
     low_baseline_warnings,
 )
@@ -48,11 +49,6 @@ class Interrupted(CircuitfindError):
     """Ctrl-C during training: the message says at which step, and where the last mask is."""
 
     exit_code = 130
-
-
-def lambdas(cfg: DictConfig) -> List[float]:
-    """The sparsity weights to train: optimizer.lams (K masks at once) or optimizer.lam."""
-    return [float(v) for v in cfg.optimizer.lams] if cfg.optimizer.lams else [float(cfg.optimizer.lam)]
 
 
 def find_masks(job: Job, objectives: Sequence[Objective], lams: List[float], on_step: OnStep) -> Found:
@@ -214,9 +210,13 @@ class Run:
             records = []
             for k, result in enumerate(results):
                 record = make_record(job, result, facts)
+                own = circuit_warnings(self.splits, result.metrics, self.baseline)
+                record.warnings = [*facts.warnings, *own]
                 evaluation = self.evaluation(circuit_of(result, job.space)) | job.provenance()
                 figures = attention_figure(job, record) | unit_figures(job, result, record.label)
                 writer.write_result(k, result, record, job.space, figures, evaluation)
+                for warning in own:
+                    log.warning(f"{record.label}: {warning}")
                 records.append(record)
             if writer.batched:
                 write_summary(Path(run_dir))

@@ -98,6 +98,26 @@ class PairEncoder:
             )
         return ids[0]
 
+    def check_representable(self, texts: Sequence[str]) -> None:
+        """Every text tokenises without the unknown token: a character the tokenizer cannot represent is
+        one line naming it, before any training (it would be read as `<unk>`, silently)."""
+        unk = self.tokenizer.unk_token_id
+        texts = list(dict.fromkeys(texts))
+        if unk is None or not texts:
+            return  # byte-level tokenizers represent every character
+        unk_text = self.tokenizer.unk_token or ""
+        for text, ids in zip(texts, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if unk in ids and not (unk_text and unk_text in text):
+                bad = [
+                    c for c in dict.fromkeys(text) if unk in self.tokenizer(c, add_special_tokens=False)["input_ids"]
+                ]
+                shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad) or "a character sequence"
+                raise CircuitfindError(
+                    f"the tokenizer cannot represent {shown} in {text[-40:]!r}: it would be read as {unk_text or 'unk'}; "
+                    "write the task's template and values with characters the tokenizer knows, or use a model whose "
+                    "tokenizer has them"
+                )
+
     def check_one_token_slots(self, task: TaskSpec) -> None:
         """Every value of a `one_token: true` slot is one token after a space, in every split."""
         for slot in task.one_token:

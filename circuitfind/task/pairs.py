@@ -44,7 +44,13 @@ def make_pairs(
     error that says how large the first one can be; problems whose values are in `exclude` are
     never a base.
     """
-    problems = [p for p in task.problems(split) if p.values not in exclude]
+    every = task.problems(split)
+    if not every and any(sizes):
+        raise CircuitfindError(
+            f"task {task.name}: no problem of the {split} split satisfies the constraints "
+            f"{[c.text for c in task.constraints] or '(none)'}; loosen task.constraints or widen the {split} slot domains"
+        )
+    problems = [p for p in every if p.values not in exclude]
     keys = task.keys(problems)
     by_key: Dict[str, List[Problem]] = defaultdict(list)
     for p in problems:
