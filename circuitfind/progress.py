@@ -16,6 +16,11 @@ log = logging.getLogger("circuitfind.progress")
 LINES = 10  # log lines over the whole task when stderr is not a terminal
 
 
+def log_lines() -> None:
+    """Log lines as a Hydra run writes them, for the commands Hydra does not start (eval, optimum)."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+
 def on_terminal() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 

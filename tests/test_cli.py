@@ -78,7 +78,8 @@ def test_train_writes_every_output(cli, tmp_path):
     masks = load_file(run_dir / "mask.safetensors")
     assert masks["continuous"].shape == masks["rounded"].shape == (2, 5)
     assert set(masks["rounded"].unique().tolist()) <= {0.0, 1.0}
-    assert int((masks["rounded"] == 0).sum()) == circuit["n_patched"]
+    assert int((masks["circuit"] == 0).sum()) == circuit["n_patched"], "the headline circuit: pruned"
+    assert int((masks["rounded"] == 0).sum()) == circuit["raw"]["n_patched"], "the rounded mask it came from"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(10))
     assert {"vd_loss", "oi_loss", "sparsity", "n_patched"} <= set(rows[0])
@@ -135,10 +136,8 @@ def save_tiny_llama(path: Path, tokenizer=None, poison: bool = False) -> None:
 
 def merging_tokenizer() -> PreTrainedTokenizerFast:
     """A tokenizer that glues a space to the next word, as GPT-2's does: ' 12' is one piece."""
-    vocab = {
-        t: i
-        for i, t in enumerate(["<unk>", "<s>", " ", "=", "\n", "x", "y", "+", "-", "*"] + [str(d) for d in range(10)])
-    }
+    pieces = ["=", "\n", "x", "y", "+", "-", "*"] + [str(d) for d in range(10)]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", " ", *pieces, *(f" {p}" for p in pieces)])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(" ?[^ ]"), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>")

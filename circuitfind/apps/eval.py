@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from circuitfind.errors import CircuitfindError
+from circuitfind.progress import log_lines
 
 log = logging.getLogger("circuitfind.eval")
 
@@ -67,7 +68,7 @@ def main(argv: List[str]) -> None:
             "name the circuit to evaluate: circuitfind eval <run directory>, or circuit=[L2.H1,L2.H3] "
             "(unit names), circuit=<mask.safetensors> or circuit=<MIB circuit .json>"
         )
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    log_lines()
     from circuitfind.runs.evaluate import evaluate_to  # torch and the model: only once the arguments are good
 
     if run is not None:

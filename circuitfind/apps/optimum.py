@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List
 
 from circuitfind.errors import CircuitfindError
+from circuitfind.progress import log_lines
 from circuitfind.records.rundir import finished_runs
 
 
@@ -27,6 +28,7 @@ def main(argv: List[str]) -> None:
     args = parser.parse_args(argv)
     if args.k < 0:
         raise CircuitfindError(f"--k {args.k}: give a size >= 0")
+    log_lines()
     from circuitfind.runs.optimum import run_optimum  # torch and the model: only once the arguments are good
 
     for run in finished_runs(args.run):

@@ -111,9 +111,12 @@ MIN_PAIRS = 20  # held-out pairs per split below which an interval means little
 REACHED = 0.05  # a circuit reaches a desideratum when it beats the unpatched accuracy by more than this
 
 
-def circuit_warnings(splits: Sequence[EvalSplit], metrics: Dict[str, float], baseline: Dict[str, float]) -> List[str]:
+def circuit_warnings(
+    splits: Sequence[EvalSplit], metrics: Dict[str, float], baseline: Dict[str, float], remedy: str
+) -> List[str]:
     """What a reader must not miss about one circuit's held-out figures: a circuit that reaches none of
-    the desiderata that ask for a change, and intervals that rest on too few pairs."""
+    the desiderata that ask for a change (with `remedy`, the method's way to a larger circuit), and
+    intervals that rest on too few pairs."""
     out = []
     moving = [s for s in splits if s.kind == "test" and s.desideratum.train and s.desideratum.target != "base"]
     floor = {s.name: baseline.get(s.key("acc_unpatched"), 0.0) for s in moving}
@@ -123,8 +126,8 @@ def circuit_warnings(splits: Sequence[EvalSplit], metrics: Dict[str, float], bas
             for s in moving
         )
         out.append(
-            f"the circuit reaches none of its desiderata ({accs}): it does not carry what they ask for; lower "
-            "optimizer.lam, or search other units"
+            f"the circuit reaches none of its desiderata ({accs}): it does not carry what they ask for; {remedy}, "
+            "or search other units"
         )
     fewest = min((sum(len(b.pairs) for b in s.batches) for s in splits if s.kind == "test"), default=MIN_PAIRS)
     if fewest < MIN_PAIRS:

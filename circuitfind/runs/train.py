@@ -210,7 +210,7 @@ class Run:
             records = []
             for k, result in enumerate(results):
                 record = make_record(job, result, facts)
-                own = circuit_warnings(self.splits, result.metrics, self.baseline)
+                own = circuit_warnings(self.splits, result.metrics, self.baseline, larger_circuit(cfg))
                 record.warnings = [*facts.warnings, *own]
                 evaluation = self.evaluation(circuit_of(result, job.space)) | job.provenance()
                 figures = attention_figure(job, record) | unit_figures(job, result, record.label)
@@ -316,6 +316,12 @@ def method_label(cfg: DictConfig) -> str:
     if cfg.optimizer.target_size is not None:
         return f"{cfg.method.name} size={cfg.optimizer.target_size}"
     return f"{cfg.method.name} λ={','.join(f'{lam:g}' for lam in lambdas(cfg))}"
+
+
+def larger_circuit(cfg: DictConfig) -> str:
+    """The setting that gives a larger circuit: a lower sparsity weight for a mask search, a larger k
+    for a ranking."""
+    return "lower optimizer.lam" if method_named(cfg.method.name).learns_mask else "raise method.k"
 
 
 def run_search(cfg: DictConfig, run_dir: Path, group: str | None = None) -> List[CircuitRecord]:
