@@ -75,6 +75,29 @@ def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
     assert json.loads((tmp_path / "ckpt" / "organism.json").read_text())["accuracy"].keys() == {"add", "sub", "mul"}
 
 
+def test_init_starts_from_a_checkpoint_and_the_card_says_so(tmp_path):
+    first = tmp_path / "first"
+    run_organism(organism_cfg(TINY + [f"out_dir={first}"]), tmp_path / "a")
+    start = AutoModelForCausalLM.from_pretrained(first)
+    steps = ["optim.steps=1", "optim.lr=1e-9", "optim.warmup=1", "iit.start=0", "iit.ramp=0"]
+    run_organism(organism_cfg(TINY + steps + [f"init={first}", f"out_dir={tmp_path / 'second'}"]), tmp_path / "b")
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "second")
+    moved = max((p - q).abs().max().item() for p, q in zip(start.parameters(), tuned.parameters()))
+    assert moved < 1e-4, "one step at lr 1e-9 leaves the initial weights where they were"
+    card = (tmp_path / "second" / "README.md").read_text()
+    assert f"steps from `{first}`" in card and f"- Started from `{first}`, made by `circuitfind organism" in card
+
+
+@pytest.mark.parametrize(
+    "init, words",
+    [("organism", "set model.* to the checkpoint's shape"), ("/nonexistent/ckpt", "/nonexistent/ckpt")],
+)
+def test_init_that_does_not_fit_is_one_line(tmp_path, init, words):
+    with pytest.raises(CircuitfindError, match=words) as e:
+        run_organism(organism_cfg(TINY + [f"init={init}", f"out_dir={tmp_path / 'ckpt'}"]), tmp_path)
+    assert "\n" not in str(e.value) and not (tmp_path / "ckpt").exists()
+
+
 def test_shipped_organism_answers_heldout_prompts():
     """Guards the shipped file: >= 99% exact match on 200 held-out prompts per operation."""
     model, tokenizer = load_checkpoint(None)

@@ -61,6 +61,16 @@ recall are against the planted circuit. The unpatched model scores
 """
 
 
+def _init_lines(chain: List[Dict]) -> str:
+    """The trainings the weights started from, as list items after the command's."""
+    return "".join(
+        f"\n- Started from `{step['from']}`"
+        + (f", made by `{step['command']}`" if step.get("command") else "")
+        + (f" ({step['train_seconds'] / 60:.1f} minutes)" if step.get("train_seconds") else "")
+        for step in reversed(chain)
+    )
+
+
 def model_card(result: Dict, command: str) -> str:
     """Markdown: what the organism is, how it was trained, and how well it does."""
     cfg = result["config"]
@@ -111,15 +121,22 @@ def model_card(result: Dict, command: str) -> str:
         "the final position"
         if position == "last"
         else f"the query's mention of x (`{position}`: the `x` of `x + y = `; search it with "
-        f"`units.positions=[{position!r},last]`)"
+        f"`'units.positions=[\"{position}\"]'`)"
     )
+    origin = (
+        f"fine-tuned for {cfg['optim']['steps']} steps from `{cfg['init']}` (the trainings before are listed under "
+        "How it was trained)"
+        if cfg.get("init")
+        else "trained from scratch"
+    )
+    model_choice = "organism" if cfg.get("asset", "organism") == "organism" else cfg["asset"]
     planted_units = ", ".join(iit["circuit"] if position == "last" else [f"{u}@{position}" for u in iit["circuit"]])
     return f"""# circuitfind organism
 
 A {m["n_layers"]}-layer LLaMA ({m["n_heads"]} heads per layer, hidden size {m["hidden"]}, {result["n_params"]:,} parameters,
-character tokenizer) trained from scratch on arithmetic over bound variables, with a variable-binding
-circuit **planted** by interchange-intervention training (IIT). It is circuitfind's built-in model
-(`model=organism`): desiderata-based masking run on it should recover the planted components.
+character tokenizer) {origin} on arithmetic over bound variables, with a variable-binding
+circuit **planted** by interchange-intervention training (IIT). It is one of circuitfind's built-in models
+(`model={model_choice}`): desiderata-based masking run on it should recover the planted components.
 
 ## Planted circuit
 
@@ -168,7 +185,7 @@ definition of another variable ({", ".join(v["distractor_names"])}) that the ans
 
 ## How it was trained
 
-- Command: `{command}`
+- Command: `{command}`{_init_lines(result.get("init_chain", []))}
 - Seed {cfg["seed"]}; {o["steps"]} steps of AdamW (batch {o["batch_size"]}, lr {o["lr"]} with {o["warmup"]} warm-up steps and
   cosine decay, weight decay {o["weight_decay"]}); interchange batch {iit["batch_size"]}.
 - Training took {result["train_seconds"] / 60:.1f} minutes on CPU with {result["threads"]} torch thread(s).

@@ -105,6 +105,9 @@ class OrganismConfig:
     dbm_lams: List[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])  # DBM check per lambda; []: none
     n_eval: int = 500  # held-out prompts per operation and prompt form
     seed: int = 0
+    # start from trained weights instead of random ones: a shipped asset (organism) or a checkpoint
+    # directory; its shape must be `model`'s. How organism_positional moves the shipped circuit
+    init: Optional[str] = None
     ship: bool = False  # also write the checkpoint into circuitfind/assets/<asset>
     asset: str = "organism"  # the package's folder it ships to: organism (model=organism) | organism_positional
     out_dir: Optional[str] = None  # checkpoint directory; default: <run dir>/checkpoint

@@ -7,10 +7,12 @@ masks that DBM later uses to find it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
+from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -91,6 +93,40 @@ def build_model(m: DictConfig, tokenizer, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def initial_model(cfg: DictConfig, tokenizer) -> LlamaForCausalLM:
+    """Seeded random weights, or the trained ones `init` names (a shipped asset or a checkpoint directory),
+    which must have the shape `model` asks for."""
+    if not cfg.init:
+        return build_model(cfg.model, tokenizer, cfg.seed)
+    from circuitfind.model.checkpoint import SHIPPED, load_checkpoint
+
+    shipped = cfg.init in SHIPPED
+    model, loaded_tokenizer = load_checkpoint(None if shipped else cfg.init, asset=cfg.init if shipped else "organism")
+    if loaded_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise CircuitfindError(f"init={cfg.init} has another tokenizer than the organism's; start from an organism")
+    m, c = cfg.model, model.config
+    have = (c.num_hidden_layers, c.num_attention_heads, c.hidden_size, c.intermediate_size)
+    want = (m.n_layers, m.n_heads, m.hidden, m.intermediate)
+    if have != want:
+        raise CircuitfindError(
+            f"init={cfg.init} has (layers, heads, hidden, intermediate) {have}, the config {want}; "
+            "set model.* to the checkpoint's shape"
+        )
+    return model
+
+
+def init_chain(init: str | None) -> List[Dict]:
+    """The trainings `init` came from, first first: each one's command and minutes (its organism.json)."""
+    if not init:
+        return []
+    from circuitfind.model.checkpoint import ASSETS, SHIPPED
+
+    record_file = (ASSETS / init if init in SHIPPED else Path(init).expanduser()) / "organism.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    step = {"from": init, "command": record.get("command"), "train_seconds": record.get("train_seconds")}
+    return [*record.get("init_chain", []), step]
+
+
 def lm_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on the answer tokens (labels != -100). ids, attn, labels (B, T)"""
     logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).logits
@@ -106,11 +142,11 @@ def lr_at(step: int, o: DictConfig) -> float:
 
 
 def train_organism(cfg: DictConfig) -> tuple[LlamaForCausalLM, object, Dict]:
-    """Train the organism from scratch. Returns the model, its tokenizer and the result record."""
+    """Train the organism, from scratch or from `init`. Returns the model, its tokenizer and the result record."""
     dist = validate(cfg)
     o, iit = cfg.optim, cfg.iit
     tokenizer = build_char_tokenizer()
-    model = build_model(cfg.model, tokenizer, cfg.seed)
+    model = initial_model(cfg, tokenizer)
     org = Organism(model, locate_components(model), Encoder(tokenizer, dist.template), dist, iit.position)
     circuit_mask, strict_mask = plant_masks(iit.circuit, org.sites.space)
     rng = random.Random(f"train/{cfg.seed}")
@@ -164,6 +200,7 @@ def train_organism(cfg: DictConfig) -> tuple[LlamaForCausalLM, object, Dict]:
         "n_params": sum(p.numel() for p in model.parameters()),
         "history": history,
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "init_chain": init_chain(cfg.init),
     }
     model.eval()
     return model, tokenizer, result

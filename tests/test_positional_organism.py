@@ -1,0 +1,65 @@
+"""Ground truth beyond the final position: the positional organism (model=organism_positional), whose
+circuit is planted at the query's mention of x (`xname#2`), and stability over seeds in every space
+that has a planted circuit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoConfig
+
+from circuitfind.model.checkpoint import ASSETS
+from circuitfind.records.circuit import read_record
+from circuitfind.runs.train import run_search
+
+from conftest import compose
+
+PLANTED_HEADS = ["L1.H1", "L1.H2", "L1.H3", "L1.H6"]
+AT_XNAME2 = [f"{head}@xname#2" for head in PLANTED_HEADS]
+QUIET = ("+desiderata=vd_oi", "progress=false", "plots=false")
+POSITIONAL = ("model=organism_positional", 'units.positions=["xname#2"]')
+
+
+def test_the_card_names_the_planted_heads_and_their_position():
+    meta = AutoConfig.from_pretrained(ASSETS / "organism_positional").circuitfind
+    assert meta["planted_circuit"] == PLANTED_HEADS and meta["planted_position"] == "xname#2"
+    card = (ASSETS / "organism_positional" / "README.md").read_text()
+    assert all(head in card for head in PLANTED_HEADS) and "xname#2" in card
+
+
+@pytest.fixture(scope="module")
+def positional_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("positional") / "run"
+    run_search(compose(*QUIET, *POSITIONAL), run_dir)
+    return run_dir
+
+
+def test_the_search_at_the_planted_position_finds_exactly_the_planted_heads(positional_run):
+    record = read_record(positional_run)
+    assert sorted(record.names) == AT_XNAME2, record.names
+    assert record.planted["precision"] == record.planted["recall"] == 1.0
+    for key in ("vd_test/acc", "oi_test/acc"):
+        assert record.metrics[key] >= 0.9, (key, record.metrics[key])
+
+
+def test_every_planted_head_is_needed_alone(positional_run):
+    ev = json.loads((positional_run / "eval.json").read_text())
+    assert ev["minimality"]["not_needed"] == [] and ev["minimality"]["redundant_groups"] == []
+
+
+SPACES_WITH_A_PLANTED_CIRCUIT = {
+    "organism, final token": (),
+    'organism, [last,x,"xname#2"]': ('units.positions=[last,x,"xname#2"]',),
+    "positional organism, xname#2": POSITIONAL,
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("space", list(SPACES_WITH_A_PLANTED_CIRCUIT))
+def test_five_seeds_find_the_same_circuit(space, tmp_path):
+    overrides = (*QUIET, *SPACES_WITH_A_PLANTED_CIRCUIT[space], "evidence.stability_seeds=5")
+    run_search(compose(*overrides), tmp_path / "run")
+    stability = json.loads((tmp_path / "run" / "evidence.json").read_text())["stability"]
+    assert stability["seeds"] == [0, 1, 2, 3, 4]
+    assert stability["mean_pairwise_jaccard"] >= 0.9, stability
