@@ -18,9 +18,14 @@ ASSET_DIR = ASSETS / "organism"  # the default model (model=organism)
 # Models shipped in the package, by folder, and the command that makes each (its card has the details).
 SHIPPED = {
     "organism": "circuitfind organism ship=true num_threads=1",
+    # two fine-tunings of the shipped organism (the first moves the circuit, the second trains value
+    # dependence harder); the card lists both commands as they were run
     "organism_positional": (
-        "circuitfind organism 'iit.position=\"xname#2\"' 'iit.circuit=[L1.H2,L1.H5]' iit.start=100 iit.ramp=300 "
-        "asset=organism_positional ship=true"
+        "circuitfind organism init=organism 'iit.position=\"xname#2\"' 'iit.circuit=[L1.H1,L1.H2,L1.H3,L1.H6]' "
+        "iit.start=0 iit.ramp=200 dataset.variants_start=0 optim.steps=1500 optim.lr=0.001 dbm_lams=[] "
+        "out_dir=outputs/organism_positional_1 && circuitfind organism init=outputs/organism_positional_1 "
+        "'iit.position=\"xname#2\"' 'iit.circuit=[L1.H1,L1.H2,L1.H3,L1.H6]' iit.start=0 iit.ramp=0 iit.vd=3.0 "
+        "iit.batch_size=32 dataset.variants_start=0 optim.steps=2000 optim.lr=0.001 asset=organism_positional ship=true"
     ),
 }
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

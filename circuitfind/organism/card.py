@@ -27,16 +27,17 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
-def _dbm_section(rows: List[Dict], planted: List[str]) -> str:
+def _dbm_section(rows: List[Dict], planted: List[str], position: str, model_choice: str) -> str:
     """What desiderata-based masking finds on the organism, per lambda (empty when not run)."""
     if not rows:
         return ""
+    at = [f"{u}@{position}" for u in planted] if position != "last" else list(planted)
     table = []
     for r in rows:
         if "error" in r:
             table.append([f"{r['lam']:g}", "failed: " + r["error"]] + [""] * 7)
             continue
-        extra = sorted(set(r["found"]) - set(planted))
+        extra = sorted(set(r["found"]) - set(at))
         table.append(
             [
                 f"{r['lam']:g}",
@@ -48,12 +49,13 @@ def _dbm_section(rows: List[Dict], planted: List[str]) -> str:
             + [f"{r[k]:.2f}" for k in ("vd_test", "oi_test", "vd_transfer", "oi_transfer")]
         )
     header = ["λ", "patched", "precision", "recall", "found beyond the planted", "VD", "OI", "VD on `*`", "OI on `*`"]
+    units = "" if position == "last" else f" 'units.positions=[\"{position}\"]'"
     return f"""## What DBM finds on it
 
-`circuitfind train +desiderata=vd_oi model=organism optimizer.lam=<λ>` (the paper's procedure: 50
-training pairs per desideratum, 100 iterations, rounded mask; accuracies on 50 held-out pairs of the
-paper's template, trained on `+` and `-`, transfer to `*`), run right after training. Precision and
-recall are against the planted circuit. The unpatched model scores
+`circuitfind train +desiderata=vd_oi model={model_choice}{units} optimizer.lam=<λ>` (the default search:
+50 training pairs per desideratum, 100 iterations, then pruning on 50 validation pairs; accuracies on 50
+held-out pairs of the paper's template, trained on `+` and `-`, transfer to `*`), run right after
+training. Precision and recall are against the planted circuit. The unpatched model scores
 {rows[0].get("vd_unpatched", float("nan")):.2f} on VD (it answers the base, not the alternate).
 
 {_table(header, table)}
@@ -105,7 +107,7 @@ def model_card(result: Dict, command: str) -> str:
         else MUL_HELD_OUT.format(ops=", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"]))
     )
     weights = ", ".join(f"`{OPERATIONS[op].symbol}` {d['op_weights'].get(op, 1.0):g}" for op in d["ops"])
-    dbm = _dbm_section(result.get("dbm", []), iit["circuit"])
+
     template = d["template"].replace("\n", "\\n")
     shares = {op: d["heldout"].get(op, 0.0) for op in d["ops"]}
     heldout = ", ".join(f"{_pct(f)} of the `{OPERATIONS[op].symbol}` problems" for op, f in shares.items())
@@ -129,7 +131,8 @@ def model_card(result: Dict, command: str) -> str:
         if cfg.get("init")
         else "trained from scratch"
     )
-    model_choice = "organism" if cfg.get("asset", "organism") == "organism" else cfg["asset"]
+    model_choice = cfg.get("asset", "organism")
+    dbm = _dbm_section(result.get("dbm", []), iit["circuit"], position, model_choice)
     planted_units = ", ".join(iit["circuit"] if position == "last" else [f"{u}@{position}" for u in iit["circuit"]])
     return f"""# circuitfind organism
 

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 def dbm_args(lam: float, position: str = "last") -> List[str]:
     """The `circuitfind` arguments of the check at one lambda, as a user runs it on the shipped organism:
-    units at the planted circuit's position (and the final token)."""
-    units = [] if position == "last" else [f"units.positions=[{position!r},last]"]
+    units at the planted circuit's position. (Searched beside the final token as well, a circuit planted
+    at x may give way to a smaller cut of the same route: the final-position heads that read x from there.)"""
+    units = [] if position == "last" else [f'units.positions=["{position}"]']
     return ["train", "+desiderata=vd_oi", "model=organism", f"optimizer.lam={lam}", *units]
 
 
