@@ -42,8 +42,14 @@ def main() -> None:
         for name, extra in rows.items():
             t = time.perf_counter()
             out = Path(tmp) / name.replace(" ", "_")
-            find_circuit(*args.overrides, *extra, ablations, "progress=false", "plots=false", run_dir=out)
+            (record,) = find_circuit(*args.overrides, *extra, ablations, "progress=false", "plots=false", run_dir=out)
             seconds = time.perf_counter() - t
+            raw = f" (rounded mask {record.raw['n_patched']})" if record.raw else ""
+            timing = record.timing
+            print(
+                f"# {name}: {record.names}{raw}; train {timing.get('train_s', 0):.1f} s, "
+                f"prune {timing.get('prune_s', 0):.2f} s"
+            )
             ev = json.loads((out / "eval.json").read_text())
             for kind, ablation in ev["ablations"].items():
                 for split, figures in ablation["splits"].items():

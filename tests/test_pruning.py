@@ -142,9 +142,34 @@ def cuts(*routes: set, extra: Dict[int, float] | None = None) -> Callable[[Froze
 def test_pruning_keeps_the_smaller_of_two_redundant_routes():
     small, large = {0, 1}, {2, 3, 4}
     kept, record = ScoredPruner(cuts(small, large, extra={5: 0.1}), 6, 0.01)(frozenset(small | large | {5}))
-    assert kept == frozenset(small) or kept == frozenset(large)  # elimination alone keeps whichever is left
+    assert kept == frozenset(small), "elimination keeps whichever route is left; the exact search the smaller"
     assert record["objective"]["pruned"] <= record["objective"]["bound"]
     assert 5 in record["removed"]  # worth 0.1 of an improvement of 100.1: within the tolerance
+    assert record["smaller_search"]["complete"]
+
+
+def test_the_exact_search_finds_a_smaller_cut_that_elimination_walks_past():
+    """The positional organism's seed 3, in small: a 4-unit cut {0, 1, 2, 3} and a 2-unit cut {4, 5},
+    each unit of the large cut worth a little alone. Elimination removes 5 first (redundant while the
+    large cut is whole) and is left with the large cut; every subset of sizes 1-3 is then scored."""
+    large, small = {0, 1, 2, 3}, {4, 5}
+
+    def j(units: FrozenSet[int]) -> float:
+        value = -100.0 if large <= units or small <= units else -10.0 * len(units & large)
+        return value - 0.1 * len(units & large) - (0.05 if 5 in units else 0.0)
+
+    kept, record = ScoredPruner(j, 6, 0.01)(frozenset(large | small))
+    assert record["elimination"][0]["removed"] == 4 and kept == frozenset(small)
+    search = record["smaller_search"]
+    assert search["replaced"] == sorted(large) and search["sizes"] == 2 and search["complete"]
+
+
+def test_the_exact_search_stops_at_its_budget_and_says_so():
+    units = frozenset(range(30))
+    kept, record = ScoredPruner(lambda c: -100.0 if len(c) >= 5 else -1.0, 30, 0.01)(units)
+    assert len(kept) == 5
+    # size 1 (30 subsets) fits within MAX_SMALLER = 64; size 2 (435 more) does not
+    assert record["smaller_search"] == {"sizes": 1, "subsets": 30, "complete": False, "replaced": None}
 
 
 def test_adding_back_swaps_a_route_for_a_smaller_one():
