@@ -251,7 +251,14 @@ def test_ctrl_c_keeps_the_last_mask_and_says_where(tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, "training never started"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # a hang: say where the run was, for the next reader
+        proc.kill()
+        out, err = proc.communicate()
+        log = (run / "train.log").read_text()[-1500:] if (run / "train.log").exists() else "no train.log"
+        steps = len((run / "metrics.jsonl").read_text().splitlines())
+        pytest.fail(f"no exit 60 s after Ctrl-C ({steps} steps logged); stderr: {err[-1500:]}; log: {log}")
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 130 and len(lines) == 1 and "interrupted at step" in lines[0], err[-2000:]
     assert torch.isfinite(load_file(run / "mask_last_good.safetensors")["continuous"]).all()
