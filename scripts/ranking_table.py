@@ -55,7 +55,9 @@ def main() -> None:
                 for split, figures in ablation["splits"].items():
                     if "cpr" in figures:
                         cpr, cmd = figures["cpr"]["value"], figures["cmd"]["value"]
-                        print(f"{name:28s} {ev['n_units']:4d} {kind:9s} {split:12s} {cpr:6.2f} {cmd:6.2f} {seconds:7.0f}")
+                        print(
+                            f"{name:28s} {ev['n_units']:4d} {kind:9s} {split:12s} {cpr:6.2f} {cmd:6.2f} {seconds:7.0f}"
+                        )
 
 
 if __name__ == "__main__":

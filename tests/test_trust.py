@@ -245,7 +245,12 @@ def test_ctrl_c_keeps_the_last_mask_and_says_where(tmp_path):
     args = [str(exe), "train", *SMOKE, "optimizer.steps=100000", "optimizer.eval_every=1000", f"hydra.run.dir={run}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A suite started in the background (`make test-all &`, nohup) ignores SIGINT, and its children
+    # inherit that; the run under test gets the default, as a run in a terminal has.
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.monotonic() + 60
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 2000):
         assert proc.poll() is None and time.monotonic() < deadline, "training never started"
