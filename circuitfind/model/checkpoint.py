@@ -31,6 +31,11 @@ SHIPPED = {
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
+def checkpoint_dir(name_or_path: str) -> Path:
+    """The folder of a shipped organism (by its asset name) or of a checkpoint directory."""
+    return ASSETS / name_or_path if name_or_path in SHIPPED else Path(name_or_path).expanduser()
+
+
 def _regenerate(path: Path) -> str:
     if path.resolve().parent == ASSETS.resolve() and path.name in SHIPPED:
         return f"`{SHIPPED[path.name]}`"

@@ -107,7 +107,6 @@ def model_card(result: Dict, command: str) -> str:
         else MUL_HELD_OUT.format(ops=", ".join(f"`{OPERATIONS[op].symbol}`" for op in iit["ops"]))
     )
     weights = ", ".join(f"`{OPERATIONS[op].symbol}` {d['op_weights'].get(op, 1.0):g}" for op in d["ops"])
-
     template = d["template"].replace("\n", "\\n")
     shares = {op: d["heldout"].get(op, 0.0) for op in d["ops"]}
     heldout = ", ".join(f"{_pct(f)} of the `{OPERATIONS[op].symbol}` problems" for op, f in shares.items())

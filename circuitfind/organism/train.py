@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import time
-from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -98,10 +97,9 @@ def initial_model(cfg: DictConfig, tokenizer) -> LlamaForCausalLM:
     which must have the shape `model` asks for."""
     if not cfg.init:
         return build_model(cfg.model, tokenizer, cfg.seed)
-    from circuitfind.model.checkpoint import SHIPPED, load_checkpoint
+    from circuitfind.model.checkpoint import checkpoint_dir, load_checkpoint
 
-    shipped = cfg.init in SHIPPED
-    model, loaded_tokenizer = load_checkpoint(None if shipped else cfg.init, asset=cfg.init if shipped else "organism")
+    model, loaded_tokenizer = load_checkpoint(str(checkpoint_dir(cfg.init)))
     if loaded_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise CircuitfindError(f"init={cfg.init} has another tokenizer than the organism's; start from an organism")
     m, c = cfg.model, model.config
@@ -119,9 +117,9 @@ def init_chain(init: str | None) -> List[Dict]:
     """The trainings `init` came from, first first: each one's command and minutes (its organism.json)."""
     if not init:
         return []
-    from circuitfind.model.checkpoint import ASSETS, SHIPPED
+    from circuitfind.model.checkpoint import checkpoint_dir
 
-    record_file = (ASSETS / init if init in SHIPPED else Path(init).expanduser()) / "organism.json"
+    record_file = checkpoint_dir(init) / "organism.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     step = {"from": init, "command": record.get("command"), "train_seconds": record.get("train_seconds")}
     return [*record.get("init_chain", []), step]
