@@ -7,6 +7,7 @@ under it, higher is better; CMD: area between it and 1, lower is better).
 
     python scripts/ranking_table.py                                        # the organism (about a minute)
     python scripts/ranking_table.py task=ioi model=smollm2_135m optimizer.lam=0.3 --k 6   # SmolLM2 IOI
+    python scripts/ranking_table.py --rankings path attribution                     # some rows only
 """
 
 from __future__ import annotations
@@ -19,23 +20,26 @@ import time
 from pathlib import Path
 
 PATH = "optimizer.path_lams=[0.003,0.01,0.03,0.1,1.0]"
+RANKINGS = ["weights", "path", "single_patch", "attribution"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=4, help="the baselines' circuit size (DBM's own, to compare)")
     parser.add_argument("--ablations", nargs="+", default=["mean"], help="besides patching")
+    parser.add_argument("--rankings", nargs="+", choices=RANKINGS, default=RANKINGS, help="the rows to run")
     parser.add_argument("overrides", nargs="*", help="overrides for every run (task=..., model=..., optimizer.lam=...)")
     args = parser.parse_intermixed_args()
     logging.disable(logging.INFO)
     from circuitfind.api import find_circuit
 
-    rows = {
-        "dbm (weights)": [],
-        "dbm (regularisation path)": [PATH],
-        "single_patch": ["method=single_patch", f"method.k={args.k}"],
-        "attribution": ["method=attribution", f"method.k={args.k}"],
+    every = {
+        "weights": ("dbm (weights)", []),
+        "path": ("dbm (regularisation path)", [PATH]),
+        "single_patch": ("single_patch", ["method=single_patch", f"method.k={args.k}"]),
+        "attribution": ("attribution", ["method=attribution", f"method.k={args.k}"]),
     }
+    rows = dict(every[key] for key in args.rankings)
     ablations = f"evaluate.ablations=[{','.join(args.ablations)}]"
     print(f"{'ranking':28s} {'size':>4s} {'ablation':9s} {'split':12s} {'CPR':>6s} {'CMD':>6s} {'time s':>7s}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -224,6 +224,16 @@ def test_the_path_ranks_the_circuit_first_then_by_the_largest_lambda_that_patche
     assert scores.max() == 1.0 and scores.min() > 0
 
 
+def test_the_units_no_lambda_patches_come_last_in_the_order_of_the_tail_scores():
+    weights = torch.tensor([[[0.0, 1.0, 1.0, 1.0, 0.9]], [[0.2, 1.0, 1.0, 1.0, 1.0]]])  # only unit 0 patched
+    circuit = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0]])
+    tail = torch.tensor([[9.0, 0.1, 3.0, -2.0, 0.5]])  # attribution: 2, then 4, 1, 3
+    scores = path_scores(weights, [0.01, 0.1], circuit, tail=tail)
+    assert scores.flatten().argsort(descending=True).tolist() == [0, 2, 4, 1, 3]
+    # Without it, the tail goes by 1 - w at the smallest lambda: unit 4 (w 0.9) first, then by index.
+    assert path_scores(weights, [0.01, 0.1], circuit).flatten().argsort(descending=True, stable=True).tolist()[:2] == [0, 4]
+
+
 @pytest.mark.parametrize("gate", [ClampGate(), SigmoidGate(), HardConcreteGate(seed=3)])
 def test_every_gate_gives_weights_in_the_unit_interval_and_a_deterministic_end(gate):
     params = gate.init(2, (3, 5), torch.device("cpu"))

@@ -3,9 +3,11 @@
 DBM's own weights rank only its circuit: beyond it nearly every weight sits at 1. With
 `optimizer.path_lams`, a ladder of lambdas is trained side by side with the run's own, and each
 unit is ranked by the largest lambda at which it is still patched (w < 0.5), then by how firmly
-(1 - w at that lambda); a unit patched at no lambda of the ladder comes last, by 1 - w at the
-smallest. The circuit's units come first whatever the path says, so the top |circuit| of the
-ranking is the circuit the run reports.
+(1 - w at that lambda). The circuit's units come first whatever the path says, so the top
+|circuit| of the ranking is the circuit the run reports. Most units are patched at no lambda of
+the ladder, and their weights all sit at 1: they come last, ordered by `tail`, the first-order
+gain of patching each with the circuit already patched (methods/baselines.attribution_scores at
+the circuit), so the curve's long end is ordered by effect rather than by unit index.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from typing import Sequence
 import torch
 
 
-def path_scores(weights: torch.Tensor, lams: Sequence[float], circuit: torch.Tensor) -> torch.Tensor:
+def path_scores(
+    weights: torch.Tensor, lams: Sequence[float], circuit: torch.Tensor, tail: torch.Tensor | None = None
+) -> torch.Tensor:
     """Scores in (0, 1], higher = more important, from masks along a ladder of lambdas.
 
     weights (P, L, n_cols): the continuous mask at each lambda of `lams`; circuit (L, n_cols): 0 = in the
-    run's circuit. Returns (L, n_cols)."""
+    run's circuit; tail (L, n_cols): higher first among the units no lambda patches (None: by 1 - w at
+    the smallest lambda). Returns (L, n_cols)."""
     order = sorted(range(len(lams)), key=lambda i: lams[i])  # smallest lambda first
     w = weights[order].flatten(1).float().cpu()  # (P, N)
     patched = w < 0.5
@@ -27,6 +32,12 @@ def path_scores(weights: torch.Tensor, lams: Sequence[float], circuit: torch.Ten
     steps = torch.arange(len(order))[:, None].expand_as(patched)
     last = torch.where(patched, steps, torch.full_like(steps, -1)).max(dim=0).values  # (N,)
     firmness = 1 - w[last.clamp(min=0), torch.arange(w.shape[1])]  # 1 - w where it was last patched
+    if tail is not None:  # the tail's order as a fraction in [0, 1), in place of firmness
+        unpatched = last < 0
+        order = tail.flatten().cpu().float()[unpatched].argsort(stable=True)
+        fraction = torch.empty(int(unpatched.sum()))
+        fraction[order] = torch.arange(len(order), dtype=torch.float32) / max(len(order), 1)
+        firmness[unpatched] = fraction
     in_circuit = (circuit.flatten().cpu() == 0).float()
     key = in_circuit * 1e6 + (last.float() + 1) * 10 + firmness  # circuit, then ladder step, then firmness
     ranks = torch.empty_like(key)
