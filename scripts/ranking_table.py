@@ -57,7 +57,9 @@ def main() -> None:
             ev = json.loads((out / "eval.json").read_text())
             for kind, ablation in ev["ablations"].items():
                 for split, figures in ablation["splits"].items():
-                    if "cpr" in figures:
+                    if figures.get("areas_undefined"):
+                        print(f"{name:28s} {ev['n_units']:4d} {kind:9s} {split:12s} {'undefined':>13s} {seconds:7.0f}")
+                    elif "cpr" in figures:
                         cpr, cmd = figures["cpr"]["value"], figures["cmd"]["value"]
                         print(
                             f"{name:28s} {ev['n_units']:4d} {kind:9s} {split:12s} {cpr:6.2f} {cmd:6.2f} {seconds:7.0f}"

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from circuitfind.errors import CircuitfindError
 from circuitfind.evaluation.ablation import Ablation
 from circuitfind.evaluation.bootstrap import interval, resampled_means
-from circuitfind.evaluation.circuit_tests import CONDITIONS
+from circuitfind.evaluation.circuit_tests import CONDITIONS, undefined_areas
 from circuitfind.evaluation.heldout import PairOutcomes
 from circuitfind.evaluation.selfcheck import self_checks
 from circuitfind.records.circuit import read_record
@@ -84,6 +84,15 @@ def test_bootstrap_intervals_narrow_with_more_pairs_and_repeat():
         interval(lambda i: resampled_means(coin[:50], i), 50).tolist()
         == interval(lambda i: resampled_means(coin[:50], i), 50).tolist()
     )
+
+
+def test_the_areas_are_undefined_where_patching_everything_does_not_move_the_logit_difference():
+    # Rows: full, empty (d per pair). An invariance split: both about 5, the difference noise.
+    noise = torch.randn(2, 60, generator=torch.Generator().manual_seed(0)) * 0.5
+    reason = undefined_areas(torch.full((2, 60), 5.0) + noise, seed=0)
+    assert reason is not None and "includes 0" in reason
+    moved = torch.stack([torch.full((60,), -7.0), torch.full((60,), 6.0)]) + noise
+    assert undefined_areas(moved, seed=0) is None
 
 
 def test_nothing_ablated_is_the_unpatched_model_under_every_ablation(job):

@@ -34,7 +34,15 @@ import torch
 
 from circuitfind.config.choices import NEEDS_REFERENCE
 from circuitfind.evaluation.ablation import Ablation, Reference, ablation_kinds
-from circuitfind.evaluation.bootstrap import LEVEL, estimates, percentile_interval, resampled_means, resamples, rounded
+from circuitfind.evaluation.bootstrap import (
+    LEVEL,
+    estimates,
+    interval,
+    percentile_interval,
+    resampled_means,
+    resamples,
+    rounded,
+)
 from circuitfind.evaluation.curves import curve_sizes
 from circuitfind.evaluation.heldout import EvalSplit, _targets, hits
 from circuitfind.methods.objective import term_pair_loss
@@ -134,7 +142,25 @@ def split_report(
         d = per_pair["d"].float().mean(1)
         curve = d[[1, *range(len(CONDITIONS), len(d)), 0]]
         out["curve"] = {"sizes": sizes, "faithfulness": [rounded(v) for v in (curve - d[1]) / (d[0] - d[1])]}
+        undefined = undefined_areas(per_pair["d"], seed)
+        if undefined:
+            out["cpr"] = out["cmd"] = None
+            out["areas_undefined"] = undefined
     return out
+
+
+def undefined_areas(d: torch.Tensor, seed: int) -> str | None:
+    """Why faithfulness, and so CPR and CMD, mean nothing on a split, or None when they do: its
+    normalisation d(full) - d(empty) cannot be told from zero (an invariance split, whose
+    alternates leave the answer alone when everything is patched, divides noise by noise). d (1 + K, N)"""
+    span = d[0].float() - d[1].float()
+    low, high = interval(lambda index: resampled_means(span, index), span.numel(), seed=seed).tolist()
+    if low > 0 or high < 0:
+        return None
+    return (
+        f"d(full) - d(empty) = {span.mean():.3g}, 95% interval [{low:.3g}, {high:.3g}] includes 0: "
+        "patching every unit does not move this split's logit difference, so faithfulness has no scale"
+    )
 
 
 MAX_PAIRED = 12  # flagged units whose every pair is left out together; more: only all of them at once

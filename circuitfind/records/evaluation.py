@@ -34,6 +34,13 @@ def with_interval(figure: Dict[str, Any] | None) -> str:
     return f"{figure['value']:.3g} [{low:.3g}, {high:.3g}]"
 
 
+def areas_text(r: Dict[str, Any]) -> str:
+    """A split's MIB areas for the log line, or why it has none."""
+    if r.get("areas_undefined"):
+        return f"; CPR and CMD undefined: {r['areas_undefined']}"
+    return f"; CPR {with_interval(r['cpr'])}, CMD {with_interval(r['cmd'])}" if "cpr" in r else ""
+
+
 def evaluation_lines(ev: Dict[str, Any]) -> List[str]:
     """The log's summary: necessity and sufficiency on each held-out and transfer split, then minimality."""
     lines = []
@@ -43,8 +50,7 @@ def evaluation_lines(ev: Dict[str, Any]) -> List[str]:
                 f"{kind} ablation, {split}: necessity (circuit ablated) task acc drop "
                 f"{with_interval(r['necessity']['task_acc_drop'])}, faithfulness {with_interval(r['necessity']['faithfulness'])}; "
                 f"sufficiency (only the circuit kept) task acc {with_interval(r['sufficiency']['task_acc'])}, "
-                f"faithfulness {with_interval(r['sufficiency']['faithfulness'])}"
-                + (f"; CPR {with_interval(r['cpr'])}, CMD {with_interval(r['cmd'])}" if "cpr" in r else "")
+                f"faithfulness {with_interval(r['sufficiency']['faithfulness'])}" + areas_text(r)
             )
     m = ev["minimality"]
     flagged = m["not_needed"]
@@ -72,7 +78,7 @@ def evaluation_tables(ev: Dict[str, Any]) -> List[Table]:
                 rows.append([split, condition, *(with_interval(r[condition].get(c)) for c in COLUMNS)])
         tables.append((f"{kind} ablation: {ablation['description']}", ["split", "condition", *COLUMNS], rows))
         areas = [
-            [split, with_interval(r["cpr"]), with_interval(r["cmd"])]
+            [split, with_interval(r["cpr"]) or "undefined", with_interval(r["cmd"]) or "undefined"]
             for split, r in ablation["splits"].items()
             if "cpr" in r
         ]
