@@ -17,6 +17,7 @@ COMMANDS: Dict[str, str] = {
     "eval": "test a circuit (a run's, or named, or a mask or MIB file): necessity, sufficiency, minimality, intervals",
     "optimum": "exhaustive search for the best circuit of each small size; the gap to a run's circuit",
     "report": "an HTML and Markdown report of a run or sweep directory, with every plot embedded",
+    "compare": "circuits of finished runs of one task side by side: units by relative depth, attention, effect alone, roles",
 }
 HYDRA_APPS = ("train", "organism")
 DATASET_RENAMED = (
@@ -36,6 +37,7 @@ USAGE = (
     "  circuitfind eval +desiderata=vd_oi 'circuit=[L2.H1,L2.H3,L2.H4,L2.H6]' 'evaluate.ablations=[zero,mean,resample]'\n"
     "  circuitfind optimum outputs/train/<date>/<time> --k 4\n"
     "  circuitfind report outputs/sweeps/<date>/<time>\n"
+    "  circuitfind compare <run> <run>    (runs of one task, e.g. task=ioi in two models)\n"
     "  circuitfind --version\n"
     '  eval "$(circuitfind -sc install=bash)"   (tab completion)\n'
 )
