@@ -40,6 +40,12 @@ FAMILIES = {
         # Soft-capping of attention and final logits; the sliding window is longer than the prompts.
         dict(SMALL, num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0, attn_logit_softcapping=5.0),
     ),
+    "gemma3_text": (
+        tf.Gemma3TextConfig,
+        tf.Gemma3ForCausalLM,
+        # Gemma 3 270M's shape in miniature: one KV head, QK-norm, a sliding-window layer then a global one.
+        dict(SMALL, num_key_value_heads=1, head_dim=16, layer_types=["sliding_attention", "full_attention"]),
+    ),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(SMALL, num_key_value_heads=2)),
     "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(SMALL, rotary_pct=0.5)),
@@ -77,7 +83,7 @@ def clean_logits(model, ids, attn):
 
 
 def test_every_required_family_has_an_adapter_and_a_test():
-    required = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox"}
+    required = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox"}
     assert required <= set(ADAPTERS)
     assert set(ADAPTERS) <= set(FAMILIES), "every adapter is tested on a tiny model below"
 
@@ -86,7 +92,7 @@ def test_every_required_family_has_an_adapter_and_a_test():
 def test_layout_matches_the_config(family):
     model, _ = tiny_model(family)
     layout = locate_components(model).space
-    expected_dim = {"qwen3": 16, "gemma": 16, "gemma2": 16}.get(family, 8)
+    expected_dim = {"qwen3": 16, "gemma": 16, "gemma2": 16, "gemma3_text": 16}.get(family, 8)
     assert (layout.n_layers, layout.n_heads, layout.head_dim) == (2, 4, expected_dim)
     assert model.config.model_type == family
 
@@ -129,7 +135,7 @@ def test_cached_engine_equals_full_engine_under_a_random_mask(family):
     assert gf.abs().sum() > 0 and torch.allclose(gc, gf, atol=1e-5 * max(1.0, gf.abs().max().item()), rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "mistral"])  # gemma2 fails loudly, mistral silently
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "mistral"])  # gemma2 fails loudly, mistral silently
 def test_cached_engine_with_a_sliding_window_shorter_than_the_prompt(family):
     model, tok = tiny_model(family, sliding_window=8)
     enc = encoded_pairs(tok)

