@@ -87,3 +87,38 @@ def test_task_mistakes_are_one_line(change, message):
         cfg["slots"] = {**CAPITALS["slots"], **change["slots"]}
     with pytest.raises(CircuitfindError, match=message):
         TaskSpec(cfg)
+
+
+def test_variable_chain_distractors_make_copying_a_number_score_as_chance():
+    """The chain's forms: two without another variable, one with it after the chain's head, one with it
+    first. In the two distractor forms, copying the first number or the last is right in one form only,
+    and the distractor never starts with the answer's first digit, so first-token accuracy cannot
+    count a copied distractor as binding."""
+    import random
+    import re
+
+    from circuitfind.evaluation.accuracy import task_prompts
+    from circuitfind.task.library import load_desiderata, load_task, sample_pairs
+
+    task = load_task("variable_chain")
+    (form,) = [v for v in task.variants if v.templates]
+    assert len(form.templates) == 4
+    prompts = task_prompts(task, "train", 200)
+    by_form = {t: [p for p in prompts if p.form.template == t] for t in form.templates}
+    assert all(len(found) >= 30 for found in by_form.values()), "every form is drawn"
+    for template, found in by_form.items():
+        for p in found:
+            numbers = re.findall(r"\d+", p.text)
+            assert p.answer_text in numbers and len(numbers) == 1 + ("{d}" in template)
+            if len(numbers) == 2:
+                other = [n for n in numbers if n != p.answer_text][0]
+                assert other[0] != p.answer_text[0]
+    after, first = form.templates[2], form.templates[3]
+    assert all(re.findall(r"\d+", p.text)[0] == p.answer_text for p in by_form[after])  # the head's value first
+    assert all(re.findall(r"\d+", p.text)[-1] == p.answer_text for p in by_form[first])  # ... or last
+    assert all(p.text.startswith(f"Let {dict(p.form.texts)['n3']} = ") for p in by_form[first])
+    (vd,) = load_desiderata("chain", task)
+    for pair in sample_pairs(task, vd, 40, seed=3):
+        assert pair.base["d"] == pair.alt["d"] and pair.base["v"] != pair.alt["v"]
+        assert pair.base.form == pair.alt.form and str(pair.alt["d"])[0] != str(pair.alt["v"])[0]
+    assert task.render(task.problems("train")[0], task.draw_form(random.Random(0))).text.endswith(" = ")
