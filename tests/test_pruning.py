@@ -172,6 +172,15 @@ def test_the_exact_search_stops_at_its_budget_and_says_so():
     assert record["smaller_search"] == {"sizes": 1, "subsets": 30, "complete": False, "replaced": None}
 
 
+def test_the_exact_search_is_skipped_when_elimination_removed_nothing():
+    # Every unit needed alone (removing any leaves the bound), as on SmolLM2 IOI: no choice to correct.
+    units = frozenset(range(6))
+    kept, record = ScoredPruner(lambda c: -10.0 * len(c), 6, 0.01)(units)
+    assert kept == units and len(record["elimination"]) == 0
+    assert record["smaller_search"]["skipped"] == "elimination removed nothing"
+    assert record["circuits_scored"] == 1 + 1 + 6  # nothing, the circuit, each unit left out: no subsets
+
+
 def test_adding_back_swaps_a_route_for_a_smaller_one():
     """Unit 0 alone carries the answer; units 2 and 3 together nearly do. Removing 0 first looks least
     harmful, and elimination is then stuck with {2, 3}; put back (and kept), 0 lets both go."""

@@ -22,7 +22,10 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
    of the rounded mask of each size below the result's is scored, smallest size first, while their
    count stays within MAX_SMALLER; the best one within the bound, if any, replaces the circuit.
    `smaller_search.complete` says whether every smaller size was covered: then no subset of the
-   rounded mask smaller than the pruned circuit stays within the bound.
+   rounded mask smaller than the pruned circuit stays within the bound. It runs only when
+   elimination removed a unit: it corrects elimination's choice of what to remove first, and where
+   no unit of the rounded mask could go alone, no choice was made (on SmolLM2 IOI, six units none of
+   which can go, it would score 56 subsets: 20% of the search's time).
 """
 
 from __future__ import annotations
@@ -135,7 +138,10 @@ class Pruner:
         kept = self.eliminate_all(circuit, steps)
         kept, added = self.add_back(kept, steps, budget)
         greedy = kept
-        kept, search = self.smaller(circuit, kept)
+        if kept == circuit:
+            search = {"sizes": 0, "subsets": 0, "complete": False, "skipped": "elimination removed nothing"}
+        else:
+            kept, search = self.smaller(circuit, kept)
         (final,) = self.objective([kept])
         return kept, {
             "tolerance": self.tolerance,
