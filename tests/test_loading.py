@@ -25,7 +25,7 @@ from circuitfind.methods.objective import Objective, patched_delta, unpatched_lo
 from circuitfind.model.builtin import build_char_tokenizer
 from circuitfind.model.components import locate_components
 from circuitfind.model.engine import make_engine
-from circuitfind.model.loading import load_model
+from circuitfind.model.loading import load_model, placed_by_loader
 from circuitfind.task.encoding import position_ids
 
 from conftest import arithmetic_desideratum
@@ -85,6 +85,20 @@ def test_dtype(llama_dir, dtype):
     assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     ones_zeros_check(model, tok, atol=1e-5 if dtype == "float32" else 2e-2)
+
+
+def test_a_gguf_model_dequantised_on_load_is_moved_but_quantised_weights_are_not():
+    # transformers marks a model loaded from GGUF as quantised even when its weights are plain floats.
+    dense = torch.nn.Linear(2, 2)
+    dense.is_quantized = True
+    assert not placed_by_loader(dense)
+    packed = torch.nn.Module()
+    packed.weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+    packed.is_quantized = True
+    assert placed_by_loader(packed)
+    sharded = torch.nn.Linear(2, 2)
+    sharded.hf_device_map = {"": "cpu"}
+    assert placed_by_loader(sharded) and not placed_by_loader(torch.nn.Linear(2, 2))
 
 
 def test_device_auto_becomes_a_real_device(llama_dir):

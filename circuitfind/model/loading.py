@@ -234,19 +234,33 @@ def load_organism(cfg: ModelConfig):
     return load_checkpoint(cfg.name_or_path, torch_dtype(cfg.dtype), cfg.asset)
 
 
+def load_transformer_lens(cfg: ModelConfig):
+    """A TransformerLens HookedTransformer from a checkpoint directory (model/tlens.py)."""
+    from circuitfind.model.tlens import load_transformer_lens as load  # only with model=transformer_lens
+
+    return load(cfg)
+
+
 LOADERS = {
     "tiny_llama": build_tiny_llama,
     "hf": load_hf,
     "smollm2": load_packaged_gguf,
     "gemma3": load_packaged_gguf,
     "organism": load_organism,
+    "transformer_lens": load_transformer_lens,
 }
 PRETRAINED_KINDS = ("hf", "smollm2", "gemma3")  # loaded through transformers: device_map, quantization, gguf_file apply
 
 
 def placed_by_loader(model: torch.nn.Module) -> bool:
-    """Dispatched over devices by accelerate or quantised by bitsandbytes: it must not be moved or cast."""
-    return getattr(model, "hf_device_map", None) is not None or bool(getattr(model, "is_quantized", False))
+    """Dispatched over devices by accelerate, or holding quantised weights (bitsandbytes, GGUF blocks): it
+    must not be moved or cast. A GGUF file de-quantised on load is a plain model, though transformers still
+    calls it quantised: it is moved to model.device like any other (else SmolLM2 and Gemma stayed on the CPU)."""
+    if getattr(model, "hf_device_map", None) is not None:
+        return True
+    if not getattr(model, "is_quantized", False):
+        return False
+    return not all(p.dtype.is_floating_point for p in model.parameters())
 
 
 @dataclass
