@@ -6,7 +6,7 @@ ARGS ?=
 # Two workers, one thread each (tests/conftest.py); pyproject.toml's addopts choose the fast tier.
 PYTEST := $(BIN)/python -m pytest -q -n 2
 
-.PHONY: help install run test test-all test-slow smoke sweep bench docs lint format clean
+.PHONY: help install run test test-all test-slow smoke sweep bench gpu-check docs lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ sweep: $(STAMP) ## a lambda sweep with its summary table and figure
 
 bench: $(STAMP) ## engine timings against the published script's style
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+gpu-check: $(STAMP) ## on a CUDA GPU, in minutes: organism vs golden, IOI, 4bit, device_map, benches; one table
+	$(BIN)/python scripts/gpu_check.py $(ARGS)
 
 docs: $(STAMP) ## the documentation site (docs/ and an API reference from the docstrings) in site/
 	$(BIN)/pip install -q -e '.[docs]'
