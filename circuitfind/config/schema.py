@@ -28,7 +28,7 @@ class TinyLlamaConfig:
 class ModelConfig:
     """Which causal LM to mask, and where it lives."""
 
-    kind: str = MISSING  # tiny_llama | hf | smollm2 | gemma3 | organism
+    kind: str = MISSING  # tiny_llama | hf | smollm2 | gemma3 | organism | transformer_lens
     name_or_path: Optional[str] = None  # hf: local directory or hub id
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (a GPU if there is one)

@@ -47,6 +47,7 @@ class Adapter:
     n_heads_key: str = "num_attention_heads"  # config key of the number of query heads
     hidden_key: str = "hidden_size"  # config key of the residual width (head_dim = hidden / n_heads)
     head_dim_key: str | None = "head_dim"  # config key of an explicit head size (Gemma, Qwen3), if any
+    mlp_width_key: str | None = None  # config key of the MLP width, where mlp_down is not a Linear (a hook point)
 
 
 _LLAMA_LIKE = Adapter(layers="model.layers", head_proj="self_attn.o_proj", mlp="mlp")
@@ -71,6 +72,17 @@ ADAPTERS = {
     ),
     "gpt_neox": Adapter(  # Pythia
         layers="gpt_neox.layers", head_proj="attention.dense", mlp="mlp", mlp_down="mlp.dense_4h_to_h"
+    ),
+    # A HookedTransformer wrapped by model/tlens.py: its own hook points (hooks.py flattens hook_z's heads)
+    "transformer_lens": Adapter(
+        layers="tl.blocks",
+        head_proj="attn.hook_z",
+        mlp="hook_mlp_out",
+        mlp_down="mlp.hook_post",
+        n_heads_key="n_heads",
+        hidden_key="d_model",
+        head_dim_key="d_head",
+        mlp_width_key="d_mlp",
     ),
 }
 
@@ -139,7 +151,7 @@ def locate_components(model: nn.Module, units: UnitsChoice | None = None) -> Sit
         ) from None
     n_heads, head_dim = head_shape(config, adapter)
     units = units or UnitsChoice()
-    mlp_width = input_width(mlp_downs[0]) or 0
+    mlp_width = input_width(mlp_downs[0]) or int(getattr(config, adapter.mlp_width_key or "", 0) or 0)
     if units.kind == "neurons" and (units.group_size < 1 or mlp_width % units.group_size):
         raise CircuitfindError(
             f"units.group_size={units.group_size} does not divide the MLP width {mlp_width}; "

@@ -276,4 +276,5 @@ def make_engine(name: str, model: torch.nn.Module, sites: Sites, cache: str = "d
     """The engine called `name`; `cache` is the prefix memory policy of engine=cached."""
     if name not in ENGINES:
         raise CircuitfindError(f"engine={name!r} is unknown; choose from {sorted(ENGINES)}")
-    return CachedEngine(model, sites, cache) if name == "cached" else FullEngine(model, sites)
+    classes = getattr(model, "engine_classes", None) or ENGINE_CLASSES  # a wrapped model may bring its own (tlens.py)
+    return classes["cached"](model, sites, cache) if name == "cached" else classes["full"](model, sites)

@@ -107,9 +107,25 @@ def hooks(handles: List[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
             h.remove()
 
 
+def _heads_side_by_side(fn):
+    """`fn` on a TransformerLens hook_z, (B, S, n_heads, d_head), seen as (B, S, n_heads * d_head) like
+    a Hugging Face head projection's input. A changed value is written back in hook_z's own memory
+    layout, so that a keep-everything mix gives the next matmul exactly the tensor it would have had."""
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return fn(x)
+        flat = x.flatten(2)
+        out = fn(flat)
+        return x if out is flat else x.clone().copy_(out.view_as(x))
+
+    return apply
+
+
 def _register(point: HookPoint, layer: int, fn) -> torch.utils.hooks.RemovableHandle:
     """Hook `fn(x) -> x'` on the point's tensor of one layer (the module's first input, or its output)."""
     module = point.modules[layer]
+    fn = _heads_side_by_side(fn)
     if point.reads_input:
 
         def pre(module, args, kwargs):
