@@ -146,7 +146,7 @@ def merging_tokenizer() -> PreTrainedTokenizerFast:
 BAD_INPUTS = {
     "no desiderata": (("task.desiderata=null",), "names no desiderata and none were chosen; add +desiderata=<name>"),
     "unknown key": (("+desiderata=vd_oi", "optimizer.lamm=1"), "Key 'lamm' not in 'OptimizerConfig'"),
-    "unknown option": (("+desiderata=vd_oi", "model=tiny_lama"), "available options: hf, "),
+    "unknown option": (("+desiderata=vd_oi", "model=tiny_lama"), "'model/tiny_lama'; available options: "),
     "wrong type": (("+desiderata=vd_oi", "optimizer.steps=ten"), "could not be converted to Integer"),
     "negative lambda": (("+desiderata=vd_oi", "optimizer.lam=-1"), "optimizer.lam=-1.0 is negative"),
     "zero steps": (("+desiderata=vd_oi", "optimizer.steps=0"), "give at least 1 iteration"),
