@@ -28,7 +28,7 @@ class TinyLlamaConfig:
 class ModelConfig:
     """Which causal LM to mask, and where it lives."""
 
-    kind: str = MISSING  # tiny_llama | hf | smollm2 | gemma3 | organism | transformer_lens
+    kind: str = MISSING  # tiny_llama | hf | smollm2 | gemma3 | organism | transformer_lens | tracr
     name_or_path: Optional[str] = None  # hf: local directory or hub id
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (a GPU if there is one)
@@ -36,6 +36,7 @@ class ModelConfig:
     device_map: Optional[str] = None  # hf: auto | balanced | sequential: shard over the GPUs (accelerate)
     quantization: Optional[str] = None  # hf: 8bit | 4bit (bitsandbytes)
     gguf_file: Optional[str] = None  # hf: a GGUF file, in name_or_path or a path of its own
+    program: Optional[str] = None  # tracr: the RASP program compiled (model/tracr_programs.py)
     asset: str = "organism"  # organism: the one shipped in the package, by folder (organism | organism_positional)
     tiny: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
 

@@ -241,6 +241,13 @@ def load_transformer_lens(cfg: ModelConfig):
     return load(cfg)
 
 
+def load_tracr(cfg: ModelConfig):
+    """A RASP program compiled by tracr into a HookedTransformer, cached (model/tracr_compile.py)."""
+    from circuitfind.model.tracr_compile import load_tracr as load  # only with model=tracr
+
+    return load(cfg)
+
+
 LOADERS = {
     "tiny_llama": build_tiny_llama,
     "hf": load_hf,
@@ -248,6 +255,7 @@ LOADERS = {
     "gemma3": load_packaged_gguf,
     "organism": load_organism,
     "transformer_lens": load_transformer_lens,
+    "tracr": load_tracr,
 }
 PRETRAINED_KINDS = ("hf", "smollm2", "gemma3")  # loaded through transformers: device_map, quantization, gguf_file apply
 
