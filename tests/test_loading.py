@@ -101,6 +101,11 @@ def test_a_gguf_model_dequantised_on_load_is_moved_but_quantised_weights_are_not
     assert placed_by_loader(sharded) and not placed_by_loader(torch.nn.Linear(2, 2))
 
 
+def test_a_tracr_program_with_another_model_is_one_line():
+    with pytest.raises(CircuitfindError, match="model.program applies to model=tracr only"):
+        load_model(ModelConfig(kind="organism", program="reverse"))
+
+
 def test_device_auto_becomes_a_real_device(llama_dir):
     cfg = hf(llama_dir, device="auto")
     loaded = load_model(cfg)

@@ -292,6 +292,8 @@ def load_model(cfg: ModelConfig, before_weights: TokenizerCheck = None) -> Loade
         for key in ("device_map", "quantization", "gguf_file"):
             if getattr(cfg, key, None):
                 raise CircuitfindError(f"model.{key} applies to model=hf only, not model={cfg.kind}")
+    if getattr(cfg, "program", None) and cfg.kind != "tracr":
+        raise CircuitfindError(f"model.program applies to model=tracr only, not model={cfg.kind}; drop model.program")
     device = None if cfg.kind in PRETRAINED_KINDS and cfg.device_map else resolve_device(cfg.device)
     if cfg.kind in PRETRAINED_KINDS:
         model, tokenizer = LOADERS[cfg.kind](cfg, before_weights)
