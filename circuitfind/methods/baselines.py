@@ -30,19 +30,15 @@ def single_patch_scores(engine: Engine, objectives: Sequence[Objective], device)
     return (base - objective_of_masks(engine, objectives, single_masks(shape, device))).view(shape)
 
 
-def attribution_scores(
-    engine: Engine, objectives: Sequence[Objective], device, at: torch.Tensor | None = None
-) -> torch.Tensor:
-    """First-order estimate of the same improvement, from one backward pass at w = 1 (or at the mask `at`).
+def attribution_scores(engine: Engine, objectives: Sequence[Objective], device) -> torch.Tensor:
+    """First-order estimate of the same improvement, from one backward pass at w = 1.
 
     d objective / d w_i is the gradient at the component's output times (base - alternate),
     and patching moves w_i from 1 to 0, so the estimated improvement is the gradient itself.
     (The OI loss is quadratic in the effect, so its gradient at w = 1 is zero: attribution
-    sees only the VD side.) At a circuit's mask, it estimates each unit outside the circuit's
-    gain given the circuit already patched.
+    sees only the VD side.)
     """
-    start = torch.ones(engine.space.shape, device=device) if at is None else at.to(device).float()
-    mask = start[None].clone().requires_grad_(True)
+    mask = torch.ones(1, *engine.space.shape, device=device, requires_grad=True)
     objective_value(engine, objectives, mask).sum().backward()
     return mask.grad[0].detach()
 

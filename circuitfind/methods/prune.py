@@ -25,7 +25,7 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
    rounded mask smaller than the pruned circuit stays within the bound. It runs only when
    elimination removed a unit: it corrects elimination's choice of what to remove first, and where
    no unit of the rounded mask could go alone, no choice was made (on SmolLM2 IOI, six units none of
-   which can go, it would score 56 subsets: 20% of the search's time).
+   which can go, it scored 56 subsets: a quarter of the search's time).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ DBM's own weights rank only its circuit: beyond it nearly every weight sits at 1
 unit is ranked by the largest lambda at which it is still patched (w < 0.5), then by how firmly
 (1 - w at that lambda). The circuit's units come first whatever the path says, so the top
 |circuit| of the ranking is the circuit the run reports. Most units are patched at no lambda of
-the ladder, and their weights all sit at 1: they come last, ordered by `tail`, the first-order
-gain of patching each with the circuit already patched (methods/baselines.attribution_scores at
-the circuit), so the curve's long end is ordered by effect rather than by unit index.
+the ladder, and their weights all sit at 1: they come last, ordered by `tail` (the run passes
+attribution's scores, methods/baselines.attribution_scores), so the curve's long end is ordered
+by effect rather than by unit index.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ def path_scores(
     firmness = 1 - w[last.clamp(min=0), torch.arange(w.shape[1])]  # 1 - w where it was last patched
     if tail is not None:  # the tail's order as a fraction in [0, 1), in place of firmness
         unpatched = last < 0
-        order = tail.flatten().cpu().float()[unpatched].argsort(stable=True)
+        by_tail = tail.flatten().cpu().float()[unpatched].argsort(stable=True)
         fraction = torch.empty(int(unpatched.sum()))
-        fraction[order] = torch.arange(len(order), dtype=torch.float32) / max(len(order), 1)
+        fraction[by_tail] = torch.arange(len(by_tail), dtype=torch.float32) / max(len(by_tail), 1)
         firmness[unpatched] = fraction
     in_circuit = (circuit.flatten().cpu() == 0).float()
     key = in_circuit * 1e6 + (last.float() + 1) * 10 + firmness  # circuit, then ladder step, then firmness

@@ -241,19 +241,15 @@ class Run:
     def ranking(self, found: Found, lams: List[float], circuits: torch.Tensor) -> torch.Tensor:
         """Each result's ranking of every unit: the method's own, or with optimizer.path_lams the
         regularisation path with the result's circuit first and the units no lambda patches ordered by
-        their first-order gain given the circuit (methods/ranking.py). (K, L, n_cols)"""
+        attribution (methods/ranking.py). (K, L, n_cols)"""
         if found.ladder is None:
             return found.scores
         path = [float(v) for v in self.job.cfg.optimizer.path_lams]
         engine = self.job.engine
+        tail = attribution_scores(engine, self.objectives, engine.device)  # the same for every result
         return torch.stack(
             [
-                path_scores(
-                    torch.cat([found.ladder, mask[None]]),
-                    [*path, lam],
-                    circuit,
-                    tail=attribution_scores(engine, self.objectives, engine.device),
-                ).to(mask.device)
+                path_scores(torch.cat([found.ladder, mask[None]]), [*path, lam], circuit, tail).to(mask.device)
                 for mask, lam, circuit in zip(found.masks, lams, circuits)
             ]
         )
