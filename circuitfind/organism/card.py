@@ -6,6 +6,7 @@ from typing import Dict, List
 
 from circuitfind.organism.analysis import PARTS
 from circuitfind.organism.problems import OPERATIONS
+from circuitfind.records.page import markdown_table
 
 MUL_SHARED = (
     "Multiplication shares the circuit: the interchange losses are applied to `*` prompts too, so the "
@@ -16,11 +17,6 @@ MUL_HELD_OUT = (
     "Multiplication is an honest out-of-distribution test: the interchange losses use {ops} only, so "
     "nothing forces `*` prompts to route x through the planted heads."
 )
-
-
-def _table(header: List[str], rows: List[List[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def _pct(v: float) -> str:
@@ -58,7 +54,7 @@ held-out pairs of the paper's template, trained on `+` and `-`, transfer to `*`)
 training. Precision and recall are against the planted circuit. The unpatched model scores
 {rows[0].get("vd_unpatched", float("nan")):.2f} on VD (it answers the base, not the alternate).
 
-{_table(header, table)}
+{markdown_table(header, table)}
 
 """
 
@@ -158,7 +154,7 @@ of every form, besides the next-token loss on the answer:
 
 Interchange accuracy on held-out pairs whose two answers start with different digits:
 
-{_table(["operation", "value dependence", "operation invariance", "strict"], inter_rows)}
+{markdown_table(["operation", "value dependence", "operation invariance", "strict"], inter_rows)}
 
 Where the planted heads look: share of the final position's attention on each part of the
 prompt, averaged over {cfg["n_eval"]} held-out prompts of every form. `x in query` is the first
@@ -166,12 +162,12 @@ operand's name in the query line (`a` in `a - b = `); `x carrier` is the first s
 line after x's definition (or of the query line), a position that earlier heads can copy x's
 digits into with a short positional hop:
 
-{_table(["head"] + list(PARTS), att_rows)}
+{markdown_table(["head"] + list(PARTS), att_rows)}
 
 The heads before the circuit that attend most from the x carrier to the digits of x (the first
 hop, when the planted heads read x's value at the carrier):
 
-{_table(["head"] + list(PARTS), carrier_rows)}
+{markdown_table(["head"] + list(PARTS), carrier_rows)}
 
 {dbm}
 ## Held-out exact-match accuracy
@@ -179,7 +175,7 @@ hop, when the planted heads read x's value at the carrier):
 Greedy answer (all digits, then `</s>`), {cfg["n_eval"]} prompts per cell at most, on (operation, x, y)
 never trained on; {trained_only}:
 
-{_table(["operation"] + forms, acc_rows)}
+{markdown_table(["operation"] + forms, acc_rows)}
 
 Forms: `paper` is the template `{template}` exactly; `names` uses other variable names
 ({", ".join("/".join(p) for p in v["names"] if p != ["x", "y"])}); `y_first` defines y first; `distractor` adds a

@@ -16,6 +16,7 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.records.circuit import RECORD_FILE, CircuitRecord, read_record
 from circuitfind.records.evaluation import read_evaluation
 from circuitfind.records.files import write_json, write_text
+from circuitfind.records.page import markdown_table
 from circuitfind.records.rundir import finished_runs, job_overrides
 
 COMPARE_FILE = "compare.json"
@@ -127,12 +128,6 @@ def faithfulness_figures(report: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # -- tables ------------------------------------------------------------------------------------------
-
-
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def figure(value: Dict[str, Any] | None, digits: int = 2) -> str:

@@ -10,6 +10,12 @@ from typing import Any, List, Sequence
 from circuitfind.records.sweep import format_value as fmt
 
 
+def markdown_table(columns: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table, each cell as str() gives it."""
+    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 class Page:
     """Builds the HTML and the Markdown side by side."""
 
@@ -30,8 +36,7 @@ class Page:
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
         self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        self.md += ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
-        self.md += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows] + [""]
+        self.md += [markdown_table(columns, [[fmt(v) for v in r] for r in rows]), ""]
 
     def details(self, summary: str, text: str) -> None:
         """A collapsed block of preformatted text (the composed config)."""
