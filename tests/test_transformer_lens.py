@@ -7,6 +7,7 @@ self-checks; a checkpoint directory through `model=transformer_lens` and the CLI
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -253,9 +254,9 @@ def test_bad_checkpoint_directories_are_one_line(tmp_path):
 
 def test_transformer_lens_not_installed_is_one_line(tmp_path, monkeypatch):
     save_tiny(tmp_path)
-    real = tlens.importlib.util.find_spec
+    real = importlib.util.find_spec
     monkeypatch.setattr(
-        tlens.importlib.util, "find_spec", lambda name, *a: None if name == "transformer_lens" else real(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "transformer_lens" else real(name, *a)
     )
     assert _load_error(tmp_path) == (
         "model=transformer_lens needs the transformer-lens package, which is not installed: "

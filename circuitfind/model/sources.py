@@ -21,10 +21,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 TRUE = ("1", "true", "yes", "on")
 
 
-def require(module: str, what: str, install: str) -> None:
-    """Stop with the install command when an optional package is missing."""
+def require(module: str, what: str, install: str, package: str | None = None) -> None:
+    """Stop with the install command when an optional package is missing (`package`: its name on the
+    package index, where that is not the module's)."""
     if importlib.util.find_spec(module) is None:
-        raise CircuitfindError(f"{what} needs the {module} package, which is not installed: {install}")
+        raise CircuitfindError(f"{what} needs the {package or module} package, which is not installed: {install}")
 
 
 def hf_source(cfg: ModelConfig) -> Tuple[str, Optional[str]]:

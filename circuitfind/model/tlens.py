@@ -20,7 +20,6 @@ fields; `save_hooked_transformer` writes one), the weights (`model.safetensors`,
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import warnings
@@ -37,6 +36,7 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import Sites
 from circuitfind.model.engine import CachedEngine, FullEngine, Prepared
 from circuitfind.model.hooks import SiteValues
+from circuitfind.model.sources import require
 
 INSTALL = "pip install 'circuitfind[tlens]'"
 CONFIG_FILES = ("config.json", "ll_model_cfg.json")  # ours; InterpBench's config converted to JSON
@@ -47,8 +47,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 def require_transformer_lens(what: str) -> None:
     """One line naming the install command when transformer_lens is missing."""
-    if importlib.util.find_spec("transformer_lens") is None:
-        raise CircuitfindError(f"{what} needs the transformer-lens package, which is not installed: {INSTALL}")
+    require("transformer_lens", what, INSTALL, package="transformer-lens")
+
+
+def new_hooked_transformer(config):
+    """An untrained HookedTransformer of `config`, built on the CPU (the caller loads its weights)."""
+    from transformer_lens import HookedTransformer
+
+    with warnings.catch_warnings():  # 3.x warns that 4.0 removes HookedTransformer: the extra pins < 4
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
+        return HookedTransformer(config, move_to_device=False)
 
 
 @dataclass
@@ -324,7 +332,7 @@ def load_transformer_lens(cfg) -> tuple[TransformerLensLM, Any]:
             f"{path} has no tokenizer (tokenizer.json or tokenizer_config.json); save a Hugging Face tokenizer there "
             "with tokenizer.save_pretrained (tracr-converted models have none: build one for their vocabulary)"
         )
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
     from transformers import AutoTokenizer
 
     try:
@@ -337,9 +345,7 @@ def load_transformer_lens(cfg) -> tuple[TransformerLensLM, Any]:
     except (ValueError, TypeError, AttributeError, AssertionError) as e:
         raise CircuitfindError(f"{config_file} is not a HookedTransformerConfig: {_first_line(e)}") from None
     state = _read_weights(weights)
-    with warnings.catch_warnings():  # 3.x warns that 4.0 removes HookedTransformer: the extra pins < 4
-        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
-        tl = HookedTransformer(config, move_to_device=False)
+    tl = new_hooked_transformer(config)
     try:
         tl.load_state_dict(state, strict=True)
     except RuntimeError as e:  # torch's message: a heading line, then one line per missing or misshapen tensor

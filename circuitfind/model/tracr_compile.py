@@ -30,7 +30,6 @@ import re
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -40,7 +39,12 @@ import torch
 from circuitfind.config.choices import LAST
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.engine import FullEngine
-from circuitfind.model.tlens import TransformerLensBody, TransformerLensLM, require_transformer_lens
+from circuitfind.model.tlens import (
+    TransformerLensBody,
+    TransformerLensLM,
+    new_hooked_transformer,
+    require_transformer_lens,
+)
 from circuitfind.model.tracr_programs import PROGRAMS, TracrProgram
 
 log = logging.getLogger(__name__)
@@ -347,12 +351,10 @@ def compiled_dir(spec: TracrProgram) -> Path:
 
 def hooked_transformer(tl_config: Dict[str, Any], state: Dict[str, torch.Tensor]):
     """A HookedTransformer with these config fields and weights (on the CPU, float32)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
 
     config = HookedTransformerConfig.from_dict(dict(tl_config, device="cpu", n_devices=1, dtype=torch.float32))
-    with warnings.catch_warnings():  # 3.x warns that 4.0 removes HookedTransformer: the extra pins < 4
-        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
-        tl = HookedTransformer(config, move_to_device=False)
+    tl = new_hooked_transformer(config)
     weights = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v)) for k, v in state.items()}
     result = tl.load_state_dict(weights, strict=False)
     buffers = dict(tl.named_buffers())  # TransformerLens's masks, made by the model itself
