@@ -21,10 +21,12 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.model import tracr_compile
 from circuitfind.model.loading import load_model
 from circuitfind.model.tracr_compile import TracrLM, TracrTokenizer, compile_program, hooked_transformer, program_spec
-from circuitfind.model.tracr_programs import PROGRAMS
+from circuitfind.records.circuit import planted_line
 from circuitfind.runs.job import Job
 from circuitfind.runs.train import Run
+from circuitfind.task import rasp_programs
 from circuitfind.task.library import load_task
+from circuitfind.task.rasp_programs import PROGRAMS, run_program, value_text
 from circuitfind.task.spec import SPLITS
 
 from conftest import compose, train_error
@@ -121,7 +123,7 @@ def test_truth_leaves_out_the_unused_branch(compiled):
     unused = [label for label in meta["units"] if label.startswith("n_smaller")]
     assert unused and meta["units"][unused[0]] == ["L0.H1", "L0.MLP"]  # the ignored count: head 1 of layer 0
     assert "L0.H1" not in meta["truth"] and "L0.H0" in meta["truth"]
-    assert model.config.circuitfind["planted_circuit"] == meta["truth"]
+    assert model.config.circuitfind["tracr_depends_on"] == meta["truth"]
     # checked on the model: zeroing the unused head changes no output, zeroing the histogram's head does
     columns = [[str(t) for t in meta["tokens"]].index(str(v)) for v in meta["outputs"]]
     changed = {"L0.H1": 0, "L0.H0": 0}
@@ -166,7 +168,7 @@ def test_cache_is_reused(tmp_path, monkeypatch):
     ids = torch.tensor([second.tokenizer.encode("a b a")])
     torch.testing.assert_close(first.model(ids).logits, second.model(ids).logits)
     assert second.tokenizer.decode(second.model(ids).logits[0, -1:].argmax(-1)) == "2"
-    assert second.model.config.circuitfind["planted_circuit"] == TRUTH["histogram"]
+    assert second.model.config.circuitfind["tracr_depends_on"] == TRUTH["histogram"]
     real = tracr_compile.importlib.util.find_spec
     hidden = lambda name, *a: None if name in ("tracr", "jax", "haiku") else real(name, *a)  # noqa: E731
     monkeypatch.setattr(tracr_compile.importlib.util, "find_spec", hidden)
@@ -206,35 +208,105 @@ def test_bad_tokens_and_lengths(compiled):
         model.base_model(too_long)  # what the engines call
 
 
+# what each task's answer (the program's output at the last of four tokens) means, written without tracr
+MEANING = {
+    "reverse": lambda t: t[0],
+    "sort": lambda t: max(t),
+    "histogram": lambda t: t.count(t[-1]),
+    "hist_unused": lambda t: t.count(t[-1]),
+    "frac_prevs": lambda t: t.count("x") / len(t),
+}
+
+
 @needs_tracr
-def test_reverse_task_answers_are_the_programs_output():
-    """task=tracr_reverse's answer, an expression, is what the RASP program gives at the last position
-    (tracr's own RASP evaluator, not the model), on every problem of every split."""
-    task = load_task("tracr_reverse")
-    program = PROGRAMS["reverse"].build()
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_task_answers_are_the_programs_output(name):
+    """task=tracr_<program>'s answer, rasp(...)[-1], is what the RASP program gives at the last position (tracr's
+    evaluator, never the model), written as the model's token: checked against the program's meaning on every
+    problem, and rasp() against the library's hand-written example."""
+    spec = PROGRAMS[name]
+    assert run_program(name, *spec.example) == [value_text(v) for v in spec.example_output]
+    task = load_task(f"tracr_{name}")
     form = task.draw_form(random.Random(0))
-    checked = set()
-    for split in SPLITS:
-        for problem in task.problems(split):
-            prompt = task.render(problem, form)
-            out = program(prompt.text.split())  # the RASP program, evaluated
-            assert prompt.answer_text == str(out[-1]) == str(problem.answer), prompt.text
-            checked.add(prompt.text)
-    assert len(checked) == 4**4
+    problems = {p for split in SPLITS for p in task.problems(split)}
+    for problem in problems:
+        prompt = task.render(problem, form)
+        tokens = [problem[s] for s in ("t0", "t1", "t2", "t3")]
+        assert prompt.text.split() == [str(t) for t in tokens]
+        assert prompt.answer_text == value_text(MEANING[name](tokens)), prompt.text
+    assert len(problems) == len(spec.vocab) ** 4
+
+
+def test_rasp_bad_input_is_one_line():
+    """rasp() in a task's answer: an unknown program, a token outside its vocabulary, too many tokens, tracr
+    missing; each one line (checked before tracr is imported)."""
+    with pytest.raises(CircuitfindError, match=r"rasp\('nope', ...\): no such RASP program; choose from \["):
+        run_program("nope", "a")
+    with pytest.raises(CircuitfindError, match=r"'z' is not an input of the program \(its inputs: a b c d\)"):
+        run_program("reverse", "a", "z")
+    with pytest.raises(CircuitfindError, match=r"takes 1 to 5 tokens; got 6: shorten the template"):
+        run_program("reverse", *"abcdab")
+
+
+def test_rasp_without_tracr_is_one_line(monkeypatch):
+    rasp_programs._built.cache_clear()
+    real = rasp_programs.importlib.util.find_spec
+    monkeypatch.setattr(rasp_programs.importlib.util, "find_spec", lambda n, *a: None if n == "tracr" else real(n, *a))
+    with pytest.raises(
+        CircuitfindError, match=r"runs the RASP program with tracr, which is not installed: pip install"
+    ):
+        run_program("histogram", "a", "b")
+    rasp_programs._built.cache_clear()
 
 
 @needs_tracr
-def test_train_on_reverse_reports_precision_and_recall(tmp_path, monkeypatch):
-    """`circuitfind train task=tracr_reverse model=tracr model.program=reverse`, in process: varying the first
-    token, the circuit is the head that moves it to the last position (L3.H0); the prompts all have four
-    tokens, so the length units of the truth never differ between base and alternate: recall 1/5."""
+@pytest.mark.e2e  # compiles frac_prevs afresh
+def test_numerical_output_is_read_as_its_nearest_value(compiled):
+    """frac_prevs's output is a number: each value it can take is a token, and the logits score the value read off
+    the residual stream, so the argmax at every position is the program's own value, on every input of four."""
+    _, model, tok, meta = compiled("frac_prevs")
+    assert not meta["categorical"] and meta["outputs"] == ["0", "0.2", "0.25", "0.333", "0.4", "0.5", "0.6",
+                                                           "0.667", "0.75", "0.8", "1"]  # fmt: skip
+    for tokens in itertools.product(PROGRAMS["frac_prevs"].vocab, repeat=4):
+        ids = torch.tensor([tok.encode(" ".join(tokens))])
+        logits = model(ids).logits[0, 1:]  # (4, V)
+        assert [tok.texts[i] for i in logits.argmax(-1).tolist()] == run_program("frac_prevs", *tokens), tokens
+        top2 = logits.topk(2, dim=-1).values
+        assert bool((top2[:, 0] - top2[:, 1] >= 1 - 1e-3).all())  # the nearest value wins by at least 1
+
+
+def train(tmp_path, monkeypatch, *overrides):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = compose("task=tracr_reverse", "model=tracr", "model.program=reverse", "progress=false", "plots=false")
-    (record,) = Run(Job(cfg)).execute(tmp_path / "run")
+    (record,) = Run(Job(compose(*overrides, "model=tracr", "progress=false", "plots=false"))).execute(tmp_path / "run")
+    return record
+
+
+@needs_tracr
+def test_train_on_reverse_finds_the_truth(tmp_path, monkeypatch):
+    """`circuitfind train task=tracr_reverse model=tracr model.program=reverse`, in process: varying the first
+    token, the only unit between it and the output is the head that moves it to the last position (the length
+    units never differ: every prompt has four tokens), and the search finds exactly that head."""
+    record = train(tmp_path, monkeypatch, "task=tracr_reverse", "model.program=reverse")
     assert [row["name"] for row in record.circuit] == ["L3.H0"]
-    assert record.planted["planted"] == TRUTH["reverse"]
-    assert (record.planted["precision"], record.planted["recall"]) == (1.0, 0.2)
+    assert record.planted == {"planted": ["L3.H0"], "precision": 1.0, "recall": 1.0, "exact": True, "unique": True,
+                              "circuits": [["L3.H0"]], "why": None}  # fmt: skip
+
+
+@needs_tracr
+@pytest.mark.e2e  # compiles two programs afresh (5-7 s each on 2 cores) and runs two searches
+def test_train_at_positions_and_a_truth_that_is_not_unique(tmp_path, monkeypatch):
+    """sort at every token: the last head alone carries a changed first token (its value is read straight from
+    the token), so the truth is one unit and the search finds it. histogram: the count's head and its MLP lie
+    in series, either one carries the change, so the record gives both circuits and says why."""
+    record = train(tmp_path / "sort", monkeypatch, "task=tracr_sort", "model.program=sort",
+                   "units.positions=[t0,t1,t2,last]")  # fmt: skip
+    assert record.planted["circuits"] == [["L2.H0@last"]] and record.planted["exact"]
+    record = train(tmp_path / "hist", monkeypatch, "task=tracr_histogram", "model.program=histogram")
+    assert record.planted["circuits"] == [["L0.H0"], ["L0.MLP"]] and not record.planted["unique"]
+    assert "units in series on one path carry the same change" in record.planted["why"]
+    assert record.planted["exact"] and record.planted["precision"] == record.planted["recall"] == 1.0
+    assert "; not unique: 2 smallest circuits of 1 unit(s) each" in planted_line(record.planted)  # log and report
 
 
 @needs_tracr
@@ -246,3 +318,42 @@ def test_a_run_with_tokens_the_program_lacks_is_one_line(tmp_path, monkeypatch):
     (folder / "model.safetensors").write_bytes(b"not weights")
     line = train_error("task=tracr_reverse", "model=tracr", "model.program=reverse")
     assert line.endswith(f"the tracr cache {folder} is unreadable (SafetensorError); delete that folder"), line
+
+
+def node(units, here=(), everywhere=()):
+    return {"units": list(units), "here": list(here), "everywhere": list(everywhere)}
+
+
+INPUTS = {"tokens": node([]), "indices": node([])}
+
+
+@pytest.mark.parametrize(
+    "graph, varied, positions, circuits",
+    [
+        # an attention reads the varied token straight from its position: only its head carries the change
+        ({"out": node(["L0.H0"], here=["indices"], everywhere=["tokens"])}, {1}, {"t": [1], "last": [2]},
+         [["L0.H0@last"]]),
+        # two heads in parallel into a node no unit implements: both are needed, and together they suffice
+        ({"h1": node(["L0.H0"], everywhere=["tokens"]), "h2": node(["L0.H1"], everywhere=["tokens"]),
+          "out": node([], here=["h1", "h2"])}, {1}, {"last": [2]}, [["L0.H0@last", "L0.H1@last"]]),
+        # one MLP implementing two nodes on two paths cuts both
+        ({"a": node(["L0.MLP"], here=["tokens"]), "b": node(["L0.MLP"], here=["tokens"]),
+          "out": node([], here=["a", "b"])}, {2}, {"last": [2]}, [["L0.MLP@last"]]),
+        # a selector width's head and MLP in series, then a map: three cuts of one unit
+        ({"w": node(["L0.H0", "L0.MLP"], here=["tokens"], everywhere=["tokens"]), "out": node(["L1.MLP"], here=["w"])},
+         {1}, {"last": [2]}, [["L0.H0@last"], ["L0.MLP@last"], ["L1.MLP@last"]]),
+        # a map at the last position never sees a token at another: no path, no truth
+        ({"out": node(["L0.MLP"], here=["tokens"])}, {1}, {"last": [2]}, []),
+        # the change reaches the output only where the run has no unit
+        ({"out": node(["L0.H0"], everywhere=["tokens"])}, {1}, {"t": [1]}, []),
+    ],
+)  # fmt: skip
+def test_graph_truth_is_the_smallest_cuts(graph, varied, positions, circuits):
+    """The truth read off a graph (model/tracr_truth.py), on small graphs whose smallest cuts are known."""
+    from circuitfind.model.tracr_truth import graph_truth
+
+    truth = graph_truth(INPUTS | graph, "out", 3, varied, positions)
+    assert truth.circuits == circuits
+    assert (truth.why is None) == (len(circuits) == 1)
+    if len(circuits) > 1:
+        assert "units in series on one path carry the same change" in truth.why

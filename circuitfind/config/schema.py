@@ -36,7 +36,7 @@ class ModelConfig:
     device_map: Optional[str] = None  # hf: auto | balanced | sequential: shard over the GPUs (accelerate)
     quantization: Optional[str] = None  # hf: 8bit | 4bit (bitsandbytes)
     gguf_file: Optional[str] = None  # hf: a GGUF file, in name_or_path or a path of its own
-    program: Optional[str] = None  # tracr: the RASP program compiled (model/tracr_programs.py)
+    program: Optional[str] = None  # tracr: the RASP program compiled (task/rasp_programs.py)
     asset: str = "organism"  # organism: the one shipped in the package, by folder (organism | organism_positional)
     tiny: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
 

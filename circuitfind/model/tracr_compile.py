@@ -6,8 +6,8 @@
                attention both ways, ReLU MLPs); each vocabulary item is one token of TracrTokenizer
     truth      which RASP node each head (L{l}.H{h}) and MLP (L{l}.MLP) implements, and which of them the
                output depends on: the graph walked back from the output, skipping the inputs a Map or
-               SequenceMap's function ignores over the values it can see; exposed as the model's
-               `planted_circuit`, so a run reports precision and recall (evaluation/planted.py)
+               SequenceMap's function ignores over the values it can see; and what each node reads where,
+               from which a run's truth is read (tracr_truth.py, TracrLM.graph_truth, evaluation/planted.py)
     cache      ~/.cache/circuitfind/tracr/<program>-<hash>/ ($XDG_CACHE_HOME respected): config.json,
                model.safetensors, tracr.json; a second run loads it without importing tracr or jax
 
@@ -31,12 +31,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 
-from circuitfind.config.choices import LAST
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.engine import FullEngine
 from circuitfind.model.tlens import (
@@ -45,13 +44,15 @@ from circuitfind.model.tlens import (
     new_hooked_transformer,
     require_transformer_lens,
 )
-from circuitfind.model.tracr_programs import PROGRAMS, TracrProgram
+from circuitfind.model.tracr_truth import GraphTruth, graph_truth
+from circuitfind.task.rasp_programs import PROGRAMS, TracrProgram, output_values, value_text
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install 'circuitfind[tracr]'"
-CONVERTER_VERSION = 1  # part of the cache key: a changed conversion compiles again
+CONVERTER_VERSION = 2  # part of the cache key: a changed conversion compiles again
 BOS, PAD = "BOS", "PAD"  # the tokenizer's names for tracr's compiler_bos and compiler_pad
 MASKED = -1e30  # a pad key's attention score, as tracr writes it
+NOT_AN_OUTPUT = -1e4  # the logit of a token that is no output of the program (BOS, PAD, inputs only)
 
 
 def program_spec(name: Optional[str]) -> TracrProgram:
@@ -121,9 +122,15 @@ def compile_program(spec: TracrProgram) -> Tuple[Any, Dict[str, np.ndarray], Dic
     readout = np.stack([residual.vector_from_basis_direction(d).magnitudes for d in output_space.basis], 1)  # (D, O)
 
     categorical = rasp.is_categorical(sink[nodes.EXPR])
-    outputs = [d.value for d in output_space.basis] if categorical else []
+    if categorical:
+        outputs, values = [d.value for d in output_space.basis], []
+    else:  # each value the output can take becomes a token (value_text), read off the value (see convert)
+        values = output_values(spec.name)
+        outputs = [value_text(v) for v in values]
+        if len(set(outputs)) != len(outputs):
+            raise CircuitfindError(f"tracr program {spec.name}: two output values are written alike ({outputs})")
     tokens = token_list(spec.vocab, outputs)
-    state, tl_config = convert(assembled, spec, tokens, outputs, readout, categorical)
+    state, tl_config = convert(assembled, spec, tokens, outputs, values, readout)
     _, module_names = assemble._get_model_config_and_module_names(craft_model)
     units = units_by_node(graph, craft_model, module_names)
     truth = sorted({u for label in depends_on(graph, sink) for u in units.get(label, [])}, key=_unit_order)
@@ -139,6 +146,7 @@ def compile_program(spec: TracrProgram) -> Tuple[Any, Dict[str, np.ndarray], Dic
         "output_node": sink[nodes.ID],
         "units": {label: us for label, us in units.items()},  # RASP node -> the units implementing it
         "truth": truth,
+        "graph": graph_reads(graph, units),  # what each node reads, where: the cuts of tracr_truth.py
         "tl_config": tl_config,
         "tracr_version": _version("tracr-pypi"),
         "compile_seconds": round(time.perf_counter() - start, 2),
@@ -155,9 +163,16 @@ def token_list(vocab: Sequence[Any], outputs: Sequence[Any]) -> List[Any]:
     return tokens
 
 
-def convert(assembled, spec: TracrProgram, tokens: List[Any], outputs: List[Any], readout: np.ndarray,
-            categorical: bool) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:  # fmt: skip
-    """tracr's haiku params as HookedTransformer weights. -> (state dict of arrays, config fields)"""
+def convert(assembled, spec: TracrProgram, tokens: List[Any], outputs: List[Any], values: List[float],
+            readout: np.ndarray) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:  # fmt: skip
+    """tracr's haiku params as HookedTransformer weights. -> (state dict of arrays, config fields)
+
+    The unembedding: a categorical output's value directions are its tokens' logits. A numerical output
+    (`values` given, `outputs` their texts) has one direction, whose read value v = resid . u scores each
+    possible value x as logit[x] = (2 x v - x^2) / g^2 = (v^2 - (v - x)^2) / g^2, g the smallest gap between two
+    values: the argmax is the nearest value, a value read exactly wins by at least 1 (as a categorical output's
+    token does), and logit[a] - logit[b] = ((v - b)^2 - (v - a)^2) / g^2 is positive when v is nearer a. Tokens
+    that are no output get NOT_AN_OUTPUT, so that they never win."""
     params, mc = assembled.params, assembled.model_config
     n_heads, d_head = mc.num_heads, mc.key_size
     embed = np.asarray(params["token_embed"]["embeddings"])  # (tracr input ids, D)
@@ -169,17 +184,22 @@ def convert(assembled, spec: TracrProgram, tokens: List[Any], outputs: List[Any]
         key = names.get(item, item) if isinstance(item, str) else item
         if key in encoding:
             w_e[i] = embed[encoding[key]]
-    w_u = np.zeros((d_model, len(tokens)), np.float32)  # numerical: no token carries the value (meta["readout"])
-    if categorical:
-        texts = [str(t) for t in tokens]
-        for o, value in enumerate(outputs):
-            w_u[:, texts.index(str(value))] = readout[:, o]
+    texts = [str(t) for t in tokens]
+    w_u = np.zeros((d_model, len(tokens)), np.float32)
+    b_u = np.full(len(tokens), NOT_AN_OUTPUT, np.float32)
+    scale = 1 / min(np.diff(values)) ** 2 if len(values) > 1 else 1.0  # numerical: the nearest value wins by >= 1
+    for o, item in enumerate(outputs):
+        column = texts.index(str(item))
+        if values:  # numerical: logit[x] = (2 x v - x^2) / g^2
+            w_u[:, column], b_u[column] = 2 * scale * values[o] * readout[:, 0], -scale * values[o] ** 2
+        else:
+            w_u[:, column], b_u[column] = readout[:, o], 0.0
     n_ctx = spec.max_seq_len + 1
     state: Dict[str, np.ndarray] = {
         "embed.W_E": w_e,
         "pos_embed.W_pos": np.asarray(params["pos_embed"]["embeddings"])[:n_ctx],  # (n_ctx, D): BOS's row is 0
         "unembed.W_U": w_u,
-        "unembed.b_U": np.zeros(len(tokens), np.float32),
+        "unembed.b_U": b_u,
     }
 
     def linear(name: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -303,6 +323,38 @@ def live_children(expr, graph) -> List[Any]:
     return list(expr.children)
 
 
+def graph_reads(graph, units: Dict[str, List[str]]) -> Dict[str, Dict[str, Any]]:
+    """Per RASP node: the nodes it reads at its own position (`here`), those it reads at every position
+    (`everywhere`: an attention's keys and values), and its units in order (a SelectorWidth's head, then
+    its MLP). A selector that selects all or nothing (TRUE, FALSE) reads nothing of its keys and queries."""
+    from tracr.compiler import nodes
+    from tracr.rasp import rasp
+
+    def selector_reads(sel) -> Tuple[List[str], List[str]]:
+        if isinstance(sel, rasp.Select):
+            if sel.predicate in (rasp.Comparison.TRUE, rasp.Comparison.FALSE):
+                return [], []
+            return [sel.queries.label], [sel.keys.label]
+        here, everywhere = [], []
+        for child in sel.children:  # SelectAnd, SelectOr, SelectNot
+            q, k = selector_reads(child)
+            here, everywhere = here + q, everywhere + k
+        return here, everywhere
+
+    out = {}
+    for label, node in graph.nodes.items():
+        expr = node[nodes.EXPR]
+        if isinstance(expr, rasp.Aggregate):
+            here, keys = selector_reads(expr.selector)
+            everywhere = keys + [expr.sop.label]
+        elif isinstance(expr, rasp.SelectorWidth):
+            here, everywhere = selector_reads(expr.selector)
+        else:
+            here, everywhere = [c.label for c in live_children(expr, graph)], []
+        out[label] = {"here": sorted(set(here)), "everywhere": sorted(set(everywhere)), "units": units.get(label, [])}
+    return out
+
+
 def _unit_order(unit: str) -> Tuple[int, int]:
     layer, kind = unit.split(".")
     return int(layer[1:]), 10**6 if kind == "MLP" else int(kind[1:])  # MLP after the heads of its layer
@@ -408,6 +460,7 @@ class TracrTokenizer:
         self.bos_token_id, self.pad_token_id = self._ids[BOS], self._ids[PAD]
         self.eos_token_id = None
         self.unk_token, self.unk_token_id = None, None  # an unknown token is refused, never read as unk
+        self.is_fast = True  # gives character offsets, so units.positions may name task slots
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -493,7 +546,7 @@ class TracrBody(TransformerLensBody):
 
 
 class TracrLM(TransformerLensLM):
-    """A compiled RASP program as a causal LM for the engines; its ground truth is the planted circuit."""
+    """A compiled RASP program as a causal LM for the engines, with its ground truth read off the graph."""
 
     def __init__(self, tl, meta: Dict[str, Any]):
         super().__init__(tl)
@@ -502,13 +555,17 @@ class TracrLM(TransformerLensLM):
         texts = [str(t) for t in meta["tokens"]]
         self._inputs = torch.tensor([texts.index(str(v)) for v in [BOS, PAD, *meta["vocab"]]])
         self.config.circuitfind = {
-            "planted_circuit": list(meta["truth"]),
-            "planted_position": LAST,
+            "tracr_depends_on": list(meta["truth"]),  # every unit the output depends on at all
             "tracr_program": meta["program"],
             "tracr_units": meta["units"],
         }
 
     engine_classes = property(lambda self: {"full": FullEngine, "cached": _full_engine})
+
+    def graph_truth(self, length: int, varied: Set[int], positions: Dict[str, Sequence[int]]) -> GraphTruth:
+        """The smallest sets of units at `positions` (name -> token indices) that carry the change of the tokens
+        at `varied` to the output at the last of `length` tokens, read off the compiled graph (tracr_truth.py)."""
+        return graph_truth(self.meta["graph"], self.meta["output_node"], length, varied, positions)
 
     def check_input(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> None:
         """One line for a sequence longer than the program's max_seq_len (plus BOS), or a token that is no input."""

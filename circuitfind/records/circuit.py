@@ -142,3 +142,13 @@ def read_record(run: Path) -> CircuitRecord:
         raise CircuitfindError(f"{run} has no readable {RECORD_FILE}; it is not a finished run") from None
     except (ValueError, TypeError) as e:
         raise CircuitfindError(f"{path} is not a circuitfind record ({e}); re-run the job") from None
+
+
+def planted_line(planted: Dict[str, Any]) -> str:
+    """The found circuit against the ground truth, in one sentence (and why the truth is not unique, if so)."""
+    scores = f"precision {planted['precision']:.2f}, recall {planted['recall']:.2f}"
+    if "circuits" not in planted:
+        return f"against the circuit planted in the model {planted['planted']}: {scores}"
+    if planted["unique"]:
+        return f"against the ground truth read off the compiled graph {planted['planted']}: {scores}"
+    return f"against the nearest of the ground truth's circuits, {planted['planted']}: {scores}; not unique: {planted['why']}"

@@ -25,6 +25,7 @@ from circuitfind.records.circuit import (
     CircuitRecord,
     headline_metrics,
     metric_key,
+    planted_line,
     read_record,
 )
 from circuitfind.records.evaluation import (
@@ -87,8 +88,8 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
             f"at λ={s['lam']:g}. Lambdas tried (units): {tried}."
         )
     if result.planted:
-        p = result.planted
-        page.text(f"Planted circuit {p['planted']}: precision {p['precision']:.2f}, recall {p['recall']:.2f}.")
+        line = planted_line(result.planted)
+        page.text(line[0].upper() + line[1:] + ".")
     if (run / "attention.png").is_file():
         page.image(run / "attention.png", f"attention of the circuit heads, {run.name}")
     if result.attention:

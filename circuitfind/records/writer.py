@@ -18,7 +18,7 @@ import torch
 
 from circuitfind.model.space import ComponentSpace
 from circuitfind.records import plots
-from circuitfind.records.circuit import CIRCUIT_COLUMNS, CircuitRecord, metric_key, write_record
+from circuitfind.records.circuit import CIRCUIT_COLUMNS, CircuitRecord, metric_key, planted_line, write_record
 from circuitfind.records.evaluation import EVAL_FILE, evaluation_lines
 from circuitfind.records.export import export_circuit
 from circuitfind.records.files import write_json, write_tensors, write_text
@@ -151,11 +151,7 @@ def log_result(record: CircuitRecord, out_dir: Path) -> None:
             f"held-out {held_out_summary(raw['metrics'], names)}"
         )
     if record.planted:
-        p = record.planted
-        log.info(
-            f"{record.label}: against the circuit planted in the model {p['planted']}: "
-            f"precision {p['precision']:.2f}, recall {p['recall']:.2f}"
-        )
+        log.info(f"{record.label}: {planted_line(record.planted)}")
 
 
 def write_evaluation(out_dir: Path, evaluation: Dict[str, Any]) -> Path:

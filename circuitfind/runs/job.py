@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
@@ -16,6 +17,7 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.evaluation.ablation import Reference, ReferencePrompt, reference_values, shift
 from circuitfind.evaluation.circuit_tests import CircuitEvaluation
 from circuitfind.evaluation.heldout import EvalSplit, prepare_split
+from circuitfind.evaluation.planted import Truth, planted_truth
 from circuitfind.evaluation.selfcheck import self_checks
 from circuitfind.methods.objective import Objective, unpatched_logit_diff
 from circuitfind.methods.registry import method_named
@@ -137,6 +139,18 @@ class Job:
         if ALL not in positions:
             return tuple(positions)
         return expand_all(positions, max(len(tokenizer(p.text, add_special_tokens=True)["input_ids"]) for p in prompts))
+
+    @functools.cached_property
+    def truth(self) -> Truth | None:
+        """The ground truth found circuits are scored against, if the model has one (evaluation/planted.py):
+        for a compiled program, the tokens varied by the trained desiderata that follow the alternate."""
+        pairs = [
+            pair
+            for dd in self.data.values()
+            if dd.desideratum.train and dd.desideratum.target == "alternate"
+            for pair in dd.train
+        ]
+        return planted_truth(self.model, self.space, self.encoder, pairs)
 
     def memory_estimate(self) -> MemoryEstimate:
         """What the masks, the kept prefixes and one step's activations will take (model/memory.py)."""

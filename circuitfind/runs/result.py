@@ -53,7 +53,7 @@ def make_record(job: Job, result: SearchResult, facts: RunFacts) -> CircuitRecor
         baseline_ci=facts.baseline_ci,
         checks=facts.checks,
         lambda_search=facts.lambda_search,
-        planted=planted_scores(job.model, [row["name"] for row in circuit], space),
+        planted=planted_scores(job.truth, [row["name"] for row in circuit]),
         headline_circuit="pruned" if result.pruning is not None else "rounded",
         raw=raw_record(job, result),
         pruning=result.pruning or {},
@@ -99,7 +99,7 @@ def raw_record(job: Job, result: SearchResult) -> Dict[str, Any]:
     if result.raw is None:
         return {}
     names = result.raw["circuit"]
-    return {"n_patched": len(names), **result.raw, "planted": planted_scores(job.model, names, job.space)}
+    return {"n_patched": len(names), **result.raw, "planted": planted_scores(job.truth, names)}
 
 
 def final_heads(circuit: List[Dict[str, Any]]) -> List[tuple[int, int]]:

@@ -2,7 +2,7 @@
 
 An expression is Python syntax restricted to arithmetic (+ - * // % and unary minus),
 comparisons, `and`/`or`/`not`, `in`, lists, string and number constants, slot names, a few
-functions (abs, min, max, len, str, int) and lookups `table[key]` in the task's tables.
+functions (abs, min, max, len, str, int, and rasp: a RASP program's output, task/rasp_programs.py) and lookups `table[key]` in the task's tables.
 `text[i]` indexing, and `{slot}` pastes the slot's text before parsing, so `x {op} y` reads `x + y` when op is `+`.
 """
 
@@ -15,6 +15,7 @@ import string
 from typing import Any, Callable, Dict, Iterable, Mapping
 
 from circuitfind.errors import CircuitfindError
+from circuitfind.task.rasp_programs import run_program
 
 Env = Mapping[str, Any]
 Compiled = Callable[[Env], Any]
@@ -37,7 +38,15 @@ COMPARE = {
     ast.In: lambda a, b: a in b,
     ast.NotIn: lambda a, b: a not in b,
 }
-FUNCTIONS: Dict[str, Callable] = {"abs": abs, "min": min, "max": max, "len": len, "str": str, "int": int}
+FUNCTIONS: Dict[str, Callable] = {
+    "abs": abs,
+    "min": min,
+    "max": max,
+    "len": len,
+    "str": str,
+    "int": int,
+    "rasp": run_program,  # rasp('reverse', t0, t1, t2, t3): a RASP program's output at each position (tracr)
+}
 
 
 def pasted_slots(text: str) -> list[str]:
