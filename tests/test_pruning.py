@@ -181,6 +181,19 @@ def test_the_exact_search_is_skipped_when_elimination_removed_nothing():
     assert record["circuits_scored"] == 1 + 1 + 6  # nothing, the circuit, each unit left out: no subsets
 
 
+def test_a_trial_of_adding_back_stops_once_it_cannot_remove_two_units():
+    """The route {0, 1, 2, 3} is needed whole; units 4 and 5 help a little and go, each using more than a
+    tenth of the tolerance, so each is tried back in. A trial is smaller only if two units go: once
+    three of the route's units are shown needed alone, the fourth is not scored (58 circuits before)."""
+    pruner = ScoredPruner(cuts({0, 1, 2, 3}, extra={4: 0.5, 5: 0.3}), 6, 0.01)
+    kept, record = pruner(frozenset(range(6)))
+    assert kept == frozenset({0, 1, 2, 3}) and record["added_back"] == []
+    assert [s["removed"] for s in record["elimination"]] == [5, 4]
+    for unit in (4, 5):  # the trial with `unit` back: units 0, 1 and 2 needed alone, unit 3 not scored
+        assert {0, 1, 2} == {u for u in range(4) if frozenset({0, 1, 2, 3, unit} - {u}) in pruner.scored}
+    assert record["circuits_scored"] == 56 and record["smaller_search"]["complete"]
+
+
 def test_adding_back_swaps_a_route_for_a_smaller_one():
     """Unit 0 alone carries the answer; units 2 and 3 together nearly do. Removing 0 first looks least
     harmful, and elimination is then stuck with {2, 3}; put back (and kept), 0 lets both go."""
