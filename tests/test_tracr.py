@@ -290,7 +290,7 @@ def test_train_on_reverse_finds_the_truth(tmp_path, monkeypatch):
     record = train(tmp_path, monkeypatch, "task=tracr_reverse", "model.program=reverse")
     assert [row["name"] for row in record.circuit] == ["L3.H0"]
     assert record.planted == {"planted": ["L3.H0"], "precision": 1.0, "recall": 1.0, "exact": True, "unique": True,
-                              "circuits": [["L3.H0"]], "why": None}  # fmt: skip
+                              "circuits": [["L3.H0"]], "why": None, "on_paths": ["L3.H0"]}  # fmt: skip
 
 
 @needs_tracr
@@ -304,6 +304,7 @@ def test_train_at_positions_and_a_truth_that_is_not_unique(tmp_path, monkeypatch
     assert record.planted["circuits"] == [["L2.H0@last"]] and record.planted["exact"]
     record = train(tmp_path / "hist", monkeypatch, "task=tracr_histogram", "model.program=histogram")
     assert record.planted["circuits"] == [["L0.H0"], ["L0.MLP"]] and not record.planted["unique"]
+    assert record.planted["on_paths"] == ["L0.H0", "L0.MLP"]
     assert "units in series on one path carry the same change" in record.planted["why"]
     assert record.planted["exact"] and record.planted["precision"] == record.planted["recall"] == 1.0
     assert "; not unique: 2 smallest circuits of 1 unit(s) each" in planted_line(record.planted)  # log and report
@@ -354,6 +355,7 @@ def test_graph_truth_is_the_smallest_cuts(graph, varied, positions, circuits):
 
     truth = graph_truth(INPUTS | graph, "out", 3, varied, positions)
     assert truth.circuits == circuits
+    assert set(truth.on_paths) >= {u for c in circuits for u in c}  # a cut is made of units on paths
     assert (truth.why is None) == (len(circuits) == 1)
     if len(circuits) > 1:
         assert "units in series on one path carry the same change" in truth.why

@@ -30,7 +30,7 @@ class Truth:
 
     circuits: List[List[str]]  # unit names of the space
     why: Optional[str] = None  # from a graph: why there is not exactly one circuit
-    from_graph: bool = False
+    on_paths: Optional[List[str]] = None  # from a graph: every unit on a path from a varied token to the output
 
 
 def planted_truth(
@@ -69,8 +69,8 @@ def graph_truth_of(model, space: ComponentSpace, encoder: PairEncoder, pairs: Se
         found = encoder.finder.tokens(pairs[0].base)[1]
         positions = {name: found[name] for name in space.positions}
     truth = model.graph_truth(length, varied, positions)
-    circuits = [[u.name for u in space.index(c, "the ground truth")] for c in truth.circuits]
-    return Truth(circuits, truth.why, from_graph=True)
+    names = lambda units: [u.name for u in space.index(units, "the ground truth")]  # noqa: E731
+    return Truth([names(c) for c in truth.circuits], truth.why, names(truth.on_paths))
 
 
 def planted_scores(truth: Truth | None, found: List[str]) -> Dict[str, Any] | None:
@@ -87,6 +87,11 @@ def planted_scores(truth: Truth | None, found: List[str]) -> Dict[str, Any] | No
         "recall": hits / len(nearest),
         "exact": found_set == set(nearest),
     }
-    if truth.from_graph:
-        scores |= {"unique": len(truth.circuits) == 1, "circuits": truth.circuits, "why": truth.why}
+    if truth.on_paths is not None:
+        scores |= {
+            "unique": len(truth.circuits) == 1,
+            "circuits": truth.circuits,
+            "why": truth.why,
+            "on_paths": truth.on_paths,
+        }
     return scores

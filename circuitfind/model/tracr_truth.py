@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 MAX_SETS = 200_000  # sets of units tried before giving up (a graph of 17 units on paths has 131,072)
@@ -33,8 +33,6 @@ class GraphTruth:
     circuits: List[List[str]]
     on_paths: List[str]
     why: Optional[str] = None  # set when there is not exactly one smallest cut
-    complete: bool = True  # False: MAX_SETS was reached before a cut was found
-    notes: List[str] = field(default_factory=list)
 
 
 def graph_truth(
@@ -47,7 +45,7 @@ def graph_truth(
     sink: Vertex = (output, parts[output] - 1, length - 1)
     sources = [("tokens", 0, p) for p in sorted(varied)]
     cutters = _cutters(graph, positions)  # unit@position -> the vertices it patches
-    forward = _reach(sources, lambda v: _next(v, graph, parts, readers, length))
+    forward = _reach(sources, lambda v: _next(v, parts, readers, length))
     backward = _reach([sink], lambda v: _previous(v, graph, parts, length))
     on_path = forward & backward
     candidates = sorted(u for u, vs in cutters.items() if vs & on_path)
@@ -58,20 +56,18 @@ def graph_truth(
     for size in range(1, len(candidates) + 1):
         tried += math.comb(len(candidates), size)
         if tried > MAX_SETS:
-            return GraphTruth([], candidates, why=f"more than {MAX_SETS} sets of units to try", complete=False)
+            return GraphTruth([], candidates, why=f"more than {MAX_SETS} sets of units to try")
         for chosen in itertools.combinations(candidates, size):
             blocked = set().union(*(cutters[u] for u in chosen))
-            if sink not in _reach(
-                [s for s in sources if s not in blocked], _avoiding(blocked, graph, parts, readers, length)
-            ):
+            if sink not in _reach([s for s in sources if s not in blocked], _avoiding(blocked, parts, readers, length)):
                 cuts.append(frozenset(chosen))
         if cuts:
             break
     circuits = [sorted(c) for c in sorted(cuts, key=sorted)]
-    return GraphTruth(circuits, candidates, why=_why(circuits, candidates))
+    return GraphTruth(circuits, candidates, why=_why(circuits))
 
 
-def _why(circuits: List[List[str]], candidates: List[str]) -> Optional[str]:
+def _why(circuits: List[List[str]]) -> Optional[str]:
     if not circuits:
         return (
             "no set of these units cuts every path from the varied tokens to the output (the change reaches it "
@@ -97,7 +93,7 @@ def _readers(graph: Dict[str, Dict]) -> Dict[str, List[Tuple[str, bool]]]:
     return out
 
 
-def _next(v: Vertex, graph, parts, readers, length: int) -> List[Vertex]:
+def _next(v: Vertex, parts, readers, length: int) -> List[Vertex]:
     label, part, pos = v
     if part + 1 < parts[label]:
         return [(label, part + 1, pos)]
@@ -107,7 +103,7 @@ def _next(v: Vertex, graph, parts, readers, length: int) -> List[Vertex]:
     return out
 
 
-def _previous(v: Vertex, graph, parts, length: int) -> List[Vertex]:
+def _previous(v: Vertex, graph: Dict[str, Dict], parts, length: int) -> List[Vertex]:
     label, part, pos = v
     if part > 0:
         return [(label, part - 1, pos)]
@@ -116,8 +112,8 @@ def _previous(v: Vertex, graph, parts, length: int) -> List[Vertex]:
     return out + [(child, parts[child] - 1, k) for child in node["everywhere"] for k in range(length)]
 
 
-def _avoiding(blocked: Set[Vertex], graph, parts, readers, length: int):
-    return lambda v: [w for w in _next(v, graph, parts, readers, length) if w not in blocked]
+def _avoiding(blocked: Set[Vertex], parts, readers, length: int):
+    return lambda v: [w for w in _next(v, parts, readers, length) if w not in blocked]
 
 
 def _reach(start: List[Vertex], step) -> Set[Vertex]:
