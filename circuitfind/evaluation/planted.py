@@ -69,7 +69,10 @@ def graph_truth_of(model, space: ComponentSpace, encoder: PairEncoder, pairs: Se
         found = encoder.finder.tokens(pairs[0].base)[1]
         positions = {name: found[name] for name in space.positions}
     truth = model.graph_truth(length, varied, positions)
-    names = lambda units: [u.name for u in space.index(units, "the ground truth")]  # noqa: E731
+
+    def names(units: Sequence[str]) -> List[str]:  # `L0.H0@last` as the space writes it (`L0.H0` at the final token)
+        return [u.name for u in space.index(units, "the ground truth")]
+
     return Truth([names(c) for c in truth.circuits], truth.why, names(truth.on_paths))
 
 
