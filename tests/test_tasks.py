@@ -66,6 +66,14 @@ def test_derived_slots_read_tables_and_answers_may_be_words():
     ]  # fmt: skip
 
 
+def test_without_balance_an_alternate_still_needs_another_answer():
+    """balance: none gives every answer the key "": alternates are told apart by their answers, not by that
+    key (which drew none at all)."""
+    task = TaskSpec(CAPITALS | {"balance": "none"})
+    base = task.problems("train")[0]
+    assert [p.answer for p in task.varied(base, ["country"], "train", new_key=True)] == ["Rome", "Madrid"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -192,7 +192,7 @@ class TaskSpec:
 
     def varied(self, base: Problem, slots: Sequence[str], split: str, new_key: bool = False) -> List[Problem]:
         """Problems that differ from `base` in the given slots (over `split`'s domains), the rest kept;
-        with new_key, only those whose answer has another balance key.
+        with new_key, only those whose answer has another balance key (with balance: none, another answer).
 
         Memoised on the kept values: bases that share them share their candidates."""
         index = [self.enumerated.index(s) for s in slots]
@@ -210,6 +210,8 @@ class TaskSpec:
         own = tuple(base.values[i] for i in index)
         if not new_key:
             return [p for combo, p in self._varied[key] if combo != own]
+        if self.balance == "none":  # every key is "": another answer is what tells them apart
+            return [p for combo, p in self._varied[key] if combo != own and str(p.answer) != str(base.answer)]
         return [p for combo, p in self._varied[key] if combo != own and p.key != base.key]
 
     # Prompts -------------------------------------------------------------------------------
