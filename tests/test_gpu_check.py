@@ -10,6 +10,7 @@ import io
 import json
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -55,6 +56,7 @@ def test_without_cuda_it_refuses_in_one_line_naming_the_fix(monkeypatch):
     assert "run it on a machine with a CUDA GPU, or `--device cpu`" in line
 
 
+@pytest.mark.e2e  # two default runs and the engine bench: 14 s, the fast tier's longest test
 def test_the_cpu_path_table_passes_on_the_golden_circuit_and_fails_on_a_wrong_one(tmp_path):
     """One test, so that the default run (the seconds this file takes) runs once, whichever worker has it."""
     runs = tmp_path / "runs"
