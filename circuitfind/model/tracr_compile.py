@@ -4,10 +4,10 @@
                kept apart so that the graph and the craft model are at hand for the ground truth
     convert    the assembled model's haiku params -> HookedTransformer weights (no layer norm,
                attention both ways, ReLU MLPs); each vocabulary item is one token of TracrTokenizer
-    truth      which RASP node each head (L{l}.H{h}) and MLP (L{l}.MLP) implements, and which of them the
-               output depends on: the graph walked back from the output, skipping the inputs a Map or
-               SequenceMap's function ignores over the values it can see; and what each node reads where,
-               from which a run's truth is read (tracr_truth.py, TracrLM.graph_truth, evaluation/planted.py)
+    truth      which RASP node each head (L{l}.H{h}) and MLP (L{l}.MLP) implements, and what each node reads
+               where (skipping the inputs a Map or SequenceMap's function ignores over the values it can see);
+               from it, which units the output depends on at all, and a run's truth (tracr_truth.py,
+               TracrLM.graph_truth, evaluation/planted.py)
     cache      ~/.cache/circuitfind/tracr/<program>-<hash>/ ($XDG_CACHE_HOME respected): config.json,
                model.safetensors, tracr.json; a second run loads it without importing tracr or jax
 
@@ -44,11 +44,10 @@ from circuitfind.model.tlens import (
     new_hooked_transformer,
     require_transformer_lens,
 )
-from circuitfind.model.tracr_truth import GraphTruth, graph_truth
-from circuitfind.task.rasp_programs import PROGRAMS, TracrProgram, output_values, value_text
+from circuitfind.model.tracr_truth import GraphTruth, depends_on, graph_truth
+from circuitfind.task.rasp_programs import INSTALL, PROGRAMS, TracrProgram, output_values, value_text
 
 log = logging.getLogger(__name__)
-INSTALL = "pip install 'circuitfind[tracr]'"
 CONVERTER_VERSION = 2  # part of the cache key: a changed conversion compiles again
 BOS, PAD = "BOS", "PAD"  # the tokenizer's names for tracr's compiler_bos and compiler_pad
 MASKED = -1e30  # a pad key's attention score, as tracr writes it
@@ -133,7 +132,8 @@ def compile_program(spec: TracrProgram) -> Tuple[Any, Dict[str, np.ndarray], Dic
     state, tl_config = convert(assembled, spec, tokens, outputs, values, readout)
     _, module_names = assemble._get_model_config_and_module_names(craft_model)
     units = units_by_node(graph, craft_model, module_names)
-    truth = sorted({u for label in depends_on(graph, sink) for u in units.get(label, [])}, key=_unit_order)
+    reads = graph_reads(graph, units)
+    truth = sorted(depends_on(reads, sink[nodes.ID]), key=_unit_order)
     meta = {
         "program": spec.name,
         "summary": spec.summary,
@@ -146,7 +146,7 @@ def compile_program(spec: TracrProgram) -> Tuple[Any, Dict[str, np.ndarray], Dic
         "output_node": sink[nodes.ID],
         "units": {label: us for label, us in units.items()},  # RASP node -> the units implementing it
         "truth": truth,
-        "graph": graph_reads(graph, units),  # what each node reads, where: the cuts of tracr_truth.py
+        "graph": reads,  # what each node reads, where: the cuts of tracr_truth.py
         "tl_config": tl_config,
         "tracr_version": _version("tracr-pypi"),
         "compile_seconds": round(time.perf_counter() - start, 2),
@@ -281,21 +281,6 @@ def units_by_node(graph, craft_model, module_names: List[str]) -> Dict[str, List
                 found += [unit for neurons, unit in mlps if hidden and hidden <= neurons]
         out[label] = sorted(set(found), key=_unit_order)
     return out
-
-
-def depends_on(graph, sink) -> List[str]:
-    """Labels of the nodes the output depends on: the graph walked back from the output, except through
-    an input that a Map's or SequenceMap's function ignores over the values that input can take."""
-    from tracr.compiler import nodes
-
-    seen, todo = set(), [sink[nodes.ID]]
-    while todo:
-        label = todo.pop()
-        if label in seen:
-            continue
-        seen.add(label)
-        todo += [child.label for child in live_children(graph.nodes[label][nodes.EXPR], graph)]
-    return sorted(seen)
 
 
 def live_children(expr, graph) -> List[Any]:

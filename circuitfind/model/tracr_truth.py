@@ -67,6 +67,18 @@ def graph_truth(
     return GraphTruth(circuits, candidates, why=_why(circuits))
 
 
+def depends_on(graph: Dict[str, Dict], output: str) -> Set[str]:
+    """Every unit the output depends on at all, at any position: the units of each node reached walking
+    back from the output through what each node reads."""
+    seen, todo = set(), [output]
+    while todo:
+        label = todo.pop()
+        if label not in seen:
+            seen.add(label)
+            todo += graph[label]["here"] + graph[label]["everywhere"]
+    return {unit for label in seen for unit in graph[label]["units"]}
+
+
 def _why(circuits: List[List[str]]) -> Optional[str]:
     if not circuits:
         return (
