@@ -122,7 +122,7 @@ PROGRAMS: Dict[str, TracrProgram] = {
 def value_text(value: Any) -> str:
     """How an output item is written, as a token of the compiled model and as a task's answer: a
     numerical value to three decimals without trailing zeros (1/3 -> 0.333, 1/2 -> 0.5, 1 -> 1)."""
-    if isinstance(value, (bool, int, float)) and not isinstance(value, str):
+    if isinstance(value, (bool, int, float)):
         return f"{float(value):.3f}".rstrip("0").rstrip(".")
     return str(value)
 
