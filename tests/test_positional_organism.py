@@ -65,3 +65,16 @@ def test_five_seeds_find_the_same_circuit(space, tmp_path):
     stability = json.loads((tmp_path / "run" / "evidence.json").read_text())["stability"]
     assert stability["seeds"] == [0, 1, 2, 3, 4]
     assert stability["mean_pairwise_jaccard"] >= 0.9, stability
+
+
+@pytest.mark.e2e
+def test_pruning_puts_in_a_unit_of_the_smallest_cut_that_the_search_left_out(tmp_path):
+    """Beside the final token this organism has cuts of two units: `L2.H6@last` with `L0.H6@x` (or with
+    `L2.H1@last`). At seed 3 DBM's rounded mask holds neither `L2.H6@last` nor any cut smaller than five
+    units; pruning puts it in and keeps the pair."""
+    space = ("model=organism_positional", 'units.positions=[last,x,"xname#2"]', "seed=3")
+    run_search(compose(*QUIET, *space), tmp_path / "run")
+    record = read_record(tmp_path / "run")
+    assert "L2.H6@last" not in record.raw["circuit"]
+    assert sorted(record.names) == ["L0.H6@x", "L2.H6@last"], record.names
+    assert record.pruning["put_in_from_outside"] == ["L2.H6@last"]

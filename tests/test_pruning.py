@@ -43,7 +43,7 @@ def test_the_default_run_reports_exactly_the_planted_circuit(pruned_run):
     assert sorted(record.raw["circuit"]) == sorted(PLANTED + ["L1.H2"]) and record.raw["n_patched"] == 5
     assert set(record.raw["metrics"]) == {k for k in record.metrics if not k.startswith("continuous/")}
     assert record.raw["planted"]["precision"] == 0.8
-    assert record.pruning["removed"] == ["L1.H2"] and record.pruning["added_back"] == []
+    assert record.pruning["removed"] == ["L1.H2"] and record.pruning["put_in"] == []
     j = record.pruning["objective"]
     assert j["pruned"] <= j["bound"] == pytest.approx(j["raw"] + 0.01 * (j["nothing_patched"] - j["raw"]))
     masks = load_file(pruned_run / "mask.safetensors")
@@ -115,8 +115,8 @@ def test_a_small_validation_split_is_fine_without_pruning():
 class ScoredPruner(Pruner):
     """A pruner scored by a made-up objective of the set of units, instead of a model."""
 
-    def __init__(self, objective: Callable[[FrozenSet[int]], float], n: int, tolerance: float):
-        self.fn, self.tolerance = objective, tolerance
+    def __init__(self, objective: Callable[[FrozenSet[int]], float], n: int, tolerance: float, ranked=()):
+        self.fn, self.tolerance, self.ranked = objective, tolerance, list(ranked)  # ranked: attribution's order
         self.firmness = torch.zeros(n)
         self.scored: Dict[frozenset, float] = {}
         self.bound = float("inf")
@@ -172,6 +172,22 @@ def test_the_exact_search_stops_at_its_budget_and_says_so():
     assert record["smaller_search"] == {"sizes": 1, "subsets": 30, "complete": False, "replaced": None}
 
 
+def test_pruning_puts_in_a_unit_the_search_left_out():
+    """The positional organism's seed 3, in small: three paths to the output, {3, 0}, {4, 1} and {4, 2}
+    (a set is a cut when it holds a unit of each). The rounded mask {0, 1, 2, 3} holds no cut smaller
+    than three units; unit 4, which the search left out, makes a cut of two with 0 or 3. Attribution
+    ranks unit 5 first (it does nothing here) and 4 second: both are tried."""
+    paths = [{3, 0}, {4, 1}, {4, 2}]
+
+    def j(units: FrozenSet[int]) -> float:
+        return -100.0 * sum(bool(p & units) for p in paths) / len(paths)
+
+    kept, record = ScoredPruner(j, 6, 0.01)(frozenset({0, 1, 2, 3}))
+    assert len(kept) == 3 and record["put_in"] == []
+    kept, record = ScoredPruner(j, 6, 0.01, ranked=[5, 4, 3, 2, 1, 0])(frozenset({0, 1, 2, 3}))
+    assert len(kept) == 2 and 4 in kept and record["put_in"] == [4]
+
+
 def test_the_exact_search_is_skipped_when_elimination_removed_nothing():
     # Every unit needed alone (removing any leaves the bound), as on SmolLM2 IOI: no choice to correct.
     units = frozenset(range(6))
@@ -181,20 +197,20 @@ def test_the_exact_search_is_skipped_when_elimination_removed_nothing():
     assert record["circuits_scored"] == 1 + 1 + 6  # nothing, the circuit, each unit left out: no subsets
 
 
-def test_a_trial_of_adding_back_stops_once_it_cannot_remove_two_units():
-    """The route {0, 1, 2, 3} is needed whole; units 4 and 5 help a little and go, each using more than a
-    tenth of the tolerance, so each is tried back in. A trial is smaller only if two units go: once
-    three of the route's units are shown needed alone, the fourth is not scored (58 circuits before)."""
-    pruner = ScoredPruner(cuts({0, 1, 2, 3}, extra={4: 0.5, 5: 0.3}), 6, 0.01)
+def test_a_trial_of_putting_in_stops_once_it_cannot_remove_two_units():
+    """The route {0, 1, 2, 3} is needed whole; units 4 and 5 help a little and go, and attribution ranks
+    them first outside the circuit, so each is tried back in. A trial is smaller only if two units go:
+    once three of the route's units are shown needed alone, the fourth is not scored (58 circuits before)."""
+    pruner = ScoredPruner(cuts({0, 1, 2, 3}, extra={4: 0.5, 5: 0.3}), 6, 0.01, ranked=[4, 5, 0, 1, 2, 3])
     kept, record = pruner(frozenset(range(6)))
-    assert kept == frozenset({0, 1, 2, 3}) and record["added_back"] == []
+    assert kept == frozenset({0, 1, 2, 3}) and record["put_in"] == []
     assert [s["removed"] for s in record["elimination"]] == [5, 4]
     for unit in (4, 5):  # the trial with `unit` back: units 0, 1 and 2 needed alone, unit 3 not scored
         assert {0, 1, 2} == {u for u in range(4) if frozenset({0, 1, 2, 3, unit} - {u}) in pruner.scored}
     assert record["circuits_scored"] == 56 and record["smaller_search"]["complete"]
 
 
-def test_adding_back_swaps_a_route_for_a_smaller_one():
+def test_putting_a_removed_unit_back_swaps_a_route_for_a_smaller_one():
     """Unit 0 alone carries the answer; units 2 and 3 together nearly do. Removing 0 first looks least
     harmful, and elimination is then stuck with {2, 3}; put back (and kept), 0 lets both go."""
     table = {
@@ -207,9 +223,9 @@ def test_adding_back_swaps_a_route_for_a_smaller_one():
         frozenset({3}): -50.0,
         frozenset(): 0.0,
     }
-    kept, record = ScoredPruner(table.__getitem__, 4, 0.01)(frozenset({0, 2, 3}))
+    kept, record = ScoredPruner(table.__getitem__, 4, 0.01, ranked=[0, 1, 2, 3])(frozenset({0, 2, 3}))
     assert record["elimination"][0]["removed"] == 0  # the wrong first step
-    assert kept == frozenset({0}) and record["added_back"] == [0]
+    assert kept == frozenset({0}) and record["put_in"] == [0]
     assert record["objective"]["pruned"] == -99.5 <= record["objective"]["bound"]
 
 

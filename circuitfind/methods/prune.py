@@ -13,20 +13,21 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
    the circuit without it stays within that bound. A unit whose removal alone leaves the bound
    is not tried again in that pass; passes repeat, each scoring the removals alone in the circuit
    left, until one removes nothing (a unit needed beside a harmful one may go once that one has).
-3. Adding back: a removed unit whose removal used a real part of the tolerance (at least a tenth
-   of it; the three that used most) is put back, and elimination runs again from there with that
-   unit kept; the result replaces the circuit when it is smaller (a unit that lets two others go),
-   until no addition helps. A unit whose removal cost nothing was carried by others all along.
-   Such a trial is smaller only if two units go: it stops once all but one could not go alone.
+3. Putting in: the search can leave out a unit of the smallest cut and patch a larger cut in its
+   place, and elimination can remove first a unit that would have let two others go. The PUT_IN
+   units outside the circuit that patching alone would help most, to first order (attribution on
+   the validation pairs: one backward pass), are put in one at a time and kept while elimination
+   runs again; the result replaces the circuit when it is smaller, until no unit helps. A trial is
+   smaller only if two units go: it stops once all but one could not go alone.
 4. A smaller circuit, exactly: greedy elimination can keep one cut of a route when the rounded mask
    held two, one smaller (it removes first whichever cut is redundant at the start). So every subset
-   of the rounded mask of each size below the result's is scored, smallest size first, while their
-   count stays within MAX_SMALLER; the best one within the bound, if any, replaces the circuit.
-   `smaller_search.complete` says whether every smaller size was covered: then no subset of the
-   rounded mask smaller than the pruned circuit stays within the bound. It runs only when
-   elimination removed a unit: it corrects elimination's choice of what to remove first, and where
-   no unit of the rounded mask could go alone, no choice was made (on SmolLM2 IOI, six units none of
-   which can go, it scored 56 subsets: a quarter of the search's time).
+   of the rounded mask (and what step 3 put in) of each size below the result's is scored, smallest
+   size first, while their count stays within MAX_SMALLER; the best one within the bound, if any,
+   replaces the circuit. `smaller_search.complete` says whether every smaller size was covered: then
+   no subset smaller than the pruned circuit stays within the bound. It runs only when the circuit
+   changed: it corrects elimination's choice of what to remove first, and where no unit of the
+   rounded mask could go alone, no choice was made (on SmolLM2 IOI, six units none of which can go,
+   it scored 56 subsets: a quarter of the search's time).
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
+from circuitfind.methods.baselines import attribution_scores
 from circuitfind.methods.objective import MASK_CHUNK, Objective, objective_of_masks
 from circuitfind.model.engine import Engine
 
-ADD_BACK = 3  # removed units tried back in: those whose removal raised J most ...
-ADD_BACK_SHARE = 0.1  # ... and by at least this share of the tolerance
+PUT_IN = 3  # units outside the circuit tried in: those whose patching gains most alone, to first order
 MAX_SMALLER = 64  # subsets of the rounded mask scored in the exact search: about 64 forward passes of the
 # validation pairs at most (at four positions, 12 units: every single unit, 0.6 s; 500 took 16 s)
 CPU_CHUNK = 8  # masks scored together on a CPU, where larger batches cost more per mask (the organism at
@@ -57,10 +58,18 @@ def masks_of(circuits: Sequence[frozenset], shape: tuple[int, int], device) -> t
 
 
 class Pruner:
-    """Backward elimination and adding back, scored by the objective on the validation pairs."""
+    """Backward elimination, putting units in, and an exact search, scored by the objective on the validation pairs."""
 
-    def __init__(self, engine: Engine, objectives: Sequence[Objective], weights: torch.Tensor, tolerance: float):
+    def __init__(
+        self,
+        engine: Engine,
+        objectives: Sequence[Objective],
+        weights: torch.Tensor,
+        tolerance: float,
+        ranked: Sequence[int] = (),
+    ):
         self.engine, self.objectives, self.tolerance = engine, objectives, tolerance
+        self.ranked = list(ranked)  # every unit, the most worth patching alone first (attribution)
         self.shape = engine.space.shape
         self.firmness = weights.detach().flatten().cpu()  # the search's mask weight: low = patched firmly
         self.scored: Dict[frozenset, float] = {}  # J of every circuit tried
@@ -93,7 +102,6 @@ class Pruner:
         if need and all(value > self.bound for value in alone):
             return circuit
         alone += self.objective([circuit - {u} for u in units[head:]])
-        current = self.objective([circuit])[0] if steps is not None else None  # for the rise only
         for value_alone, unit in sorted(zip(alone, units), key=lambda pair: pair[0]):  # stable: ties by firmness
             if value_alone > self.bound:
                 continue
@@ -101,11 +109,11 @@ class Pruner:
             (value,) = self.objective([smaller])
             if value <= self.bound:
                 if steps is not None:
-                    steps.append({"removed": unit, "objective": value, "rise": value - current})
-                circuit, current = smaller, value
+                    steps.append({"removed": unit, "objective": value})
+                circuit = smaller
         return circuit
 
-    def eliminate_all(self, circuit: frozenset, steps: List[Dict[str, Any]]) -> frozenset:
+    def eliminate_all(self, circuit: frozenset, steps: List[Dict[str, Any]] | None = None) -> frozenset:
         """Elimination passes until one removes nothing."""
         while True:
             smaller = self.eliminate(circuit, steps)
@@ -113,12 +121,12 @@ class Pruner:
                 return circuit
             circuit = smaller
 
-    def add_back(self, kept: frozenset, steps: Sequence[Dict[str, Any]], budget: float) -> tuple[frozenset, List[int]]:
-        """Put back, one at a time, a removed unit whose removal used at least ADD_BACK_SHARE of the
-        tolerance `budget`, and eliminate again; taken when the result is smaller, until none is."""
+    def put_in(self, kept: frozenset) -> tuple[frozenset, List[int]]:
+        """Put in, one at a time, the PUT_IN units outside `kept` that attribution ranks first (removed ones
+        or ones the search left out), and eliminate again with that unit kept; taken when the result is
+        smaller, until none is. Returns the circuit and the units put in."""
+        candidates = [u for u in self.ranked if u not in kept][:PUT_IN]
         added: List[int] = []
-        costly = [s for s in sorted(steps, key=lambda s: -s["rise"]) if s["rise"] >= ADD_BACK_SHARE * budget]
-        candidates = [s["removed"] for s in costly[:ADD_BACK]]
         while True:
             trials = (  # smaller than `kept` only by removing two units
                 self.eliminate(kept | {unit}, keep=frozenset({unit}), need=2) for unit in candidates if unit not in kept
@@ -126,13 +134,14 @@ class Pruner:
             smaller = next((trial for trial in trials if len(trial) < len(kept)), None)
             if smaller is None:
                 return kept, added
+            smaller = self.eliminate_all(smaller)  # a unit needed beside one that went may go now
             added += sorted(smaller - kept)
             kept = smaller
 
     def smaller(self, raw: frozenset, kept: frozenset) -> tuple[frozenset, Dict[str, Any]]:
-        """The best subset of `raw` within the bound among those of the smallest size that has one,
-        below len(kept), scoring every subset of each size in turn while the count stays within
-        MAX_SMALLER; `kept` when there is none."""
+        """The best subset of `raw` (the rounded mask and what was put in) within the bound among those of
+        the smallest size that has one, below len(kept), scoring every subset of each size in turn while
+        the count stays within MAX_SMALLER; `kept` when there is none."""
         scored = 0
         for size in range(1, len(kept)):
             if scored + math.comb(len(raw), size) > MAX_SMALLER:
@@ -149,16 +158,15 @@ class Pruner:
         """The pruned circuit, and what pruning did (objectives, removals, additions)."""
         none, raw = self.objective([frozenset(), circuit])
         improvement = none - raw
-        budget = self.tolerance * max(improvement, 0.0)
-        self.bound = raw + budget
+        self.bound = raw + self.tolerance * max(improvement, 0.0)
         steps: List[Dict[str, Any]] = []
         kept = self.eliminate_all(circuit, steps)
-        kept, added = self.add_back(kept, steps, budget)
+        kept, added = self.put_in(kept)
         greedy = kept
         if kept == circuit:
             search = {"sizes": 0, "subsets": 0, "complete": False, "skipped": "elimination removed nothing"}
         else:
-            kept, search = self.smaller(circuit, kept)
+            kept, search = self.smaller(circuit | kept, kept)
         (final,) = self.objective([kept])
         return kept, {
             "tolerance": self.tolerance,
@@ -166,7 +174,7 @@ class Pruner:
             "kept_share": (none - final) / improvement if improvement > 0 else None,
             "removed": sorted(circuit - kept),
             "elimination": steps,
-            "added_back": added,
+            "put_in": [u for u in added if u in kept],
             "smaller_search": search | {"replaced": sorted(greedy) if kept != greedy else None},
             "circuits_scored": len(self.scored),
         }
@@ -184,27 +192,17 @@ def prune_circuit(
     its record, units by name. rounded, weights (L, n_cols)"""
     names = engine.space.names()
     circuit = frozenset(int(i) for i in (rounded.flatten() == 0).nonzero().flatten().tolist())
-    kept, record = Pruner(engine, objectives, weights, tolerance)(circuit)
+    with torch.enable_grad():
+        gain = attribution_scores(engine, objectives, engine.device).flatten().cpu()
+    ranked = gain.argsort(descending=True, stable=True).tolist()
+    kept, record = Pruner(engine, objectives, weights, tolerance, ranked)(circuit)
     pruned = masks_of([kept], engine.space.shape, rounded.device)[0].to(rounded.dtype)
     record["removed"] = [names[u] for u in record["removed"]]
-    record["added_back"] = [names[u] for u in record["added_back"]]
+    record["put_in_from_outside"] = [names[u] for u in record["put_in"] if u not in circuit]
+    record["put_in"] = [names[u] for u in record["put_in"]]
     replaced = record["smaller_search"]["replaced"]
     record["smaller_search"]["replaced"] = [names[u] for u in replaced] if replaced else None
     record["elimination"] = [
         {"removed": names[s["removed"]], "objective": s["objective"]} for s in record["elimination"]
     ]
     return pruned, record
-
-
-def prune_summary(record: Dict[str, Any]) -> str:
-    """What pruning did, in one log line."""
-    j = record["objective"]
-    removed = ", ".join(record["removed"]) or "nothing"
-    back = f"; put back {', '.join(record['added_back'])}" if record["added_back"] else ""
-    replaced = record.get("smaller_search", {}).get("replaced")
-    back += f"; a smaller subset replaced {', '.join(replaced)}" if replaced else ""
-    share = f", keeping {record['kept_share']:.0%} of its improvement" if record["kept_share"] is not None else ""
-    return (
-        f"pruning on the validation pairs removed {removed}{back}: objective {j['raw']:.4g} -> {j['pruned']:.4g} "
-        f"(nothing patched: {j['nothing_patched']:.4g}{share}; tolerance {record['tolerance']:g})"
-    )

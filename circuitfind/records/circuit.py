@@ -144,6 +144,23 @@ def read_record(run: Path) -> CircuitRecord:
         raise CircuitfindError(f"{path} is not a circuitfind record ({e}); re-run the job") from None
 
 
+def pruning_line(pruning: Dict[str, Any]) -> str:
+    """What pruning did (methods/prune.py's record), in one sentence: the log line and the report's."""
+    j = pruning["objective"]
+    removed = ", ".join(pruning["removed"]) or "nothing"
+    outside = set(pruning["put_in_from_outside"])
+    put_in = [f"{u} (outside the rounded mask)" if u in outside else u for u in pruning["put_in"]]
+    changes = f"; put in {', '.join(put_in)}" if put_in else ""
+    replaced = pruning.get("smaller_search", {}).get("replaced")
+    changes += f"; a smaller subset replaced {', '.join(replaced)}" if replaced else ""
+    share = f", keeping {pruning['kept_share']:.0%} of its improvement" if pruning["kept_share"] is not None else ""
+    return (
+        f"pruning on the validation pairs removed {removed}{changes}: objective {j['raw']:.4g} (rounded mask) -> "
+        f"{j['pruned']:.4g} (bound {j['bound']:.4g}; nothing patched: {j['nothing_patched']:.4g}{share}; "
+        f"tolerance {pruning['tolerance']:g} of the circuit's improvement)"
+    )
+
+
 def planted_line(planted: Dict[str, Any]) -> str:
     """The found circuit against the ground truth, in one sentence (and why the truth is not unique, if so)."""
     scores = f"precision {planted['precision']:.2f}, recall {planted['recall']:.2f}"

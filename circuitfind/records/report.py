@@ -26,6 +26,7 @@ from circuitfind.records.circuit import (
     headline_metrics,
     metric_key,
     planted_line,
+    pruning_line,
     read_record,
 )
 from circuitfind.records.evaluation import (
@@ -67,8 +68,9 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
     for warning in result.warnings:
         page.text(f"Warning: {warning}")
     if result.headline_circuit == "pruned":
+        did = pruning_line(result.pruning)
         page.text(
-            f"The circuit below is the pruned one (the headline): {result.n_patched} units. {pruning_text(result)}"
+            f"The circuit below is the pruned one (the headline): {result.n_patched} units. {did[0].upper()}{did[1:]}."
         )
     page.table(CIRCUIT_COLUMNS, [[row.get(c) for c in CIRCUIT_COLUMNS] for row in result.circuit])
     if result.raw:
@@ -117,18 +119,6 @@ def add_run(page: Page, run: Path, result: CircuitRecord) -> None:
         "prompts; acc_unpatched: the desideratum's accuracy when nothing is patched):"
     )
     page.table(["metric", "value"], [[k, v] for k, v in result.baseline.items()])
-
-
-def pruning_text(result: CircuitRecord) -> str:
-    """What pruning did, in a sentence."""
-    p = result.pruning
-    j = p["objective"]
-    back = f"; put back {', '.join(p['added_back'])}" if p["added_back"] else ""
-    return (
-        f"Pruning on the validation pairs (tolerance {p['tolerance']:g} of the circuit's improvement) removed "
-        f"{', '.join(p['removed']) or 'nothing'}{back}: validation objective {j['raw']:.4g} (rounded mask) -> "
-        f"{j['pruned']:.4g} (bound {j['bound']:.4g}; nothing patched {j['nothing_patched']:.4g})."
-    )
 
 
 def with_ci(row: Mapping[str, Any], key: str) -> Any:

@@ -32,11 +32,11 @@ from circuitfind.evaluation.heldout import (
 from circuitfind.methods.baselines import attribution_scores
 from circuitfind.methods.dbm import NonFiniteLoss, OnStep, round_mask, train_mask
 from circuitfind.methods.objective import Objective
-from circuitfind.methods.prune import prune_circuit, prune_summary
+from circuitfind.methods.prune import prune_circuit
 from circuitfind.methods.ranking import path_scores
 from circuitfind.methods.registry import Found, method_named
 from circuitfind.methods.target_size import LambdaSearch, search_lambda
-from circuitfind.records.circuit import CircuitRecord
+from circuitfind.records.circuit import CircuitRecord, pruning_line
 from circuitfind.records.sweep import write_summary
 from circuitfind.records.tracking import Tracker
 from circuitfind.records.writer import RunWriter, SearchResult
@@ -235,7 +235,7 @@ class Run:
         tolerance = self.job.cfg.prune.tolerance
         pruned = [prune_circuit(self.job.engine, self.validation, r, m, tolerance) for r, m in zip(rounded, mask)]
         for record in (record for _, record in pruned):
-            log.info(prune_summary(record))
+            log.info(pruning_line(record))
         return torch.stack([circuit for circuit, _ in pruned]), [record for _, record in pruned]
 
     def ranking(self, found: Found, lams: List[float], circuits: torch.Tensor) -> torch.Tensor:
