@@ -61,8 +61,10 @@ def main() -> None:
                         p = record.planted or {}
                         truth = truth or p
                         size = size or (len(p["circuits"][0]) if p.get("circuits") else record.n_patched) or 1
-                        cells.append(f"{', '.join(record.names) or '(none)'}: P {p.get('precision', float('nan')):.2f} "
-                                     f"R {p.get('recall', float('nan')):.2f}")  # fmt: skip
+                        precision, recall = (
+                            p.get(k) if p.get(k) is not None else float("nan") for k in ("precision", "recall")
+                        )
+                        cells.append(f"{', '.join(record.names) or '(none)'}: P {precision:.2f} R {recall:.2f}")
                     varied = DESIDERATA[desideratum]
                     if truth.get("why"):
                         notes[f"{program}, {varied} varied, {space}"] = truth["why"]

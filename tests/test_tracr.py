@@ -359,3 +359,14 @@ def test_graph_truth_is_the_smallest_cuts(graph, varied, positions, circuits):
     assert (truth.why is None) == (len(circuits) == 1)
     if len(circuits) > 1:
         assert "units in series on one path carry the same change" in truth.why
+
+
+def test_a_truth_with_no_circuit_is_recorded_with_its_reason():
+    """When no set of the run's units cuts the paths, circuit.json's `planted` says why (it was absent)."""
+    from circuitfind.evaluation.planted import Truth, planted_scores
+    from circuitfind.model.tracr_truth import graph_truth
+
+    truth = graph_truth(INPUTS | {"out": node(["L0.H0"], everywhere=["tokens"])}, "out", 3, {1}, {"t": [1]})
+    planted = planted_scores(Truth(truth.circuits, truth.why, truth.on_paths), ["L0.H0@t"])
+    assert planted["planted"] is None and planted["precision"] is None and planted["circuits"] == []
+    assert planted_line(planted).startswith("no ground truth to score against: no set of these units cuts every path")

@@ -78,9 +78,15 @@ def graph_truth_of(model, space: ComponentSpace, encoder: PairEncoder, pairs: Se
 
 def planted_scores(truth: Truth | None, found: List[str]) -> Dict[str, Any] | None:
     """Precision and recall of the found circuit against the truth (its nearest circuit when there are
-    several: most units in common, then the smallest)."""
-    if truth is None or not truth.circuits:
+    several: most units in common, then the smallest); a graph's truth with no circuit says why instead."""
+    if truth is None:
         return None
+    if not truth.circuits:
+        return {"planted": None, "precision": None, "recall": None, "exact": False, "unique": False} | {
+            "circuits": [],
+            "why": truth.why,
+            "on_paths": truth.on_paths,
+        }
     found_set = set(found)
     nearest = max(truth.circuits, key=lambda c: (len(found_set & set(c)), -len(c)))
     hits = len(found_set & set(nearest))

@@ -163,6 +163,8 @@ def pruning_line(pruning: Dict[str, Any]) -> str:
 
 def planted_line(planted: Dict[str, Any]) -> str:
     """The found circuit against the ground truth, in one sentence (and why the truth is not unique, if so)."""
+    if planted["planted"] is None:
+        return f"no ground truth to score against: {planted['why']}"
     scores = f"precision {planted['precision']:.2f}, recall {planted['recall']:.2f}"
     if "circuits" not in planted:
         return f"against the circuit planted in the model {planted['planted']}: {scores}"

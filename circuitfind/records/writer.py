@@ -100,7 +100,7 @@ class RunWriter:
             write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in result.history))
         export_circuit(out_dir, result.scores, result.circuit, space, record.model["hidden_size"])
         summary = {"n_patched": record.n_patched, "fraction_patched": record.fraction_patched, **record.metrics}
-        if record.planted:
+        if record.planted and record.planted["planted"] is not None:
             summary |= {f"planted/{k}": record.planted[k] for k in ("precision", "recall")}
         if record.raw:
             summary |= {"rounded/n_patched": record.raw["n_patched"]}
