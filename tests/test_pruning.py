@@ -193,7 +193,7 @@ def test_the_exact_search_is_skipped_when_elimination_removed_nothing():
     units = frozenset(range(6))
     kept, record = ScoredPruner(lambda c: -10.0 * len(c), 6, 0.01)(units)
     assert kept == units and len(record["elimination"]) == 0
-    assert record["smaller_search"]["skipped"] == "elimination removed nothing"
+    assert record["smaller_search"]["skipped"] == "nothing was removed or put in"
     assert record["circuits_scored"] == 1 + 1 + 6  # nothing, the circuit, each unit left out: no subsets
 
 

@@ -164,7 +164,7 @@ class Pruner:
         kept, added = self.put_in(kept)
         greedy = kept
         if kept == circuit:
-            search = {"sizes": 0, "subsets": 0, "complete": False, "skipped": "elimination removed nothing"}
+            search = {"sizes": 0, "subsets": 0, "complete": False, "skipped": "nothing was removed or put in"}
         else:
             kept, search = self.smaller(circuit | kept, kept)
         (final,) = self.objective([kept])
