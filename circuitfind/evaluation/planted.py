@@ -82,7 +82,12 @@ def planted_scores(truth: Truth | None, found: List[str]) -> Dict[str, Any] | No
     if truth is None:
         return None
     if not truth.circuits:
-        return {"planted": None, "precision": None, "recall": None, "exact": False, "unique": False} | {
+        return {
+            "planted": None,
+            "precision": None,
+            "recall": None,
+            "exact": False,
+            "unique": False,
             "circuits": [],
             "why": truth.why,
             "on_paths": truth.on_paths,

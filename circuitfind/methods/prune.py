@@ -181,20 +181,32 @@ class Pruner:
 
 
 @torch.no_grad()
-def prune_circuit(
+def prune_circuits(
     engine: Engine,
     objectives: Sequence[Objective],
     rounded: torch.Tensor,
     weights: torch.Tensor,
     tolerance: float,
-) -> tuple[torch.Tensor, Dict[str, Any]]:
-    """Prune one rounded mask (0 = patched) on the validation objectives; returns the pruned mask and
-    its record, units by name. rounded, weights (L, n_cols)"""
-    names = engine.space.names()
-    circuit = frozenset(int(i) for i in (rounded.flatten() == 0).nonzero().flatten().tolist())
-    with torch.enable_grad():
+) -> List[tuple[torch.Tensor, Dict[str, Any]]]:
+    """Prune each rounded mask (0 = patched) on the validation objectives; returns each pruned mask with
+    its record, units by name. rounded, weights (K, L, n_cols)"""
+    with torch.enable_grad():  # the units worth putting in: the same order for every mask
         gain = attribution_scores(engine, objectives, engine.device).flatten().cpu()
     ranked = gain.argsort(descending=True, stable=True).tolist()
+    return [prune_one(engine, objectives, r, w, tolerance, ranked) for r, w in zip(rounded, weights)]
+
+
+def prune_one(
+    engine: Engine,
+    objectives: Sequence[Objective],
+    rounded: torch.Tensor,
+    weights: torch.Tensor,
+    tolerance: float,
+    ranked: Sequence[int],
+) -> tuple[torch.Tensor, Dict[str, Any]]:
+    """Prune one rounded mask; `ranked`: every unit, the most worth patching alone first. rounded, weights (L, n_cols)"""
+    names = engine.space.names()
+    circuit = frozenset(int(i) for i in (rounded.flatten() == 0).nonzero().flatten().tolist())
     kept, record = Pruner(engine, objectives, weights, tolerance, ranked)(circuit)
     pruned = masks_of([kept], engine.space.shape, rounded.device)[0].to(rounded.dtype)
     record["removed"] = [names[u] for u in record["removed"]]

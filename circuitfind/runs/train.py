@@ -32,7 +32,7 @@ from circuitfind.evaluation.heldout import (
 from circuitfind.methods.baselines import attribution_scores
 from circuitfind.methods.dbm import NonFiniteLoss, OnStep, round_mask, train_mask
 from circuitfind.methods.objective import Objective
-from circuitfind.methods.prune import prune_circuit
+from circuitfind.methods.prune import prune_circuits
 from circuitfind.methods.ranking import path_scores
 from circuitfind.methods.registry import Found, method_named
 from circuitfind.methods.target_size import LambdaSearch, search_lambda
@@ -233,7 +233,7 @@ class Run:
         if not self.job.prunes:
             return rounded, [None] * mask.shape[0]
         tolerance = self.job.cfg.prune.tolerance
-        pruned = [prune_circuit(self.job.engine, self.validation, r, m, tolerance) for r, m in zip(rounded, mask)]
+        pruned = prune_circuits(self.job.engine, self.validation, rounded, mask, tolerance)
         for record in (record for _, record in pruned):
             log.info(pruning_line(record))
         return torch.stack([circuit for circuit, _ in pruned]), [record for _, record in pruned]
@@ -303,7 +303,9 @@ def refind(job: Job, lam: float) -> List[str]:
     )
     circuit = round_mask(mask)[0]
     if job.prunes:
-        circuit, _ = prune_circuit(job.engine, job.objectives("validation"), circuit, mask[0], cfg.prune.tolerance)
+        ((circuit, _),) = prune_circuits(
+            job.engine, job.objectives("validation"), circuit[None], mask[:1], cfg.prune.tolerance
+        )
     return [n for n, w in zip(job.space.names(), circuit.flatten().tolist()) if w == 0]
 
 
