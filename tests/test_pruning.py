@@ -165,11 +165,26 @@ def test_the_exact_search_finds_a_smaller_cut_that_elimination_walks_past():
 
 
 def test_the_exact_search_stops_at_its_budget_and_says_so():
-    units = frozenset(range(30))
-    kept, record = ScoredPruner(lambda c: -100.0 if len(c) >= 5 else -1.0, 30, 0.01)(units)
+    units = frozenset(range(10))
+    kept, record = ScoredPruner(lambda c: -100.0 if len(c) >= 5 else -1.0, 10, 0.01)(units)
     assert len(kept) == 5
-    # size 1 (30 subsets) fits within MAX_SMALLER = 64; size 2 (435 more) does not
-    assert record["smaller_search"] == {"sizes": 1, "subsets": 30, "complete": False, "replaced": None}
+    # sizes 1 and 2 (10 + 45 subsets) fit within MAX_SMALLER = 64; size 3 (120 more) does not
+    assert record["smaller_search"] == {"sizes": 2, "subsets": 55, "complete": False, "replaced": None}
+
+
+def test_the_exact_search_is_skipped_when_only_single_units_fit():
+    # 30 single units fit within MAX_SMALLER = 64, their 435 pairs do not: a 5-unit circuit is not
+    # searched for one unit that does all (putting in has tried those that do most alone)
+    pruner = ScoredPruner(lambda c: -100.0 if len(c) >= 5 else -1.0, 30, 0.01)
+    kept, record = pruner(frozenset(range(30)))
+    assert len(kept) == 5 and min(len(c) for c in pruner.scored if c) == 4  # elimination's, no single units
+    assert record["smaller_search"] == {
+        "sizes": 0,
+        "subsets": 0,
+        "complete": False,
+        "skipped": "only single units fit within MAX_SMALLER (64)",
+        "replaced": None,
+    }
 
 
 def test_pruning_puts_in_a_unit_the_search_left_out():
