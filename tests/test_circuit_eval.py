@@ -6,6 +6,7 @@ import json
 import shutil
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 from circuitfind.errors import CircuitfindError
 from circuitfind.evaluation.ablation import Ablation
 from circuitfind.evaluation.bootstrap import interval, resampled_means
-from circuitfind.evaluation.circuit_tests import CONDITIONS, undefined_areas
+from circuitfind.evaluation.circuit_tests import CONDITIONS, condition_statistic, undefined_areas
 from circuitfind.evaluation.heldout import PairOutcomes
 from circuitfind.evaluation.selfcheck import self_checks
 from circuitfind.records.circuit import read_record
@@ -93,6 +94,17 @@ def test_the_areas_are_undefined_where_patching_everything_does_not_move_the_log
     assert reason is not None and "includes 0" in reason
     moved = torch.stack([torch.full((60,), -7.0), torch.full((60,), 6.0)]) + noise
     assert undefined_areas(moved, seed=0) is None
+
+
+def test_a_resample_with_no_span_gives_areas_without_a_warning(recwarn):
+    # Rows: full, empty, necessity, sufficiency, then the curve's inner points. Full = empty on every
+    # pair: faithfulness is +-inf on the curve, and its areas NaN, with no numpy warning in the run's output.
+    d = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [2.0, 2.0], [3.0, 3.0], [-1.0, -1.0]])
+    per_pair = {"d": d, "task_hit": torch.ones_like(d), "hit": torch.ones_like(d)}
+    statistic = condition_statistic(per_pair, "patching", 4, np.array([0.0, 0.25, 0.5, 1.0]))
+    out = statistic(torch.tensor([[0, 1]]))
+    assert torch.isnan(out["cpr"]).all() and torch.isnan(out["cmd"]).all()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_nothing_ablated_is_the_unpatched_model_under_every_ablation(job):

@@ -113,8 +113,9 @@ def condition_statistic(per_pair: Dict[str, torch.Tensor], kind: str, n_curve: i
         out["necessity/faithfulness_drop"] = 1 - faith[2]
         if n_curve:
             curve = faith[[1, *range(len(CONDITIONS), len(CONDITIONS) + n_curve - 2), 0]].numpy()  # (n_curve, R)
-            out["cpr"] = torch.from_numpy(np.trapezoid(curve, x, axis=0))
-            out["cmd"] = torch.from_numpy(np.trapezoid(np.abs(1 - curve), x, axis=0))
+            with np.errstate(invalid="ignore"):  # a resample with no span gives inf - inf: undefined_areas says why
+                out["cpr"] = torch.from_numpy(np.trapezoid(curve, x, axis=0))
+                out["cmd"] = torch.from_numpy(np.trapezoid(np.abs(1 - curve), x, axis=0))
         return out
 
     return statistic
