@@ -321,6 +321,15 @@ def test_a_run_with_tokens_the_program_lacks_is_one_line(tmp_path, monkeypatch):
     assert line.endswith(f"the tracr cache {folder} is unreadable (SafetensorError); delete that folder"), line
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_tracr_model_in_low_precision_is_one_line(dtype):
+    line = train_error("task=tracr_reverse", "model=tracr", "model.program=reverse", f"model.dtype={dtype}")
+    assert line == (
+        f"circuitfind: error: model=tracr runs in float32 only, not model.dtype={dtype}: its compiled weights are large and exact, "
+        "and rounding them breaks the program the ground truth is read from; drop model.dtype"
+    ), line
+
+
 def node(units, here=(), everywhere=()):
     return {"units": list(units), "here": list(here), "everywhere": list(everywhere)}
 

@@ -126,6 +126,13 @@ def validate(cfg: DictConfig) -> None:
         (u.kind == "neurons" or u.group_size == 1, "units.group_size applies to units=neurons only"),
         (u.memory_gb is None or u.memory_gb > 0, f"units.memory_gb={u.memory_gb}; give a positive size or null"),
     ]
+    checks += [
+        (
+            cfg.model.kind != "tracr" or cfg.model.dtype == "float32",
+            f"model=tracr runs in float32 only, not model.dtype={cfg.model.dtype}: its compiled weights are "
+            "large and exact, and rounding them breaks the program the ground truth is read from; drop model.dtype",
+        ),
+    ]
     pr = cfg.prune
     checks += [
         (o.gate in GATES, f"optimizer.gate={o.gate!r} is unknown; choose from {list(GATES)}"),
