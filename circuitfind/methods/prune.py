@@ -143,22 +143,22 @@ class Pruner:
         """The best subset of `raw` (the rounded mask and what was put in) within the bound among those of
         the smallest size that has one, below len(kept), scoring every subset of each size in turn while
         the count stays within MAX_SMALLER; `kept` when there is none."""
-        if len(kept) > 2 and len(raw) + math.comb(len(raw), 2) > MAX_SMALLER:
+        below = range(1, len(kept))
+        fit = [size for size in below if sum(math.comb(len(raw), s) for s in range(1, size + 1)) <= MAX_SMALLER]
+        if fit == [1] and len(kept) > 2:
             # single units only: putting in has tried those that do most alone, and at positions these
             # 12-15 circuits never replaced a circuit while costing a quarter of pruning's time
             skipped = f"only single units fit within MAX_SMALLER ({MAX_SMALLER})"
             return kept, {"sizes": 0, "subsets": 0, "complete": False, "skipped": skipped}
         scored = 0
-        for size in range(1, len(kept)):
-            if scored + math.comb(len(raw), size) > MAX_SMALLER:
-                return kept, {"sizes": size - 1, "subsets": scored, "complete": False}
+        for size in fit:
             subsets = [frozenset(c) for c in itertools.combinations(sorted(raw), size)]
             values = self.objective(subsets)
             scored += len(subsets)
             within = [(value, sorted(c), c) for value, c in zip(values, subsets) if value <= self.bound]
             if within:
                 return min(within)[2], {"sizes": size, "subsets": scored, "complete": True}
-        return kept, {"sizes": max(len(kept) - 1, 0), "subsets": scored, "complete": True}
+        return kept, {"sizes": len(fit), "subsets": scored, "complete": fit == list(below)}
 
     def __call__(self, circuit: frozenset) -> tuple[frozenset, Dict[str, Any]]:
         """The pruned circuit, and what pruning did (objectives, removals, additions)."""
