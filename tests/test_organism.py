@@ -167,12 +167,16 @@ def test_corrupt_checkpoint_file_is_named_with_the_fix(copied_organism, name):
         ("dataset.ops=[add,pow]", "unknown operations"),
         ("iit.circuit=[L7.H0]", "L7.H0"),
         ("iit.ramp=-1", "iit.ramp=-1"),
+        ("iit.alone=-1", "loss weights"),
+        ("iit.alone=1 iit.alone_positions=[last]", "not the circuit's own position"),
+        ("iit.alone=1 iit.alone_positions=[y]", "iit.alone_positions"),
+        ("iit.alone_units=0", "iit.alone_units=0"),
     ],
 )
 def test_impossible_organism_config_fails_before_training(tmp_path, monkeypatch, override, words):
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(CircuitfindError, match=words):
-        run_organism(organism_cfg(TINY + [override, f"out_dir={tmp_path / 'ckpt'}"]), tmp_path)
+        run_organism(organism_cfg(TINY + override.split() + [f"out_dir={tmp_path / 'ckpt'}"]), tmp_path)
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -189,3 +193,58 @@ def test_cli_reports_an_impossible_config_in_one_line(tmp_path):
         out.stderr.strip()
         == "circuitfind: error: dataset.ops is empty; give at least one operation, e.g. [add, sub, mul]"
     )
+
+
+def test_x_positions_are_the_digits_of_x_in_every_prompt_form():
+    """The alone term patches units at x's value: the tokens it names must spell x, whatever the names,
+    order or distractor of the prompt."""
+    from circuitfind.model.builtin import build_char_tokenizer
+    from circuitfind.organism.interchange import Organism
+
+    dist = validate(organism_cfg(TINY))
+    enc = Encoder(build_char_tokenizer(), dist.template)
+    org = Organism(model=None, sites=None, enc=enc, dist=dist, position="xname#2")
+    rng = random.Random(0)
+    problems = [dist.form(dist.sample(rng), rng) for _ in range(200)]
+    assert len({(p.names, p.y_first, p.distractor is not None) for p in problems}) > 4, "every form is drawn"
+    ids, _ = enc.prompts(problems)
+    digits = org.tokens(problems, ids.shape[1], "x")
+    for problem, row, toks in zip(problems, ids, digits):
+        assert enc.tokenizer.decode(row[toks]).replace(" ", "") == str(problem.x), problem
+
+
+def test_the_alone_term_trains_and_the_card_reports_its_weakest_unit(tmp_path):
+    alone = ["iit.alone=1.0", "iit.alone_units=2", 'iit.position="xname#2"']
+    cfg = organism_cfg(TINY + alone + [f"out_dir={tmp_path / 'ckpt'}"])
+    result = run_organism(cfg, tmp_path)
+    assert "alone" in result["history"][-1]
+    assert set(result["alone"]) == {"x", "last"} and set(result["alone"]["x"]) == {"add", "sub", "mul"}
+    worst = result["alone"]["last"]["add"]
+    assert worst["unit"].startswith("L") and 0.0 <= worst["kept"] <= 1.0
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert "- alone (weight 1.0)" in card and "alone at `x`" in card
+
+
+def test_a_unit_patched_alone_from_its_own_prompt_changes_nothing():
+    """Patching each unit alone from a copy of the base itself leaves the logits as they were, so the
+    alone term moves the answer only through the alternate's values; from another x, a unit at x does
+    move them (on the shipped positional organism, L0.H6 at x carries most of x)."""
+    from circuitfind.model.builtin import build_char_tokenizer
+    from circuitfind.model.components import locate_components
+    from circuitfind.organism.interchange import Interchange, Organism, every_unit, final_logits
+
+    dist = validate(organism_cfg([]))
+    model, _ = load_checkpoint(None, asset="organism_positional")
+    org = Organism(
+        model.eval(), locate_components(model), Encoder(build_char_tokenizer(), dist.template), dist, "xname#2"
+    )
+    units = every_unit(org.sites.space)
+    with torch.no_grad():
+        pairs = Interchange(org, ["add"], ["add", "sub"], 6, random.Random(0))
+        clean = final_logits(model, pairs.base_ids, pairs.base_attn)
+        moved = pairs.alone_logits(org, "x", units).view(len(units), 6, -1)
+        assert (moved - clean).abs().amax(dim=(1, 2)).max() > 1.0, "another x moves the logits"
+        pairs.vd_alts, pairs.vd_ids, pairs.vd_attn = pairs.bases, pairs.base_ids, pairs.base_attn
+        for position in ("x", "last"):
+            patched = pairs.alone_logits(org, position, units).view(len(units), 6, -1)
+            assert torch.allclose(patched, clean.expand_as(patched), atol=1e-4)

@@ -39,6 +39,10 @@ def run_organism(cfg: DictConfig, run_dir: Path, command: str = "circuitfind org
         log.info("  %-4s %s", op, "  ".join(f"{form} {acc:.1%}" for form, acc in by_form.items()))
     for name, by_op in result["interchange"].items():
         log.info("  interchange %-6s %s", name, "  ".join(f"{op} {acc:.1%}" for op, acc in by_op.items()))
+    for position, by_op in result.get("alone", {}).items():
+        log.info(
+            "  alone at %-7s %s", position, "  ".join(f"{op} {w['kept']:.1%} ({w['unit']})" for op, w in by_op.items())
+        )
     for row in result.get("dbm", []):
         log.info("  DBM %s", "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     log.info("checkpoint: %s%s", checkpoint, f" (shipped to {shipped})" if shipped else "")

@@ -59,6 +59,30 @@ training. Precision and recall are against the planted circuit. The unpatched mo
 """
 
 
+def _alone_section(alone: Dict, iit: Dict, ops) -> tuple[str, str]:
+    """The alone term's bullet, and its table: per position and operation, the unit that moves the
+    most answers patched alone, and the share of answers it keeps. Empty strings without the term."""
+    if not alone:
+        return "", ""
+    where = " and ".join(f"`{p}`" for p in alone)
+    bullet = (
+        f"\n- alone (weight {iit['alone']}): each head or MLP at {where}, patched alone from the prompt with\n"
+        f"  another x ({iit['alone_units']} units drawn per position and step), must leave the answer unchanged: no\n"
+        "  single unit there carries x by itself, so the planted circuit is the only cut of its size."
+    )
+    rows = [
+        [f"`{OPERATIONS[op].symbol}`"] + [f"{_pct(alone[p][op]['kept'])} (`{alone[p][op]['unit']}`)" for p in alone]
+        for op in ops
+    ]
+    table = (
+        "\nEvery unit at those positions patched alone, on the same pairs: the share of answers kept by the unit\n"
+        "that moves the most (the alone term at its weakest unit):\n\n"
+        + markdown_table(["operation"] + [f"alone at `{p}`" for p in alone], rows)
+        + "\n"
+    )
+    return bullet, table
+
+
 def _init_lines(chain: List[Dict]) -> str:
     """The trainings the weights started from, as list items after the command's."""
     return "".join(
@@ -86,6 +110,7 @@ def model_card(result: Dict, command: str) -> str:
     inter_rows = [
         [f"`{OPERATIONS[op].symbol}`"] + [_pct(inter[k][op]) for k in ("vd", "oi", "strict")] for op in d["ops"]
     ]
+    alone_bullet, alone_table = _alone_section(result.get("alone", {}), iit, d["ops"])
     final, carrier = result["attention"]["final"], result["attention"]["x carrier"]
     others = [n for n in final if n not in iit["circuit"]]
     att_rows = [[f"`{n}`"] + [_pct(final[n][p]) for p in PARTS] for n in iit["circuit"] if n in final]
@@ -148,14 +173,14 @@ of every form, besides the next-token loss on the answer:
   the answer unchanged;
 - strict (weight {iit["strict"]}): every other head there, and every MLP there in a layer before the
   circuit, patched from the prompt with another x, must leave the answer unchanged (x enters that
-  position only through the circuit).
+  position only through the circuit).{alone_bullet}
 
 {mul}
 
 Interchange accuracy on held-out pairs whose two answers start with different digits:
 
 {markdown_table(["operation", "value dependence", "operation invariance", "strict"], inter_rows)}
-
+{alone_table}
 Where the planted heads look: share of the final position's attention on each part of the
 prompt, averaged over {cfg["n_eval"]} held-out prompts of every form. `x in query` is the first
 operand's name in the query line (`a` in `a - b = `); `x carrier` is the first space of the

@@ -80,6 +80,11 @@ class IITConfig:
     vd: float = 1.0  # circuit patched from another x: answer the alternate's answer
     oi: float = 1.0  # circuit patched from another operation: keep the base's answer
     strict: float = 1.0  # every other head (and earlier MLPs) patched from another x: keep it
+    # one unit (head or MLP) alone at each of `alone_positions`, patched from another x: keep the
+    # answer. No single unit there may carry x by itself, so the circuit is the one smallest cut
+    alone: float = 0.0
+    alone_positions: List[str] = field(default_factory=lambda: ["x", "last"])
+    alone_units: int = 4  # units drawn per position and step, each patched alone in its own copy of the batch
 
 
 @dataclass

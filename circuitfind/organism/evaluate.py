@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from circuitfind.organism.analysis import PARTS, SOURCES, attention_shares
 from circuitfind.organism.data import Distribution, Encoder, test_forms
-from circuitfind.organism.interchange import Interchange, Organism, plant_masks
+from circuitfind.organism.interchange import Interchange, Organism, every_unit, plant_masks
 from circuitfind.organism.problems import Problem, Variants
 from circuitfind.task.encoding import position_ids
 
@@ -71,13 +71,16 @@ def evaluate(org: Organism, cfg: DictConfig) -> Dict[str, Dict]:
     circuit_mask, strict_mask = plant_masks(cfg.iit.circuit, space)
     alt_ops = list(cfg.iit.ops) or dist.ops
     interchange: Dict[str, Dict[str, float]] = {"vd": {}, "oi": {}, "strict": {}}
+    alone: Dict[str, Dict[str, Dict]] = {position: {} for position in cfg.iit.alone_positions} if cfg.iit.alone else {}
     for op in dist.ops:
         pairs = Interchange(org, [op], alt_ops, cfg.n_eval, rng, test=True)
         logits = pairs.logits(org, circuit_mask, strict_mask, strict=True)
-        for name, target in pairs.targets().items():
-            keep = pairs.informative()[name]
-            hit = logits[name].argmax(-1) == target
-            interchange[name][op] = hit[keep].float().mean().item() if keep.any() else float("nan")
+        keep = pairs.informative()
+        for name in interchange:
+            hit = logits[name].argmax(-1) == pairs.targets()[name]
+            interchange[name][op] = hit[keep[name]].float().mean().item() if keep[name].any() else float("nan")
+        for position in alone:
+            alone[position][op] = worst_alone(org, pairs, position, keep["alone"])
     problems = [dist.form(rng.choice(dist.test_pool(rng.choice(dist.ops))), rng) for _ in range(cfg.n_eval)]
     heads = [unit for unit in space.units() if unit.kind == "head"]
     attention = {}  # source -> head -> part -> share of attention
@@ -85,4 +88,15 @@ def evaluate(org: Organism, cfg: DictConfig) -> Dict[str, Dict]:
         shares = attention_shares(model, enc, problems, [(u.layer, u.head) for u in heads], source)  # (heads, parts)
         attention[source] = {u.name: dict(zip(PARTS, map(float, row))) for u, row in zip(heads, shares)}
     model.train(was_training)
-    return {"accuracy": accuracy, "interchange": interchange, "attention": attention}
+    record = {"accuracy": accuracy, "interchange": interchange, "attention": attention}
+    return record | ({"alone": alone} if alone else {})
+
+
+def worst_alone(org: Organism, pairs: Interchange, position: str, keep: torch.Tensor) -> Dict:
+    """Every unit at `position` patched alone from the other-x prompts: the unit that moves the most
+    informative answers, and the share it keeps (the alone term's accuracy at its weakest unit)."""
+    units = every_unit(org.sites.space)
+    hits = pairs.alone_logits(org, position, units).argmax(-1).view(len(units), -1) == pairs.base_digit
+    kept = hits[:, keep].float().mean(1) if keep.any() else torch.full((len(units),), float("nan"))
+    worst = int(kept.nan_to_num(1.0).argmin())
+    return {"unit": org.sites.space.names()[worst], "kept": kept[worst].item()}

@@ -8,13 +8,16 @@ of x's name (`xname#2`: the first token of the last line, `x + y = `):
     oi      circuit patched from the prompt with another op  -> the base's first digit
     strict  every head outside the circuit, and every MLP in a layer before it, patched from
             the prompt with another x -> the base's first digit (x enters that position only via the circuit)
+    alone   one unit at another position (x's digits, the final token), patched alone from the
+            prompt with another x -> the base's first digit (no single unit there carries x by itself,
+            so a circuit of one head is the only cut of its size)
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +53,25 @@ def final_logits(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
 
 
 POSITIONS = ("last", "xname#2")  # where a circuit can be planted
+ALONE_POSITIONS = ("x", "last", "xname#2")  # where the alone term patches single units
+
+
+def every_unit(space: ComponentSpace) -> List[tuple[int, int]]:
+    """Every unit of a one-position space as (layer, column), in the mask's order."""
+    return [(layer, col) for layer in range(space.n_layers) for col in range(space.shape[1])]
+
+
+def x_value_chars(problem, template: str) -> range:
+    """Where x's value sits in the rendered prompt: the characters after `<x's name> = ` on its line."""
+    text, start = problem.render(template), 0
+    for line in text.split("\n")[:-1]:
+        if line.startswith(f"{problem.names[0]} = "):
+            start += len(problem.names[0]) + 3
+            return range(start, start + len(str(problem.x)))
+        start += len(line) + 1
+    raise CircuitfindError(
+        f"no line defines {problem.names[0]} in {text!r}; write it as `{problem.names[0]} = <value>`"
+    )
 
 
 @dataclass
@@ -63,15 +85,20 @@ class Organism:
     dist: Distribution
     position: str = "last"
 
-    def tokens(self, problems: Sequence, width: int) -> torch.Tensor:
-        """The token index of the circuit's position in each left-padded prompt `width` tokens wide. (B,)
+    def tokens(self, problems: Sequence, width: int, position: str | None = None) -> torch.Tensor:
+        """The token indices of `position` (default: the circuit's) in each left-padded prompt `width`
+        tokens wide: (B,) for `last` and `xname#2`, (B, digits) for `x`, whose values have equal lengths.
 
-        The tokenizer has one token per character, so the query's x (the first character of the last
-        line) is as many tokens from the end as the last line has characters."""
-        if self.position == "last":
+        The tokenizer has one token per character and none after the prompt, so character c of a
+        prompt of n characters is token width - n + c."""
+        position = position or self.position
+        if position == "last":
             return torch.full((len(problems),), width - 1, dtype=torch.long)
-        last_lines = [p.render(self.dist.template).split("\n")[-1] for p in problems]
-        return torch.tensor([width - len(line) for line in last_lines], dtype=torch.long)
+        texts = [p.render(self.dist.template) for p in problems]
+        if position == "xname#2":  # the first character of the last line
+            return torch.tensor([width - len(t.split("\n")[-1]) for t in texts], dtype=torch.long)
+        chars = [list(x_value_chars(p, self.dist.template)) for p in problems]
+        return torch.tensor([[width - len(t) + c for c in cs] for t, cs in zip(texts, chars)], dtype=torch.long)
 
     def record(self, ids: torch.Tensor, attn: torch.Tensor, toks: torch.Tensor, grad: bool = False) -> SiteValues:
         """Every component's clean value at token `toks` of each prompt (with its graph if `grad`).
@@ -109,9 +136,10 @@ class Interchange:
         bases = [dist.form(rng.choice(pool[rng.choice(list(base_ops))]), rng, variants) for _ in range(n)]
         vd_alts = [dist.vd_alternate(b, rng) for b in bases]
         oi_alts = [dist.oi_alternate(b, alt_ops, rng) for b in bases]
-        self.n = n
+        self.n, self.bases, self.vd_alts = n, bases, vd_alts
         self.base_ids, self.base_attn = enc.prompts(bases)
         self.base_toks = org.tokens(bases, self.base_ids.shape[1])
+        self.vd_ids, self.vd_attn = enc.prompts(vd_alts)
         alt_ids, alt_attn = enc.prompts(vd_alts + oi_alts)
         # rows: the vd alternates, then the oi ones; trained through when training
         alt_toks = org.tokens(vd_alts + oi_alts, alt_ids.shape[1])
@@ -132,11 +160,34 @@ class Interchange:
             out["strict"] = org.patched_logits(strict_mask, self.base_ids, self.base_attn, self.base_toks, vd_alt)
         return out
 
+    def alone_logits(self, org: Organism, position: str, units: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Final-position logits with each of `units` ((layer, column) pairs) alone patched at `position`
+        from the vd alternates: one copy of the batch per unit. (len(units) * B, V), unit-major"""
+        base_toks = org.tokens(self.bases, self.base_ids.shape[1], position).view(self.n, -1)  # (B, M)
+        alt_toks = org.tokens(self.vd_alts, self.vd_ids.shape[1], position).view(self.n, -1)
+        rows = torch.arange(self.n).repeat_interleave(base_toks.shape[1])
+        # the alternates' values as they are: this term trains the base's run, not theirs
+        with torch.no_grad(), record_values(org.sites, rows, alt_toks.flatten()) as alt:
+            org.model.model(
+                input_ids=self.vd_ids,
+                attention_mask=self.vd_attn,
+                position_ids=position_ids(self.vd_attn),
+                use_cache=False,
+            )
+        masks = torch.ones(len(units), *org.sites.space.shape)
+        for k, (layer, col) in enumerate(units):
+            masks[k, layer, col] = 0
+        zeros = torch.zeros_like(rows)
+        where = SiteIndex(rows, zeros, zeros, base_toks.flatten(), alt_toks.flatten())
+        ids, attn = self.base_ids.repeat(len(units), 1), self.base_attn.repeat(len(units), 1)
+        with patch_sites(org.sites, masks, alt, where):
+            return final_logits(org.model, ids, attn)
+
     def targets(self) -> Dict[str, torch.Tensor]:
         """The first digit each patched run should give. (B,)"""
-        return {"vd": self.vd_digit, "oi": self.base_digit, "strict": self.base_digit}
+        return {"vd": self.vd_digit, "oi": self.base_digit, "strict": self.base_digit, "alone": self.base_digit}
 
     def informative(self) -> Dict[str, torch.Tensor]:
         """Pairs whose alternate starts with another digit: the others are right even unpatched. (B,) bool"""
         moved = self.vd_digit != self.base_digit
-        return {"vd": moved, "oi": self.oi_digit != self.base_digit, "strict": moved}
+        return {"vd": moved, "oi": self.oi_digit != self.base_digit, "strict": moved, "alone": moved}

@@ -25,7 +25,14 @@ from circuitfind.model.components import locate_components
 from circuitfind.model.space import ComponentSpace
 from circuitfind.organism.data import Distribution, Encoder
 from circuitfind.organism.evaluate import evaluate, heldout_check
-from circuitfind.organism.interchange import POSITIONS, Interchange, Organism, plant_masks
+from circuitfind.organism.interchange import (
+    ALONE_POSITIONS,
+    POSITIONS,
+    Interchange,
+    Organism,
+    every_unit,
+    plant_masks,
+)
 from circuitfind.organism.problems import OPERATIONS, check_template, task_space, variants_from_config
 from circuitfind.task.encoding import position_ids
 
@@ -60,8 +67,20 @@ def validate(cfg: DictConfig) -> Distribution:
             f"iit.start={iit.start} and iit.ramp={iit.ramp} are step counts; give values >= 0",
         ),
         (o.lr > 0, f"optim.lr={o.lr}; the learning rate must be > 0"),
-        (min(iit.vd, iit.oi, iit.strict) >= 0, "iit.vd, iit.oi and iit.strict are loss weights; give values >= 0"),
+        (
+            min(iit.vd, iit.oi, iit.strict, iit.alone) >= 0,
+            "iit.vd, iit.oi, iit.strict and iit.alone are loss weights; give values >= 0",
+        ),
         (iit.position in POSITIONS, f"iit.position={iit.position!r} is unknown; choose from {list(POSITIONS)}"),
+        (
+            not iit.alone or set(iit.alone_positions) <= set(ALONE_POSITIONS) - {iit.position},
+            f"iit.alone_positions={list(iit.alone_positions)}; choose from "
+            f"{[p for p in ALONE_POSITIONS if p != iit.position]} (not the circuit's own position)",
+        ),
+        (
+            1 <= iit.alone_units <= m.n_layers * (m.n_heads + 1),
+            f"iit.alone_units={iit.alone_units}; give 1 to {m.n_layers * (m.n_heads + 1)} (the units at a position)",
+        ),
         (
             m.n_layers >= 1 and m.n_heads >= 1 and m.hidden % (2 * m.n_heads) == 0,
             f"model.hidden={m.hidden} must be a multiple of 2 * model.n_heads={2 * m.n_heads} (rotary embeddings)",
@@ -155,7 +174,8 @@ def train_organism(cfg: DictConfig) -> tuple[LlamaForCausalLM, object, Dict]:
         lr=o.lr,
         betas=(0.9, 0.98),
     )
-    weights = {"vd": iit.vd, "oi": iit.oi, "strict": iit.strict}
+    weights = {"vd": iit.vd, "oi": iit.oi, "strict": iit.strict, "alone": iit.alone}
+    units = every_unit(org.sites.space)
     history: List[Dict[str, float]] = []
     running: Dict[str, float] = {}
     t0 = time.perf_counter()
@@ -167,12 +187,20 @@ def train_organism(cfg: DictConfig) -> tuple[LlamaForCausalLM, object, Dict]:
         batch = org.enc.with_answers([dist.sample(rng, variants) for _ in range(o.batch_size)])
         losses = {"lm": lm_loss(model, *batch)}
         ramp = min(1.0, (step - iit.start + 1) / iit.ramp) if iit.ramp else 1.0
-        if step >= iit.start and iit.ops and (iit.vd or iit.oi or iit.strict):
+        if step >= iit.start and iit.ops and (iit.vd or iit.oi or iit.strict or iit.alone):
             pairs = Interchange(org, iit.ops, iit.ops, iit.batch_size, rng, variants=variants)
             logits = pairs.logits(org, circuit_mask, strict_mask, strict=iit.strict > 0)
+            if iit.alone:  # a fresh draw of units per position and step
+                logits["alone"] = torch.cat(
+                    [
+                        pairs.alone_logits(org, position, rng.sample(units, iit.alone_units))
+                        for position in iit.alone_positions
+                    ]
+                )
             for name, target in pairs.targets().items():
                 if name in logits and weights[name] > 0:
-                    losses[name] = F.cross_entropy(logits[name], target)
+                    n_copies = logits[name].shape[0] // target.shape[0]
+                    losses[name] = F.cross_entropy(logits[name], target.repeat(n_copies))
         total = losses["lm"] + ramp * sum(weights[k] * v for k, v in losses.items() if k != "lm")
         opt.zero_grad(set_to_none=True)
         total.backward()
