@@ -67,11 +67,12 @@ def _alone_section(alone: Dict, iit: Dict, ops) -> tuple[str, str]:
     where = " and ".join(f"`{p}`" for p in alone)
     bullet = (
         f"\n- alone (weight {iit['alone']}): each head or MLP at {where}, patched alone from the prompt with\n"
-        f"  another x ({iit['alone_units']} units drawn per position and step), must leave the answer unchanged: no\n"
-        "  single unit there carries x by itself, so the planted circuit is the only cut of its size."
+        f"  another x ({iit['alone_units']} units drawn per position and step), must leave the answer unchanged (the\n"
+        "  aim: no single unit there carries x by itself, so that nothing smaller than the circuit can cut x's route;\n"
+        "  the table below says how far it got)."
     )
     rows = [
-        [f"`{OPERATIONS[op].symbol}`"] + [f"{_pct(alone[p][op]['kept'])} (`{alone[p][op]['unit']}`)" for p in alone]
+        [f"`{OPERATIONS[op].symbol}`"] + [f"{_pct(alone[p][op]['kept'])} (`{alone[p][op]['unit']}@{p}`)" for p in alone]
         for op in ops
     ]
     table = (

@@ -9,8 +9,8 @@ of x's name (`xname#2`: the first token of the last line, `x + y = `):
     strict  every head outside the circuit, and every MLP in a layer before it, patched from
             the prompt with another x -> the base's first digit (x enters that position only via the circuit)
     alone   one unit at another position (x's digits, the final token), patched alone from the
-            prompt with another x -> the base's first digit (no single unit there carries x by itself,
-            so a circuit of one head is the only cut of its size)
+            prompt with another x -> the base's first digit (so that no single unit there carries x
+            by itself, and a circuit of one head is the only cut of its size)
 """
 
 from __future__ import annotations
