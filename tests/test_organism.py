@@ -231,14 +231,14 @@ def test_a_unit_patched_alone_from_its_own_prompt_changes_nothing():
     move them (on the shipped positional organism, L0.H6 at x carries most of x)."""
     from circuitfind.model.builtin import build_char_tokenizer
     from circuitfind.model.components import locate_components
-    from circuitfind.organism.interchange import Interchange, Organism, every_unit, final_logits
+    from circuitfind.organism.interchange import Interchange, Organism, final_logits
 
     dist = validate(organism_cfg([]))
     model, _ = load_checkpoint(None, asset="organism_positional")
     org = Organism(
         model.eval(), locate_components(model), Encoder(build_char_tokenizer(), dist.template), dist, "xname#2"
     )
-    units = every_unit(org.sites.space)
+    units = list(org.sites.space.units())
     with torch.no_grad():
         pairs = Interchange(org, ["add"], ["add", "sub"], 6, random.Random(0))
         clean = final_logits(model, pairs.base_ids, pairs.base_attn)

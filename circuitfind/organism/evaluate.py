@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from circuitfind.organism.analysis import PARTS, SOURCES, attention_shares
 from circuitfind.organism.data import Distribution, Encoder, test_forms
-from circuitfind.organism.interchange import Interchange, Organism, every_unit, plant_masks
+from circuitfind.organism.interchange import Interchange, Organism, plant_masks
 from circuitfind.organism.problems import Problem, Variants
 from circuitfind.task.encoding import position_ids
 
@@ -95,8 +95,8 @@ def evaluate(org: Organism, cfg: DictConfig) -> Dict[str, Dict]:
 def worst_alone(org: Organism, pairs: Interchange, position: str, keep: torch.Tensor) -> Dict:
     """Every unit at `position` patched alone from the other-x prompts: the unit that moves the most
     informative answers, and the share it keeps (the alone term's accuracy at its weakest unit)."""
-    units = every_unit(org.sites.space)
+    units = list(org.sites.space.units())
     hits = pairs.alone_logits(org, position, units).argmax(-1).view(len(units), -1) == pairs.base_digit
     kept = hits[:, keep].float().mean(1) if keep.any() else torch.full((len(units),), float("nan"))
     worst = int(kept.nan_to_num(1.0).argmin())
-    return {"unit": org.sites.space.names()[worst], "kept": kept[worst].item()}
+    return {"unit": units[worst].name, "kept": kept[worst].item()}

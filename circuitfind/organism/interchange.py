@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from torch import nn
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import Sites
 from circuitfind.model.hooks import SiteIndex, SiteValues, patch_sites, record_values
-from circuitfind.model.space import ComponentSpace
+from circuitfind.model.space import ComponentSpace, Unit
 from circuitfind.organism.data import Distribution, Encoder
 from circuitfind.task.encoding import position_ids
 
@@ -54,11 +54,6 @@ def final_logits(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
 
 POSITIONS = ("last", "xname#2")  # where a circuit can be planted
 ALONE_POSITIONS = ("x", "last", "xname#2")  # where the alone term patches single units
-
-
-def every_unit(space: ComponentSpace) -> List[tuple[int, int]]:
-    """Every unit of a one-position space as (layer, column), in the mask's order."""
-    return [(layer, col) for layer in range(space.n_layers) for col in range(space.shape[1])]
 
 
 def x_value_chars(problem, template: str) -> range:
@@ -101,12 +96,15 @@ class Organism:
         return torch.tensor([[width - len(t) + c for c in cs] for t, cs in zip(texts, chars)], dtype=torch.long)
 
     def record(self, ids: torch.Tensor, attn: torch.Tensor, toks: torch.Tensor, grad: bool = False) -> SiteValues:
-        """Every component's clean value at token `toks` of each prompt (with its graph if `grad`).
+        """Every component's clean value at token `toks` of each prompt (with its graph if `grad`):
+        toks (B,), or (B, M) for M tokens per prompt, whose values come prompt by prompt.
 
         With the graph kept, interchange training also trains the alternate's run: the loss that
         asks the circuit to carry the alternate's x reaches the circuit heads' own weights.
         """
-        rows = torch.arange(ids.shape[0])
+        toks = toks.view(ids.shape[0], -1)
+        rows = torch.arange(ids.shape[0]).repeat_interleave(toks.shape[1])
+        toks = toks.flatten()
         with torch.set_grad_enabled(grad), record_values(self.sites, rows, toks, grad=grad) as values:
             self.model.model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False)
         return values
@@ -160,23 +158,17 @@ class Interchange:
             out["strict"] = org.patched_logits(strict_mask, self.base_ids, self.base_attn, self.base_toks, vd_alt)
         return out
 
-    def alone_logits(self, org: Organism, position: str, units: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Final-position logits with each of `units` ((layer, column) pairs) alone patched at `position`
-        from the vd alternates: one copy of the batch per unit. (len(units) * B, V), unit-major"""
+    def alone_logits(self, org: Organism, position: str, units: Sequence[Unit]) -> torch.Tensor:
+        """Final-position logits with each of `units` alone patched at `position` from the vd
+        alternates: one copy of the batch per unit. (len(units) * B, V), unit-major"""
         base_toks = org.tokens(self.bases, self.base_ids.shape[1], position).view(self.n, -1)  # (B, M)
         alt_toks = org.tokens(self.vd_alts, self.vd_ids.shape[1], position).view(self.n, -1)
         rows = torch.arange(self.n).repeat_interleave(base_toks.shape[1])
         # the alternates' values as they are: this term trains the base's run, not theirs
-        with torch.no_grad(), record_values(org.sites, rows, alt_toks.flatten()) as alt:
-            org.model.model(
-                input_ids=self.vd_ids,
-                attention_mask=self.vd_attn,
-                position_ids=position_ids(self.vd_attn),
-                use_cache=False,
-            )
+        alt = org.record(self.vd_ids, self.vd_attn, alt_toks)
         masks = torch.ones(len(units), *org.sites.space.shape)
-        for k, (layer, col) in enumerate(units):
-            masks[k, layer, col] = 0
+        for k, unit in enumerate(units):
+            masks[k, unit.layer, unit.col] = 0
         zeros = torch.zeros_like(rows)
         where = SiteIndex(rows, zeros, zeros, base_toks.flatten(), alt_toks.flatten())
         ids, attn = self.base_ids.repeat(len(units), 1), self.base_attn.repeat(len(units), 1)

@@ -30,7 +30,6 @@ from circuitfind.organism.interchange import (
     POSITIONS,
     Interchange,
     Organism,
-    every_unit,
     plant_masks,
 )
 from circuitfind.organism.problems import OPERATIONS, check_template, task_space, variants_from_config
@@ -175,7 +174,7 @@ def train_organism(cfg: DictConfig) -> tuple[LlamaForCausalLM, object, Dict]:
         betas=(0.9, 0.98),
     )
     weights = {"vd": iit.vd, "oi": iit.oi, "strict": iit.strict, "alone": iit.alone}
-    units = every_unit(org.sites.space)
+    units = list(org.sites.space.units())
     history: List[Dict[str, float]] = []
     running: Dict[str, float] = {}
     t0 = time.perf_counter()
