@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--spaces", nargs="+", default=list(SPACES)[:5], choices=list(SPACES))
     parser.add_argument("--gates", nargs="+", default=list(GATES), choices=list(GATES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--prune", nargs="+", default=["validation"], choices=["validation", "none"])
+    parser.add_argument("--prune", nargs="+", default=["validation"], choices=["validation", "stable", "none"])
     parser.add_argument("--json", type=Path, help="also write every row here")
     parser.add_argument("overrides", nargs="*", help="more overrides for every run (model=..., optimizer.lam=...)")
     args = parser.parse_intermixed_args()

@@ -16,7 +16,7 @@ from circuitfind.evaluation.circuit_tests import redundant_groups
 from circuitfind.methods.gates import ClampGate, HardConcreteGate, SigmoidGate, make_gate
 from circuitfind.methods.prune import Pruner
 from circuitfind.methods.ranking import path_scores
-from circuitfind.records.circuit import read_record
+from circuitfind.records.circuit import pruning_line, read_record
 from circuitfind.runs.train import run_search
 
 from conftest import compose, train_error
@@ -91,6 +91,7 @@ def test_the_log_says_which_circuit_is_the_headline(tmp_path, caplog):
         (("prune.tolerance=-0.1",), "prune.tolerance=-0.1 must lie in [0, 1]"),
         (("task.n_validation=5",), "task.n_validation=5 is too few pairs to prune on (prune.min_pairs=20)"),
         (("optimizer.gate=sigmoidal",), "optimizer.gate='sigmoidal' is unknown"),
+        (("prune.criterion=cost",), "prune.criterion='cost' is unknown; choose from ['bound', 'price']"),
         (
             ("optimizer.temperature=[0.1,1.0]",),
             "optimizer.temperature=[0.1, 1.0]; give [start, end] with start >= end > 0",
@@ -115,11 +116,13 @@ def test_a_small_validation_split_is_fine_without_pruning():
 class ScoredPruner(Pruner):
     """A pruner scored by a made-up objective of the set of units, instead of a model."""
 
-    def __init__(self, objective: Callable[[FrozenSet[int]], float], n: int, tolerance: float, ranked=()):
+    def __init__(
+        self, objective: Callable[[FrozenSet[int]], float], n: int, tolerance: float, ranked=(), criterion="bound"
+    ):
         self.fn, self.tolerance, self.ranked = objective, tolerance, list(ranked)  # ranked: attribution's order
-        self.firmness = torch.zeros(n)
+        self.criterion, self.firmness = criterion, torch.zeros(n)
         self.scored: Dict[frozenset, float] = {}
-        self.bound = float("inf")
+        self.bound, self.price = float("inf"), 0.0
 
     def objective(self, circuits):
         for c in circuits:
@@ -242,6 +245,57 @@ def test_putting_a_removed_unit_back_swaps_a_route_for_a_smaller_one():
     assert record["elimination"][0]["removed"] == 0  # the wrong first step
     assert kept == frozenset({0}) and record["put_in"] == [0]
     assert record["objective"]["pruned"] == -99.5 <= record["objective"]["bound"]
+
+
+def small_helpers(units: FrozenSet[int]) -> float:
+    """Units 0 and 1 carry -97 together; units 2-4 each lower J by 0.6 more (-98.8 with all five)."""
+    return (-97.0 if {0, 1} <= units else -40.0 * len({0, 1} & units)) - 0.6 * len({2, 3, 4} & units)
+
+
+def test_the_bound_keeps_small_helpers_that_together_exceed_it():
+    kept, record = ScoredPruner(small_helpers, 5, 0.01)(frozenset(range(5)))
+    assert {0, 1} < kept and len(kept) == 4, "J(0,1) = -97 lies 1.8 above the rounded mask, outside its 1% (0.99)"
+    assert record["criterion"] == "bound" and "price" not in record["objective"]
+
+
+def test_the_price_drops_every_unit_that_buys_less_than_its_share():
+    kept, record = ScoredPruner(small_helpers, 5, 0.01, criterion="price")(frozenset(range(5)))
+    assert kept == frozenset({0, 1}), "each helper lowers J by 0.6, less than the price (1% of 98.8)"
+    assert record["objective"]["price"] == pytest.approx(0.988)
+    assert "bound" not in record["objective"]
+    named = record | {"removed": ["L0.H2"], "put_in": [], "put_in_from_outside": []}  # prune_one names the units
+    assert "price 0.988 per unit" in pruning_line(named)
+
+
+def test_the_price_keeps_a_unit_that_buys_more_than_its_share():
+    def helpers(units):  # unit 2 now lowers J by 1.5: more than the price
+        return small_helpers(units) - (0.9 if 2 in units else 0.0)
+
+    kept, _ = ScoredPruner(helpers, 5, 0.01, criterion="price")(frozenset(range(5)))
+    assert kept == frozenset({0, 1, 2})
+
+
+def test_the_price_picks_the_cheapest_subset_over_every_size_in_the_exact_search():
+    # two routes: {0, 1} at J -100 and the single unit 2 at -98.6; at the price 1 the pair costs -98, the
+    # single unit -97.6, all three -97: both fit, and the exact search must not stop at the smallest size
+    def routes(units):
+        return min(-100.0 if {0, 1} <= units else 0.0, -98.6 if 2 in units else 0.0)
+
+    pruner = ScoredPruner(routes, 3, 0.01, criterion="price")
+    pruner.price = 1.0
+    kept, search = pruner.smaller(frozenset({0, 1, 2}), frozenset({0, 1, 2}))
+    assert kept == frozenset({0, 1}) and search["complete"]
+
+
+def test_the_price_swaps_a_unit_for_one_that_completes_a_better_cut_of_the_same_size():
+    # two cuts sharing unit 0: {0, 1} at J -100 and {0, 2} at -98; elimination may reach either
+    def shared(units):
+        return min(-100.0 if {0, 1} <= units else 0.0, -98.0 if {0, 2} <= units else 0.0)
+
+    pruner = ScoredPruner(shared, 3, 0.01, criterion="price")
+    pruner.price = 1.0
+    assert pruner.swap(frozenset({0, 2}), frozenset({0, 1, 2})) == frozenset({0, 1})
+    assert pruner.swap(frozenset({0, 1}), frozenset({0, 1, 2})) == frozenset({0, 1}), "no swap lowers J"
 
 
 def test_redundant_groups_join_the_pairs_needed_together():

@@ -45,6 +45,10 @@ GATES: Dict[str, str] = {
     "sigmoid": "w = sigmoid(m / T) with the temperature annealed, l1 penalty on what is patched",
     "hard_concrete": "stretched hard-concrete gates, sampled in training, L0 penalty on what is patched",
 }
+PRUNE_CRITERIA: Dict[str, str] = {
+    "bound": "the smallest circuit whose objective stays within tolerance of the rounded mask's improvement",
+    "price": "each unit must lower the objective by tolerance of the rounded mask's improvement",
+}
 BACKENDS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 

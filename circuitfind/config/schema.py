@@ -163,6 +163,7 @@ class PruneConfig:
 
     enabled: bool = True
     tolerance: float = 0.01  # share of the circuit's improvement of the validation objective pruning may give up
+    criterion: str = "bound"  # bound: give up at most `tolerance` in all; price: each unit must buy `tolerance`
     min_pairs: int = 20  # task.n_validation must be at least this: the pruning test needs pairs
 
 

@@ -14,6 +14,7 @@ from circuitfind.config.choices import (
     ENGINES,
     GATES,
     METHODS,
+    PRUNE_CRITERIA,
     RANKING_METHODS,
     SEARCH_METHODS,
     UNIT_KINDS,
@@ -144,6 +145,10 @@ def validate(cfg: DictConfig) -> None:
             0 <= pr.tolerance <= 1,
             f"prune.tolerance={pr.tolerance} must lie in [0, 1]: the share of the circuit's improvement "
             "pruning may give up (0: keep every unit that helps; 0.01 is the default)",
+        ),
+        (
+            pr.criterion in PRUNE_CRITERIA,
+            f"prune.criterion={pr.criterion!r} is unknown; choose from {list(PRUNE_CRITERIA)}",
         ),
         (pr.min_pairs >= 1, f"prune.min_pairs={pr.min_pairs}; give >= 1"),
         (

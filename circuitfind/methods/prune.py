@@ -6,8 +6,12 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
 
 1. The objective J (the training objective, sum of weight * desideratum loss, lower is better)
    is measured on the validation pairs with nothing patched, J(none), and with the circuit, J(raw).
-   Pruning may give up `tolerance` of the circuit's improvement: every circuit it keeps has
-   J <= J(raw) + tolerance * (J(none) - J(raw)).
+   With criterion "bound" (the default) pruning may give up `tolerance` of the circuit's
+   improvement: every circuit it keeps has J <= J(raw) + tolerance * (J(none) - J(raw)). With
+   "price" each unit must buy `tolerance` of that improvement: a circuit replaces another when
+   J + price * size, price = tolerance * (J(none) - J(raw)), is no larger. The bound depends on how
+   good this run's rounded mask is; the price only on its scale, so runs whose rounded masks differ
+   can agree on the smallest circuit (what that needs: docs/search.md).
 2. Backward elimination: every unit's removal alone is scored at once; then, least harmful first
    (ties: the unit the search patched least firmly, the highest mask weight), each unit goes when
    the circuit without it stays within that bound. A unit whose removal alone leaves the bound
@@ -68,13 +72,15 @@ class Pruner:
         weights: torch.Tensor,
         tolerance: float,
         ranked: Sequence[int] = (),
+        criterion: str = "bound",
     ):
-        self.engine, self.objectives, self.tolerance = engine, objectives, tolerance
+        self.engine, self.objectives, self.tolerance, self.criterion = engine, objectives, tolerance, criterion
         self.ranked = list(ranked)  # every unit, the most worth patching alone first (attribution)
         self.shape = engine.space.shape
         self.firmness = weights.detach().flatten().cpu()  # the search's mask weight: low = patched firmly
         self.scored: Dict[frozenset, float] = {}  # J of every circuit tried
-        self.bound = float("inf")
+        self.bound = float("inf")  # criterion "bound": the largest J a kept circuit may have
+        self.price = 0.0  # criterion "price": what each unit must lower J by
         self.chunk = CPU_CHUNK if engine.device.type == "cpu" else MASK_CHUNK
 
     def objective(self, circuits: Sequence[frozenset]) -> List[float]:
@@ -86,6 +92,13 @@ class Pruner:
             )
             self.scored.update(zip(new, values.cpu().tolist()))
         return [self.scored[c] for c in circuits]
+
+    def fits(self, value: float, than: frozenset, smaller_by: int) -> bool:
+        """Whether a circuit `smaller_by` units smaller than `than`, with J `value`, may replace it."""
+        if self.criterion == "bound":
+            return value <= self.bound
+        (reference,) = self.objective([than])
+        return value <= reference + self.price * smaller_by
 
     def eliminate(
         self,
@@ -99,16 +112,17 @@ class Pruner:
         many units removed: `circuit` itself comes back, unscored, as soon as fewer could go."""
         units = sorted(circuit - keep, key=lambda u: (-float(self.firmness[u]), u))  # ties: least firm first
         head = max(len(units) - max(need - 1, 0), 0)  # when none of these can go alone, fewer than `need` can
+        start = circuit
         alone = self.objective([circuit - {u} for u in units[:head]])
-        if need and all(value > self.bound for value in alone):
+        if need and not any(self.fits(value, start, 1) for value in alone):
             return circuit
         alone += self.objective([circuit - {u} for u in units[head:]])
         for value_alone, unit in sorted(zip(alone, units), key=lambda pair: pair[0]):  # stable: ties by firmness
-            if value_alone > self.bound:
+            if not self.fits(value_alone, start, 1):
                 continue
             smaller = circuit - {unit}
             (value,) = self.objective([smaller])
-            if value <= self.bound:
+            if self.fits(value, circuit, 1):
                 if steps is not None:
                     steps.append({"removed": unit, "objective": value})
                 circuit = smaller
@@ -122,6 +136,11 @@ class Pruner:
                 return circuit
             circuit = smaller
 
+    def replaces(self, circuit: frozenset, kept: frozenset) -> bool:
+        """Whether a smaller `circuit` may replace `kept` (always within the bound when elimination made it)."""
+        (value,) = self.objective([circuit])
+        return self.fits(value, kept, len(kept) - len(circuit))
+
     def put_in(self, kept: frozenset) -> tuple[frozenset, List[int]]:
         """Put in, one at a time, the PUT_IN units outside `kept` that attribution ranks first (removed ones
         or ones the search left out), and eliminate again with that unit kept; taken when the result is
@@ -132,12 +151,26 @@ class Pruner:
             trials = (  # smaller than `kept` only by removing two units
                 self.eliminate(kept | {unit}, keep=frozenset({unit}), need=2) for unit in candidates if unit not in kept
             )
-            smaller = next((trial for trial in trials if len(trial) < len(kept)), None)
+            smaller = next((trial for trial in trials if len(trial) < len(kept) and self.replaces(trial, kept)), None)
             if smaller is None:
                 return kept, added
             smaller = self.eliminate_all(smaller)  # a unit needed beside one that went may go now
             added += sorted(smaller - kept)
             kept = smaller
+
+    def swap(self, kept: frozenset, pool: frozenset) -> frozenset:
+        """Criterion price: swap one unit of `kept` for one of `pool` while that lowers J. The size, and so the
+        price, stays: elimination and the exact search compare smaller circuits only, and greedy elimination
+        keeps whichever cut of a route it reaches first."""
+        while True:
+            trials = [(kept - {out}) | {put} for out in sorted(kept) for put in sorted(pool - kept)]
+            if not trials:
+                return kept
+            (current,) = self.objective([kept])
+            best = min(zip(self.objective(trials), [sorted(t) for t in trials], trials))
+            if best[0] >= current:
+                return kept
+            kept = self.eliminate_all(best[2])  # a unit needed beside the one swapped out may go now
 
     def smaller(self, raw: frozenset, kept: frozenset) -> tuple[frozenset, Dict[str, Any]]:
         """The best subset of `raw` (the rounded mask and what was put in) within the bound among those of
@@ -150,21 +183,30 @@ class Pruner:
             # 12-15 circuits never replaced a circuit while costing a quarter of pruning's time
             skipped = f"only single units fit within MAX_SMALLER ({MAX_SMALLER})"
             return kept, {"sizes": 0, "subsets": 0, "complete": False, "skipped": skipped}
-        scored = 0
+        scored, within = 0, []
         for size in fit:
             subsets = [frozenset(c) for c in itertools.combinations(sorted(raw), size)]
             values = self.objective(subsets)
             scored += len(subsets)
-            within = [(value, sorted(c), c) for value, c in zip(values, subsets) if value <= self.bound]
-            if within:
+            # the bound: the best of the smallest size that has one; the price: J + price * size, over every size
+            within += [
+                (value + self.price * size, sorted(c), c)
+                for value, c in zip(values, subsets)
+                if self.fits(value, kept, len(kept) - size)
+            ]
+            if within and self.criterion == "bound":
                 return min(within)[2], {"sizes": size, "subsets": scored, "complete": True}
-        return kept, {"sizes": len(fit), "subsets": scored, "complete": fit == list(below)}
+        found = min(within)[2] if within else kept
+        return found, {"sizes": len(fit), "subsets": scored, "complete": fit == list(below)}
 
     def __call__(self, circuit: frozenset) -> tuple[frozenset, Dict[str, Any]]:
         """The pruned circuit, and what pruning did (objectives, removals, additions)."""
         none, raw = self.objective([frozenset(), circuit])
         improvement = none - raw
-        self.bound = raw + self.tolerance * max(improvement, 0.0)
+        if self.criterion == "bound":
+            self.bound = raw + self.tolerance * max(improvement, 0.0)
+        else:
+            self.price = self.tolerance * max(improvement, 0.0)
         steps: List[Dict[str, Any]] = []
         kept = self.eliminate_all(circuit, steps)
         kept, added = self.put_in(kept)
@@ -173,15 +215,21 @@ class Pruner:
             search = {"sizes": 0, "subsets": 0, "complete": False, "skipped": "nothing was removed or put in"}
         else:
             kept, search = self.smaller(circuit | kept, kept)
+        searched = kept
+        if self.criterion == "price":
+            kept = self.swap(searched, circuit | greedy)
         (final,) = self.objective([kept])
         return kept, {
             "tolerance": self.tolerance,
-            "objective": {"nothing_patched": none, "raw": raw, "pruned": final, "bound": self.bound},
+            "criterion": self.criterion,
+            "objective": {"nothing_patched": none, "raw": raw, "pruned": final}
+            | ({"bound": self.bound} if self.criterion == "bound" else {"price": self.price}),
             "kept_share": (none - final) / improvement if improvement > 0 else None,
             "removed": sorted(circuit - kept),
             "elimination": steps,
             "put_in": [u for u in added if u in kept],
-            "smaller_search": search | {"replaced": sorted(greedy) if kept != greedy else None},
+            "smaller_search": search | {"replaced": sorted(greedy) if searched != greedy else None},
+            "swapped": {"out": sorted(searched - kept), "in": sorted(kept - searched)},
             "circuits_scored": len(self.scored),
         }
 
@@ -193,13 +241,14 @@ def prune_circuits(
     rounded: torch.Tensor,
     weights: torch.Tensor,
     tolerance: float,
+    criterion: str = "bound",
 ) -> List[tuple[torch.Tensor, Dict[str, Any]]]:
     """Prune each rounded mask (0 = patched) on the validation objectives; returns each pruned mask with
     its record, units by name. rounded, weights (K, L, n_cols)"""
     with torch.enable_grad():  # the units worth putting in: the same order for every mask
         gain = attribution_scores(engine, objectives, engine.device).flatten().cpu()
     ranked = gain.argsort(descending=True, stable=True).tolist()
-    return [prune_one(engine, objectives, r, w, tolerance, ranked) for r, w in zip(rounded, weights)]
+    return [prune_one(engine, objectives, r, w, tolerance, ranked, criterion) for r, w in zip(rounded, weights)]
 
 
 def prune_one(
@@ -209,17 +258,19 @@ def prune_one(
     weights: torch.Tensor,
     tolerance: float,
     ranked: Sequence[int],
+    criterion: str = "bound",
 ) -> tuple[torch.Tensor, Dict[str, Any]]:
     """Prune one rounded mask; `ranked`: every unit, the most worth patching alone first. rounded, weights (L, n_cols)"""
     names = engine.space.names()
     circuit = frozenset(int(i) for i in (rounded.flatten() == 0).nonzero().flatten().tolist())
-    kept, record = Pruner(engine, objectives, weights, tolerance, ranked)(circuit)
+    kept, record = Pruner(engine, objectives, weights, tolerance, ranked, criterion)(circuit)
     pruned = masks_of([kept], engine.space.shape, rounded.device)[0].to(rounded.dtype)
     record["removed"] = [names[u] for u in record["removed"]]
     record["put_in_from_outside"] = [names[u] for u in record["put_in"] if u not in circuit]
     record["put_in"] = [names[u] for u in record["put_in"]]
     replaced = record["smaller_search"]["replaced"]
     record["smaller_search"]["replaced"] = [names[u] for u in replaced] if replaced else None
+    record["swapped"] = {side: [names[u] for u in units] for side, units in record["swapped"].items()}
     record["elimination"] = [
         {"removed": names[s["removed"]], "objective": s["objective"]} for s in record["elimination"]
     ]

@@ -153,11 +153,17 @@ def pruning_line(pruning: Dict[str, Any]) -> str:
     changes = f"; put in {', '.join(put_in)}" if put_in else ""
     replaced = pruning.get("smaller_search", {}).get("replaced")
     changes += f"; a smaller subset replaced {', '.join(replaced)}" if replaced else ""
+    swapped = pruning.get("swapped") or {}
+    if swapped.get("out"):
+        changes += f"; swapped {', '.join(swapped['out'])} for {', '.join(swapped['in'])}"
     share = f", keeping {pruning['kept_share']:.0%} of its improvement" if pruning["kept_share"] is not None else ""
+    bound = "bound" in j  # records from before prune.criterion have a bound too
+    rule = f"bound {j['bound']:.4g}" if bound else f"price {j['price']:.4g} per unit"
+    each = "" if bound else ", paid by each unit"
     return (
         f"pruning on the validation pairs removed {removed}{changes}: objective {j['raw']:.4g} (rounded mask) -> "
-        f"{j['pruned']:.4g} (bound {j['bound']:.4g}; nothing patched: {j['nothing_patched']:.4g}{share}; "
-        f"tolerance {pruning['tolerance']:g} of the circuit's improvement)"
+        f"{j['pruned']:.4g} ({rule}; nothing patched: {j['nothing_patched']:.4g}{share}; "
+        f"tolerance {pruning['tolerance']:g} of the circuit's improvement{each})"
     )
 
 

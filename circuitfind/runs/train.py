@@ -232,8 +232,8 @@ class Run:
         rounded = round_mask(mask)
         if not self.job.prunes:
             return rounded, [None] * mask.shape[0]
-        tolerance = self.job.cfg.prune.tolerance
-        pruned = prune_circuits(self.job.engine, self.validation, rounded, mask, tolerance)
+        pr = self.job.cfg.prune
+        pruned = prune_circuits(self.job.engine, self.validation, rounded, mask, pr.tolerance, pr.criterion)
         for record in (record for _, record in pruned):
             log.info(pruning_line(record))
         return torch.stack([circuit for circuit, _ in pruned]), [record for _, record in pruned]
@@ -304,7 +304,7 @@ def refind(job: Job, lam: float) -> List[str]:
     circuit = round_mask(mask)[0]
     if job.prunes:
         ((circuit, _),) = prune_circuits(
-            job.engine, job.objectives("validation"), circuit[None], mask[:1], cfg.prune.tolerance
+            job.engine, job.objectives("validation"), circuit[None], mask[:1], cfg.prune.tolerance, cfg.prune.criterion
         )
     return [n for n, w in zip(job.space.names(), circuit.flatten().tolist()) if w == 0]
 
