@@ -33,6 +33,10 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
    It runs only when the circuit changed: it corrects elimination's choice of what to remove first,
    and where no unit of the rounded mask could go alone, no choice was made (on SmolLM2 IOI, six
    units none of which can go, it scored 56 subsets: a quarter of the search's time).
+5. Criterion "price" only: a unit of the circuit is swapped for one of the rounded mask's (or one put
+   in) while that lowers J. Steps 2-4 compare smaller circuits only, and elimination keeps whichever
+   cut of a route it reaches first; under the bound any circuit within it will do, under the price
+   the same size with a lower J is a better circuit.
 """
 
 from __future__ import annotations
@@ -173,9 +177,10 @@ class Pruner:
             kept = self.eliminate_all(best[2])  # a unit needed beside the one swapped out may go now
 
     def smaller(self, raw: frozenset, kept: frozenset) -> tuple[frozenset, Dict[str, Any]]:
-        """The best subset of `raw` (the rounded mask and what was put in) within the bound among those of
-        the smallest size that has one, below len(kept), scoring every subset of each size in turn while
-        the count stays within MAX_SMALLER; `kept` when there is none."""
+        """The best subset of `raw` (the rounded mask and what was put in), below len(kept), that may replace
+        `kept`: under the bound the best of the smallest size that has one, under the price the lowest
+        J + price * size over every size scored. Every subset of each size is scored in turn while the count
+        stays within MAX_SMALLER; `kept` when none may replace it."""
         below = range(1, len(kept))
         fit = [size for size in below if sum(math.comb(len(raw), s) for s in range(1, size + 1)) <= MAX_SMALLER]
         if fit == [1] and len(kept) > 2:
