@@ -92,6 +92,7 @@ def test_the_log_says_which_circuit_is_the_headline(tmp_path, caplog):
         (("task.n_validation=5",), "task.n_validation=5 is too few pairs to prune on (prune.min_pairs=20)"),
         (("optimizer.gate=sigmoidal",), "optimizer.gate='sigmoidal' is unknown"),
         (("prune.criterion=cost",), "prune.criterion='cost' is unknown; choose from ['bound', 'price']"),
+        (("prune.screen_pairs=10",), "prune.screen_pairs=10 is too few pairs to judge a circuit on"),
         (
             ("optimizer.temperature=[0.1,1.0]",),
             "optimizer.temperature=[0.1, 1.0]; give [start, end] with start >= end > 0",
@@ -113,21 +114,42 @@ def test_a_small_validation_split_is_fine_without_pruning():
     assert train_error(*QUIET, "prune=none", "task.n_validation=5", "optimizer.steps=1") is None
 
 
+class MadeUpScores:
+    """Scores by a made-up objective of the set of units, instead of a model: one stage, every J exact."""
+
+    stages = 1
+
+    def __init__(self, objective: Callable[[FrozenSet[int]], float]):
+        self.fn = objective
+        self.scored: Dict[frozenset, float] = {}
+
+    def values(self, circuits, stage=1):
+        for c in circuits:
+            self.scored.setdefault(c, self.fn(c))
+        return [self.scored[c] for c in circuits]
+
+    full = values
+
+    def at_most(self, circuit, reference, offset):
+        value, ref = self.values([circuit, reference])
+        return value <= ref + offset
+
+    def best(self, circuits, offsets):
+        keys = {c: v + off for c, v, off in zip(circuits, self.values(circuits), offsets)}
+        return min(circuits, key=lambda c: (keys[c], sorted(c)))
+
+
 class ScoredPruner(Pruner):
-    """A pruner scored by a made-up objective of the set of units, instead of a model."""
+    """A pruner scored by a made-up objective of the set of units."""
 
     def __init__(
         self, objective: Callable[[FrozenSet[int]], float], n: int, tolerance: float, ranked=(), criterion="bound"
     ):
-        self.fn, self.tolerance, self.ranked = objective, tolerance, list(ranked)  # ranked: attribution's order
-        self.criterion, self.firmness = criterion, torch.zeros(n)
-        self.scored: Dict[frozenset, float] = {}
-        self.bound, self.price = float("inf"), 0.0
+        super().__init__(MadeUpScores(objective), torch.zeros(n), tolerance, ranked, criterion)  # ranked: attribution's
 
-    def objective(self, circuits):
-        for c in circuits:
-            self.scored.setdefault(c, self.fn(c))
-        return [self.scored[c] for c in circuits]
+    @property
+    def scored(self):
+        return self.scores.scored
 
 
 def cuts(*routes: set, extra: Dict[int, float] | None = None) -> Callable[[FrozenSet[int]], float]:
@@ -264,7 +286,13 @@ def test_the_price_drops_every_unit_that_buys_less_than_its_share():
     assert record["objective"]["price"] == pytest.approx(0.988)
     assert "bound" not in record["objective"]
     named = record | {"removed": ["L0.H2"], "put_in": [], "put_in_from_outside": []}  # prune_one names the units
-    assert "price 0.988 per unit" in pruning_line(named)
+    assert "price 0.988 per unit" in pruning_line(named) and "stages" not in pruning_line(named)
+    screened = named | {"screening": {"screen_pairs": 50, "circuits_on_every_pair": 3, "pairs_scored": 2500,
+                                      "pairs_without_screening": 10000}}  # fmt: skip
+    assert (
+        f"scored in stages of 50 pairs: 3 of {record['circuits_scored']} circuits on every pair, 25%"
+        in pruning_line(screened)
+    )
 
 
 def test_the_price_keeps_a_unit_that_buys_more_than_its_share():

@@ -152,6 +152,11 @@ def validate(cfg: DictConfig) -> None:
         ),
         (pr.min_pairs >= 1, f"prune.min_pairs={pr.min_pairs}; give >= 1"),
         (
+            pr.screen_pairs is None or pr.screen_pairs >= pr.min_pairs,
+            f"prune.screen_pairs={pr.screen_pairs} is too few pairs to judge a circuit on; give "
+            f"prune.screen_pairs >= prune.min_pairs ({pr.min_pairs}), or null to score every pair",
+        ),
+        (
             not pr.enabled or d.n_validation >= pr.min_pairs,
             f"task.n_validation={d.n_validation} is too few pairs to prune on (prune.min_pairs={pr.min_pairs}); "
             f"give task.n_validation >= {pr.min_pairs}, or prune=none to keep the rounded mask",

@@ -37,6 +37,11 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
    in) while that lowers J. Steps 2-4 compare smaller circuits only, and elimination keeps whichever
    cut of a route it reaches first; under the bound any circuit within it will do, under the price
    the same size with a lower J is a better circuit.
+
+Every comparison (may this circuit replace that one; which of these is best) is made by StagedScores
+(methods/staged_scores.py): on every validation pair, or with `prune.screen_pairs` on as many as it
+needs, so that a close call between two cuts is judged on all the pairs and a clear one on the first
+few. J(none), J(raw) and the pruned circuit's J, in the record, are on every pair.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from circuitfind.methods.baselines import attribution_scores
-from circuitfind.methods.objective import MASK_CHUNK, Objective, objective_of_masks
+from circuitfind.methods.objective import MASK_CHUNK, Objective
+from circuitfind.methods.staged_scores import StagedScores, first_stage, masks_of
 from circuitfind.model.engine import Engine
 
 PUT_IN = 3  # units outside the circuit tried in: those whose patching gains most alone, to first order
@@ -58,51 +64,30 @@ CPU_CHUNK = 8  # masks scored together on a CPU, where larger batches cost more 
 # three positions: pruning took about 15% less time than with batches of 11-12); elsewhere MASK_CHUNK
 
 
-def masks_of(circuits: Sequence[frozenset], shape: tuple[int, int], device) -> torch.Tensor:
-    """One mask per circuit: its units (flat indices) patched (0), the rest kept (1). (N, L, n_cols)"""
-    masks = torch.ones(len(circuits), shape[0] * shape[1], device=device)
-    for i, units in enumerate(circuits):
-        masks[i, sorted(units)] = 0
-    return masks.view(len(circuits), *shape)
-
-
 class Pruner:
     """Backward elimination, putting units in, and an exact search, scored by the objective on the validation pairs."""
 
     def __init__(
         self,
-        engine: Engine,
-        objectives: Sequence[Objective],
-        weights: torch.Tensor,
+        scores: StagedScores,
+        firmness: torch.Tensor,
         tolerance: float,
         ranked: Sequence[int] = (),
         criterion: str = "bound",
     ):
-        self.engine, self.objectives, self.tolerance, self.criterion = engine, objectives, tolerance, criterion
+        self.scores, self.tolerance, self.criterion = scores, tolerance, criterion
         self.ranked = list(ranked)  # every unit, the most worth patching alone first (attribution)
-        self.shape = engine.space.shape
-        self.firmness = weights.detach().flatten().cpu()  # the search's mask weight: low = patched firmly
-        self.scored: Dict[frozenset, float] = {}  # J of every circuit tried
+        self.firmness = firmness.detach().flatten().cpu()  # the search's mask weight: low = patched firmly
+        self.raw = frozenset()  # the rounded mask being pruned
         self.bound = float("inf")  # criterion "bound": the largest J a kept circuit may have
+        self.allowance = 0.0  # criterion "bound": how far above J(raw) that is
         self.price = 0.0  # criterion "price": what each unit must lower J by
-        self.chunk = CPU_CHUNK if engine.device.type == "cpu" else MASK_CHUNK
 
-    def objective(self, circuits: Sequence[frozenset]) -> List[float]:
-        """J of each circuit on the validation pairs, each computed once."""
-        new = [c for c in dict.fromkeys(circuits) if c not in self.scored]
-        if new:
-            values = objective_of_masks(
-                self.engine, self.objectives, masks_of(new, self.shape, self.engine.device), self.chunk
-            )
-            self.scored.update(zip(new, values.cpu().tolist()))
-        return [self.scored[c] for c in circuits]
-
-    def fits(self, value: float, than: frozenset, smaller_by: int) -> bool:
-        """Whether a circuit `smaller_by` units smaller than `than`, with J `value`, may replace it."""
+    def fits(self, circuit: frozenset, than: frozenset, smaller_by: int) -> bool:
+        """Whether `circuit`, `smaller_by` units smaller than `than`, may replace it."""
         if self.criterion == "bound":
-            return value <= self.bound
-        (reference,) = self.objective([than])
-        return value <= reference + self.price * smaller_by
+            return self.scores.at_most(circuit, self.raw, self.allowance)
+        return self.scores.at_most(circuit, than, self.price * smaller_by)
 
     def eliminate(
         self,
@@ -117,17 +102,17 @@ class Pruner:
         units = sorted(circuit - keep, key=lambda u: (-float(self.firmness[u]), u))  # ties: least firm first
         head = max(len(units) - max(need - 1, 0), 0)  # when none of these can go alone, fewer than `need` can
         start = circuit
-        alone = self.objective([circuit - {u} for u in units[:head]])
-        if need and not any(self.fits(value, start, 1) for value in alone):
+        self.scores.values([circuit - {u} for u in units[:head]])  # one batch of masks
+        if need and not any(self.fits(start - {u}, start, 1) for u in units[:head]):
             return circuit
-        alone += self.objective([circuit - {u} for u in units[head:]])
-        for value_alone, unit in sorted(zip(alone, units), key=lambda pair: pair[0]):  # stable: ties by firmness
-            if not self.fits(value_alone, start, 1):
+        alone = self.scores.values([circuit - {u} for u in units])  # the first stage's estimate orders them
+        for _, unit in sorted(zip(alone, units), key=lambda pair: pair[0]):  # stable: ties by firmness
+            if not self.fits(start - {unit}, start, 1):
                 continue
             smaller = circuit - {unit}
-            (value,) = self.objective([smaller])
-            if self.fits(value, circuit, 1):
+            if self.fits(smaller, circuit, 1):
                 if steps is not None:
+                    (value,) = self.scores.values([smaller])
                     steps.append({"removed": unit, "objective": value})
                 circuit = smaller
         return circuit
@@ -142,8 +127,7 @@ class Pruner:
 
     def replaces(self, circuit: frozenset, kept: frozenset) -> bool:
         """Whether a smaller `circuit` may replace `kept` (always within the bound when elimination made it)."""
-        (value,) = self.objective([circuit])
-        return self.fits(value, kept, len(kept) - len(circuit))
+        return self.fits(circuit, kept, len(kept) - len(circuit))
 
     def put_in(self, kept: frozenset) -> tuple[frozenset, List[int]]:
         """Put in, one at a time, the PUT_IN units outside `kept` that attribution ranks first (removed ones
@@ -170,11 +154,10 @@ class Pruner:
             trials = [(kept - {out}) | {put} for out in sorted(kept) for put in sorted(pool - kept)]
             if not trials:
                 return kept
-            (current,) = self.objective([kept])
-            best = min(zip(self.objective(trials), [sorted(t) for t in trials], trials))
-            if best[0] >= current:
+            best = self.scores.best(trials, [0.0] * len(trials))
+            if self.scores.at_most(kept, best, 0.0):
                 return kept
-            kept = self.eliminate_all(best[2])  # a unit needed beside the one swapped out may go now
+            kept = self.eliminate_all(best)  # a unit needed beside the one swapped out may go now
 
     def smaller(self, raw: frozenset, kept: frozenset) -> tuple[frozenset, Dict[str, Any]]:
         """The best subset of `raw` (the rounded mask and what was put in), below len(kept), that may replace
@@ -191,25 +174,24 @@ class Pruner:
         scored, within = 0, []
         for size in fit:
             subsets = [frozenset(c) for c in itertools.combinations(sorted(raw), size)]
-            values = self.objective(subsets)
+            self.scores.values(subsets)  # one batch of masks
             scored += len(subsets)
             # the bound: the best of the smallest size that has one; the price: J + price * size, over every size
-            within += [
-                (value + self.price * size, sorted(c), c)
-                for value, c in zip(values, subsets)
-                if self.fits(value, kept, len(kept) - size)
-            ]
+            within += [c for c in subsets if self.fits(c, kept, len(kept) - size)]
             if within and self.criterion == "bound":
-                return min(within)[2], {"sizes": size, "subsets": scored, "complete": True}
-        found = min(within)[2] if within else kept
+                found = self.scores.best(within, [0.0] * len(within))
+                return found, {"sizes": size, "subsets": scored, "complete": True}
+        found = self.scores.best(within, [self.price * len(c) for c in within]) if within else kept
         return found, {"sizes": len(fit), "subsets": scored, "complete": fit == list(below)}
 
     def __call__(self, circuit: frozenset) -> tuple[frozenset, Dict[str, Any]]:
         """The pruned circuit, and what pruning did (objectives, removals, additions)."""
-        none, raw = self.objective([frozenset(), circuit])
+        self.raw = circuit
+        none, raw = self.scores.full([frozenset(), circuit])
         improvement = none - raw
         if self.criterion == "bound":
-            self.bound = raw + self.tolerance * max(improvement, 0.0)
+            self.allowance = self.tolerance * max(improvement, 0.0)
+            self.bound = raw + self.allowance
         else:
             self.price = self.tolerance * max(improvement, 0.0)
         steps: List[Dict[str, Any]] = []
@@ -223,7 +205,7 @@ class Pruner:
         searched = kept
         if self.criterion == "price":
             kept = self.swap(searched, circuit | greedy)
-        (final,) = self.objective([kept])
+        (final,) = self.scores.full([kept])
         return kept, {
             "tolerance": self.tolerance,
             "criterion": self.criterion,
@@ -235,8 +217,8 @@ class Pruner:
             "put_in": [u for u in added if u in kept],
             "smaller_search": search | {"replaced": sorted(greedy) if searched != greedy else None},
             "swapped": {"out": sorted(searched - kept), "in": sorted(kept - searched)},
-            "circuits_scored": len(self.scored),
-        }
+            "circuits_scored": len(self.scores.scored),
+        } | ({"screening": self.scores.record()} if self.scores.stages > 1 else {})
 
 
 @torch.no_grad()
@@ -247,18 +229,25 @@ def prune_circuits(
     weights: torch.Tensor,
     tolerance: float,
     criterion: str = "bound",
+    screen_pairs: int | None = None,
 ) -> List[tuple[torch.Tensor, Dict[str, Any]]]:
-    """Prune each rounded mask (0 = patched) on the validation objectives; returns each pruned mask with
-    its record, units by name. rounded, weights (K, L, n_cols)"""
+    """Prune each rounded mask (0 = patched) on the validation objectives, scored in stages of `screen_pairs`
+    pairs when given (methods/staged_scores.py); returns each pruned mask with its record, units by name.
+    rounded, weights (K, L, n_cols)"""
+    first = first_stage(objectives, screen_pairs)
     with torch.enable_grad():  # the units worth putting in: the same order for every mask
-        gain = attribution_scores(engine, objectives, engine.device).flatten().cpu()
+        gain = attribution_scores(engine, first, engine.device).flatten().cpu()
     ranked = gain.argsort(descending=True, stable=True).tolist()
-    return [prune_one(engine, objectives, r, w, tolerance, ranked, criterion) for r, w in zip(rounded, weights)]
+    chunk = CPU_CHUNK if engine.device.type == "cpu" else MASK_CHUNK
+    return [
+        prune_one(engine, StagedScores(engine, objectives, chunk, screen_pairs), r, w, tolerance, ranked, criterion)
+        for r, w in zip(rounded, weights)
+    ]
 
 
 def prune_one(
     engine: Engine,
-    objectives: Sequence[Objective],
+    scores: StagedScores,
     rounded: torch.Tensor,
     weights: torch.Tensor,
     tolerance: float,
@@ -268,7 +257,7 @@ def prune_one(
     """Prune one rounded mask; `ranked`: every unit, the most worth patching alone first. rounded, weights (L, n_cols)"""
     names = engine.space.names()
     circuit = frozenset(int(i) for i in (rounded.flatten() == 0).nonzero().flatten().tolist())
-    kept, record = Pruner(engine, objectives, weights, tolerance, ranked, criterion)(circuit)
+    kept, record = Pruner(scores, weights, tolerance, ranked, criterion)(circuit)
     pruned = masks_of([kept], engine.space.shape, rounded.device)[0].to(rounded.dtype)
     record["removed"] = [names[u] for u in record["removed"]]
     record["put_in_from_outside"] = [names[u] for u in record["put_in"] if u not in circuit]

@@ -163,7 +163,19 @@ def pruning_line(pruning: Dict[str, Any]) -> str:
     return (
         f"pruning on the validation pairs removed {removed}{changes}: objective {j['raw']:.4g} (rounded mask) -> "
         f"{j['pruned']:.4g} ({rule}; nothing patched: {j['nothing_patched']:.4g}{share}; "
-        f"tolerance {pruning['tolerance']:g} of the circuit's improvement{each})"
+        f"tolerance {pruning['tolerance']:g} of the circuit's improvement{each}){screening_words(pruning)}"
+    )
+
+
+def screening_words(pruning: Dict[str, Any]) -> str:
+    """How far staged scoring took the circuits (methods/staged_scores.py), or nothing when it scored every pair."""
+    s = pruning.get("screening")
+    if not s:
+        return ""
+    return (
+        f"; scored in stages of {s['screen_pairs']} pairs: {s['circuits_on_every_pair']} of "
+        f"{pruning['circuits_scored']} circuits on every pair, {s['pairs_scored'] / s['pairs_without_screening']:.0%} "
+        "of the work of scoring all on all"
     )
 
 

@@ -21,6 +21,7 @@ from circuitfind.evaluation.planted import Truth, planted_truth
 from circuitfind.evaluation.selfcheck import self_checks
 from circuitfind.methods.objective import Objective, unpatched_logit_diff
 from circuitfind.methods.registry import method_named
+from circuitfind.methods.staged_scores import stage_pairs
 from circuitfind.model.components import UnitsChoice, locate_components
 from circuitfind.model.engine import Engine, Prepared, make_engine
 from circuitfind.model.loading import LoadedModel, load_model
@@ -164,7 +165,13 @@ class Job:
 
     def prepared(self, name: str, split: str) -> List[Prepared]:
         enc = self.encoded[(name, split)]
-        return [self.engine.prepare(chunk) for chunk in enc.chunks(self.cfg.optimizer.batch_size)]
+        size = self.cfg.optimizer.batch_size
+        screen = self.cfg.prune.screen_pairs if split == "validation" else None
+        if screen:  # pruning scores the pairs in doubling stages (methods/staged_scores.py): a batch per stage
+            ends = stage_pairs(len(enc), screen)
+            stages = [enc.rows(start, stop) for start, stop in zip([0, *ends], ends)]
+            return [self.engine.prepare(chunk) for stage in stages for chunk in stage.chunks(size)]
+        return [self.engine.prepare(chunk) for chunk in enc.chunks(size)]
 
     def objectives(self, split: str = "train") -> List[Objective]:
         """The training objective's terms on the `split` ("train", "validation" or held-out "test") pairs."""

@@ -233,7 +233,9 @@ class Run:
         if not self.job.prunes:
             return rounded, [None] * mask.shape[0]
         pr = self.job.cfg.prune
-        pruned = prune_circuits(self.job.engine, self.validation, rounded, mask, pr.tolerance, pr.criterion)
+        pruned = prune_circuits(
+            self.job.engine, self.validation, rounded, mask, pr.tolerance, pr.criterion, pr.screen_pairs
+        )
         for record in (record for _, record in pruned):
             log.info(pruning_line(record))
         return torch.stack([circuit for circuit, _ in pruned]), [record for _, record in pruned]
@@ -303,8 +305,15 @@ def refind(job: Job, lam: float) -> List[str]:
     )
     circuit = round_mask(mask)[0]
     if job.prunes:
+        pr = cfg.prune
         ((circuit, _),) = prune_circuits(
-            job.engine, job.objectives("validation"), circuit[None], mask[:1], cfg.prune.tolerance, cfg.prune.criterion
+            job.engine,
+            job.objectives("validation"),
+            circuit[None],
+            mask[:1],
+            pr.tolerance,
+            pr.criterion,
+            pr.screen_pairs,
         )
     return [n for n, w in zip(job.space.names(), circuit.flatten().tolist()) if w == 0]
 

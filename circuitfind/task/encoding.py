@@ -44,7 +44,11 @@ class EncodedPairs:
         """Consecutive sub-batches of at most `size` pairs (all at once when None)."""
         size = size or len(self)
         for start in range(0, len(self), size):
-            yield EncodedPairs(**{f.name: getattr(self, f.name)[start : start + size] for f in fields(self)})
+            yield self.rows(start, start + size)
+
+    def rows(self, start: int, stop: int) -> "EncodedPairs":
+        """The pairs start..stop-1."""
+        return EncodedPairs(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
 
 
 class PairEncoder:

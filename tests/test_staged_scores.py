@@ -1,0 +1,82 @@
+"""Scoring circuits in stages of validation pairs: clear comparisons on the first stage, close ones on
+as many pairs as they need, and the same decision as scoring every pair. Made-up pair losses stand in
+for the model."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Dict
+
+import pytest
+import torch
+
+from circuitfind.methods import staged_scores
+from circuitfind.methods.objective import Objective
+from circuitfind.methods.staged_scores import StagedScores, first_stage
+
+BATCH, BATCHES = 50, 8  # 400 validation pairs in batches of 50, as prune=stable draws them
+A, B, C = frozenset({0}), frozenset({1}), frozenset({2})
+
+
+def pattern(means) -> torch.Tensor:
+    """Pair losses: each batch's mean from `means`, spread +-1 around it."""
+    spread = torch.tensor([1.0, -1.0]).repeat(BATCH // 2)
+    return torch.cat([m + spread for m in means])
+
+
+# B's losses are 0 on every pair; A - B is +0.2 on the first batch (A looks worse, 1.4 standard errors)
+# and -0.3 on the rest, so on all 400 pairs A is better by 0.24 (4.7 standard errors)
+LOSSES = {A: pattern([0.2] + [-0.3] * 7), B: torch.zeros(BATCH * BATCHES), C: pattern([5.0] * 8)}
+
+
+@pytest.fixture
+def scores(monkeypatch):
+    """StagedScores over one made-up objective whose pair losses are LOSSES, by circuit."""
+
+    def pair_losses(engine, des, prep, d0, masks):
+        circuits = [frozenset((m.flatten() == 0).nonzero().flatten().tolist()) for m in masks]
+        return torch.stack([LOSSES[c][prep.index * BATCH : (prep.index + 1) * BATCH] for c in circuits])
+
+    monkeypatch.setattr(staged_scores, "term_pair_loss", pair_losses)
+    batches = [SimpleNamespace(pairs=range(BATCH), index=i) for i in range(BATCHES)]
+    objective = Objective(None, batches, [None] * BATCHES, 1.0, True)
+    engine = SimpleNamespace(space=SimpleNamespace(shape=(1, 3)), device=torch.device("cpu"))
+
+    def made(screen_pairs: int | None) -> StagedScores:
+        return StagedScores(engine, [objective], chunk=8, screen_pairs=screen_pairs)
+
+    return made
+
+
+def test_a_clear_comparison_is_decided_on_the_first_stage(scores):
+    staged = scores(BATCH)
+    assert staged.stages == 4  # 50, 100, 200 and 400 pairs
+    assert not staged.at_most(C, B, 0.0)  # C is worse by 5 on every pair
+    assert staged.pairs_scored == 2 * BATCH
+    assert staged.record()["circuits_on_every_pair"] == 0
+
+
+def test_a_close_comparison_takes_more_pairs_and_decides_as_every_pair_does(scores):
+    staged = scores(BATCH)
+    assert staged.values([A, B]) == pytest.approx([0.2, 0.0])  # the first stage alone would keep B
+    assert staged.at_most(A, B, 0.0)
+    assert 2 * BATCH < staged.pairs_scored <= 2 * BATCH * BATCHES
+    every = scores(None)
+    assert every.stages == 1 and every.at_most(A, B, 0.0)
+    assert every.full([A])[0] == pytest.approx(staged.full([A])[0]) == pytest.approx(-0.2375)
+
+
+def test_the_best_drops_clear_losers_and_races_the_close_ones_to_the_decision(scores):
+    staged = scores(BATCH)
+    assert staged.best([B, C, A], [0.0, 0.0, 0.0]) == A
+    scored: Dict[frozenset, int] = {c: len(parts[0]) for c, parts in staged.scored.items()}
+    assert scored[C] == 1 and scored[A] == scored[B] > 1
+    assert staged.best([B, A], [0.0, 0.5]) == B, "an offset (price x size) counts like J"
+
+
+def test_the_first_stage_holds_the_first_screen_pairs_of_each_objective():
+    batches = [SimpleNamespace(pairs=range(n)) for n in (30, 30, 30)]
+    objective = Objective(None, batches, [None] * 3, 1.0, True)
+    (first,) = first_stage([objective], 50)
+    assert first.n_pairs == 60
+    assert first_stage([objective], None)[0].n_pairs == 90
