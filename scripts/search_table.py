@@ -2,7 +2,8 @@
 
 Each row is one `circuitfind train` run (in this process, one after another) on the shipped
 organism by default: the circuit's size, its precision and recall against the planted circuit,
-held-out accuracies and time, for the raw rounded mask and for the pruned circuit.
+held-out accuracies and time, for the raw rounded mask and for the pruned circuit; with several
+seeds, the Jaccard of their circuits and the cost, pruning's time over the search's (median over seeds).
 
     python scripts/search_table.py                               # every space x gate, pruned (a few minutes)
     python scripts/search_table.py --gates clamp --spaces default x_last
@@ -16,6 +17,7 @@ import argparse
 import itertools
 import json
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +59,8 @@ def run(overrides: List[str], out: Path) -> dict:
         "wall_s": round(time.perf_counter() - t, 1),
         "train_s": record.timing["train_s"],
         "prune_s": record.timing.get("prune_s", 0.0),
+        "circuits_scored": (record.pruning or {}).get("circuits_scored"),
+        "screening": (record.pruning or {}).get("screening"),
     }
     for key, value in record.metrics.items():
         if key.endswith("/acc") and not key.startswith("continuous"):
@@ -76,7 +80,7 @@ def main() -> None:
     logging.disable(logging.INFO)
     rows = []
     print(f"{'space':14s} {'gate':13s} {'prune':10s} {'size':>4s} {'raw':>4s} {'P':>5s} {'R':>5s} "
-          f"{'VD':>5s} {'OI':>5s} {'xfer':>5s} {'Jacc':>5s} {'train s':>7s} {'prune s':>7s}  circuit")  # fmt: skip
+          f"{'VD':>5s} {'OI':>5s} {'xfer':>5s} {'Jacc':>5s} {'train s':>7s} {'prune s':>7s} {'cost':>5s}  circuit")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for space, gate, prune in itertools.product(args.spaces, args.gates, args.prune):
             found = []
@@ -95,6 +99,7 @@ def main() -> None:
             pairs = list(itertools.combinations([set(r["circuit"]) for r in found], 2))
             jac = sum(jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else None
             first = found[0]
+            cost = statistics.median(r["prune_s"] / r["train_s"] for r in found)  # pruning's time over the search's
 
             def fmt(v):
                 return "    -" if v is None else f"{v:5.2f}"
@@ -103,7 +108,7 @@ def main() -> None:
                 f"{space:14s} {gate:13s} {prune:10s} {first['size']:4d} {first['raw_size']:4d} "
                 f"{fmt(first['precision'])} {fmt(first['recall'])} {fmt(first.get('vd_test/acc'))} "
                 f"{fmt(first.get('oi_test/acc'))} {fmt(first.get('vd_transfer/acc'))} {fmt(jac)} "
-                f"{first['train_s']:7.1f} {first['prune_s']:7.2f}  {' '.join(first['circuit'][:8])}",
+                f"{first['train_s']:7.1f} {first['prune_s']:7.2f} {cost:5.2f}  {' '.join(first['circuit'][:8])}",
                 flush=True,
             )
     if args.json:
