@@ -100,9 +100,8 @@ class StagedScores:
                 prep, d0 = obj.batches[b], obj.d0[b]
                 masks = masks_of(todo, self.engine.space.shape, self.engine.device)
                 with torch.no_grad():
-                    losses = torch.cat(
-                        [term_pair_loss(self.engine, obj.desideratum, prep, d0, m) for m in masks.split(self.chunk)]
-                    ).cpu()
+                    parts = [term_pair_loss(self.engine, obj.desideratum, prep, d0, m) for m in masks.split(self.chunk)]
+                losses = torch.cat(parts).float().cpu()  # float32: a bf16 model's losses would blur the errors
                 for c, row in zip(todo, losses):
                     self.losses[c][o].append(row)
                 self.pairs_scored += len(todo) * len(prep.pairs)
