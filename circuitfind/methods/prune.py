@@ -223,24 +223,26 @@ class Pruner:
 
 @torch.no_grad()
 def prune_circuits(
-    engine: Engine,
-    objectives: Sequence[Objective],
-    rounded: torch.Tensor,
-    weights: torch.Tensor,
-    tolerance: float,
-    criterion: str = "bound",
-    screen_pairs: int | None = None,
+    engine: Engine, objectives: Sequence[Objective], rounded: torch.Tensor, weights: torch.Tensor, settings
 ) -> List[tuple[torch.Tensor, Dict[str, Any]]]:
-    """Prune each rounded mask (0 = patched) on the validation objectives, scored in stages of `screen_pairs`
-    pairs when given (methods/staged_scores.py); returns each pruned mask with its record, units by name.
-    rounded, weights (K, L, n_cols)"""
-    first = first_stage(objectives, screen_pairs)
-    with torch.enable_grad():  # the units worth putting in: the same order for every mask
-        gain = attribution_scores(engine, first, engine.device).flatten().cpu()
+    """Prune each rounded mask (0 = patched) on the validation objectives; returns each pruned mask with its
+    record, units by name. `settings` is the prune config (tolerance, criterion, screen_pairs: scored in
+    stages when given, methods/staged_scores.py). rounded, weights (K, L, n_cols)"""
+    screen = settings.screen_pairs
+    with torch.enable_grad():  # the units worth putting in (on the first stage's pairs): one order for every mask
+        gain = attribution_scores(engine, first_stage(objectives, screen), engine.device).flatten().cpu()
     ranked = gain.argsort(descending=True, stable=True).tolist()
     chunk = CPU_CHUNK if engine.device.type == "cpu" else MASK_CHUNK
     return [
-        prune_one(engine, StagedScores(engine, objectives, chunk, screen_pairs), r, w, tolerance, ranked, criterion)
+        prune_one(
+            engine,
+            StagedScores(engine, objectives, chunk, screen),
+            r,
+            w,
+            settings.tolerance,
+            ranked,
+            settings.criterion,
+        )
         for r, w in zip(rounded, weights)
     ]
 

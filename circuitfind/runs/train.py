@@ -232,10 +232,7 @@ class Run:
         rounded = round_mask(mask)
         if not self.job.prunes:
             return rounded, [None] * mask.shape[0]
-        pr = self.job.cfg.prune
-        pruned = prune_circuits(
-            self.job.engine, self.validation, rounded, mask, pr.tolerance, pr.criterion, pr.screen_pairs
-        )
+        pruned = prune_circuits(self.job.engine, self.validation, rounded, mask, self.job.cfg.prune)
         for record in (record for _, record in pruned):
             log.info(pruning_line(record))
         return torch.stack([circuit for circuit, _ in pruned]), [record for _, record in pruned]
@@ -305,16 +302,7 @@ def refind(job: Job, lam: float) -> List[str]:
     )
     circuit = round_mask(mask)[0]
     if job.prunes:
-        pr = cfg.prune
-        ((circuit, _),) = prune_circuits(
-            job.engine,
-            job.objectives("validation"),
-            circuit[None],
-            mask[:1],
-            pr.tolerance,
-            pr.criterion,
-            pr.screen_pairs,
-        )
+        ((circuit, _),) = prune_circuits(job.engine, job.objectives("validation"), circuit[None], mask[:1], cfg.prune)
     return [n for n, w in zip(job.space.names(), circuit.flatten().tolist()) if w == 0]
 
 
