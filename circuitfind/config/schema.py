@@ -165,7 +165,7 @@ class PruneConfig:
     tolerance: float = 0.01  # share of the circuit's improvement of the validation objective pruning may give up
     criterion: str = "bound"  # bound: give up at most `tolerance` in all; price: each unit must buy `tolerance`
     min_pairs: int = 20  # task.n_validation must be at least this: the pruning test needs pairs
-    screen_pairs: Optional[int] = None  # score circuits in stages of this many pairs, more only for close calls
+    screen_pairs: Optional[int] = None  # score circuits on this many pairs first, doubling them for close calls only
 
 
 @dataclass
