@@ -79,8 +79,7 @@ class Pruner:
         self.ranked = list(ranked)  # every unit, the most worth patching alone first (attribution)
         self.firmness = firmness.detach().flatten().cpu()  # the search's mask weight: low = patched firmly
         self.raw = frozenset()  # the rounded mask being pruned
-        self.bound = float("inf")  # criterion "bound": the largest J a kept circuit may have
-        self.allowance = 0.0  # criterion "bound": how far above J(raw) that is
+        self.allowance = 0.0  # criterion "bound": how far above J(raw) a kept circuit's J may lie
         self.price = 0.0  # criterion "price": what each unit must lower J by
 
     def fits(self, circuit: frozenset, than: frozenset, smaller_by: int) -> bool:
@@ -191,7 +190,6 @@ class Pruner:
         improvement = none - raw
         if self.criterion == "bound":
             self.allowance = self.tolerance * max(improvement, 0.0)
-            self.bound = raw + self.allowance
         else:
             self.price = self.tolerance * max(improvement, 0.0)
         steps: List[Dict[str, Any]] = []
@@ -210,7 +208,7 @@ class Pruner:
             "tolerance": self.tolerance,
             "criterion": self.criterion,
             "objective": {"nothing_patched": none, "raw": raw, "pruned": final}
-            | ({"bound": self.bound} if self.criterion == "bound" else {"price": self.price}),
+            | ({"bound": raw + self.allowance} if self.criterion == "bound" else {"price": self.price}),
             "kept_share": (none - final) / improvement if improvement > 0 else None,
             "removed": sorted(circuit - kept),
             "elimination": steps,
