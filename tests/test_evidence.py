@@ -43,14 +43,16 @@ def test_attribution_is_the_first_order_estimate(job):
     objectives, shape = job.objectives(), job.space.shape
     scores = attribution_scores(job.engine, objectives, job.device)
     ones = torch.ones(1, *shape)
-    eps = 1e-3  # move one weight a little below 1: the change is -eps * gradient
-    for flat in (1, 4):
+    # move one weight a little below 1: the change is -eps * gradient. The units with the largest
+    # gradients: a change of 1e-6 (unit 1's at eps 1e-3) is float32 rounding of J, and differs across CPUs
+    eps = 1e-2
+    for flat in scores.flatten().abs().argsort(descending=True)[:2].tolist():
         bumped = ones.clone().view(-1)
         bumped[flat] -= eps
         change = objective_of_masks(job.engine, objectives, bumped.view(1, *shape)) - objective_of_masks(
             job.engine, objectives, ones
         )
-        assert torch.allclose(-change[0] / eps, scores.flatten()[flat], rtol=0.05, atol=1e-5)
+        assert torch.allclose(-change[0] / eps, scores.flatten()[flat], rtol=0.02, atol=1e-5)
 
 
 def test_top_k_and_prefix_masks():
