@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from circuitfind.evaluation.heldout import EvalSplit, evaluate_masks
+from circuitfind.model.space import masks_of
 
 METRICS = ("acc", "logit_diff_norm")
 
@@ -29,10 +30,7 @@ def curve_sizes(n_components: int) -> List[int]:
 
 def prefix_masks(order: torch.Tensor, sizes: Sequence[int], shape: tuple[int, int]) -> torch.Tensor:
     """Masks patching the first n components of `order`, one per n. (len(sizes), L, H+1)"""
-    masks = torch.ones(len(sizes), shape[0] * shape[1])
-    for i, n in enumerate(sizes):
-        masks[i, order[:n]] = 0
-    return masks.view(len(sizes), *shape)
+    return masks_of([order[:n].tolist() for n in sizes], shape)
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from circuitfind.evaluation.heldout import EvalSplit, PairOutcomes, pair_outcome
 from circuitfind.model.components import Sites
 from circuitfind.model.engine import Engine
 from circuitfind.model.hooks import SiteIndex, patch_sites
-from circuitfind.model.space import ComponentSpace, Unit
+from circuitfind.model.space import ComponentSpace, Unit, masks_of
 from circuitfind.task.desiderata import Desideratum
 from circuitfind.task.encoding import PairEncoder, left_pad
 from circuitfind.task.positions import slot_positions
@@ -93,14 +93,6 @@ def slot_mass(attention: Mapping[str, float], slots: Sequence[str]) -> float:
 # -- patching each unit alone ------------------------------------------------------------------------
 
 
-def alone_masks(space: ComponentSpace, units: Sequence[Unit]) -> torch.Tensor:
-    """One mask per unit: that unit patched, everything else kept. (K, L, n_cols)"""
-    masks = torch.ones(len(units), *space.shape)
-    for i, unit in enumerate(units):
-        masks[i, unit.layer, unit.col] = 0.0
-    return masks
-
-
 def chunked_outcomes(split: EvalSplit, engine: Engine, masks: torch.Tensor) -> PairOutcomes:
     """pair_outcomes over many masks, MASK_CHUNK at a time (the batch is K copies of the pairs)."""
     parts = [pair_outcomes(split, engine, m.to(engine.device)) for m in masks.split(MASK_CHUNK)]
@@ -118,7 +110,7 @@ def effects_alone(
     objective_change, the held-out training objective's change from patching nothing (lower: it helps)."""
     if not units:
         return []
-    masks = alone_masks(space, units)
+    masks = masks_of([[space.flat(u)] for u in units], space.shape)  # each unit alone
     tests = [s for s in splits if s.kind == "test"]
     out: List[Dict[str, Any]] = [{"unit": u.name, "splits": {}} for u in units]
     for split in tests:
@@ -186,8 +178,7 @@ def mean_ablated(sites: Sites, space: ComponentSpace, reference: Reference, unit
     the final token of n left-padded prompts `width` wide, every other unit kept."""
     ablation = Ablation("mean", reference)
     slot = space.positions.index(LAST)
-    mask = torch.ones(1, *space.shape)
-    mask[0, unit.layer, unit.col] = 0.0
+    mask = masks_of([[space.flat(unit)]], space.shape)
 
     def patched(n: int, width: int):
         last = torch.full((n,), width - 1, dtype=torch.long)

@@ -21,16 +21,9 @@ import torch
 
 from circuitfind.methods.objective import Objective, term_pair_loss
 from circuitfind.model.engine import Engine
+from circuitfind.model.space import masks_of
 
 SURE = 3.0  # standard errors of the paired difference that decide a comparison before every pair is scored
-
-
-def masks_of(circuits: Sequence[frozenset], shape: tuple[int, int], device) -> torch.Tensor:
-    """One mask per circuit: its units (flat indices) patched (0), the rest kept (1). (N, L, n_cols)"""
-    masks = torch.ones(len(circuits), shape[0] * shape[1], device=device)
-    for i, units in enumerate(circuits):
-        masks[i, sorted(units)] = 0
-    return masks.view(len(circuits), *shape)
 
 
 def stage_pairs(n_pairs: int, screen_pairs: int | None) -> List[int]:

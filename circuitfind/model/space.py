@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
 
 from circuitfind.config.choices import LAST
 from circuitfind.errors import CircuitfindError
@@ -69,6 +71,15 @@ class Unit:
         if self.neurons is not None:
             out["neurons"] = list(self.neurons)
         return out
+
+
+def masks_of(circuits: Sequence[Iterable[int]], shape: tuple[int, int], device=None) -> torch.Tensor:
+    """One mask per circuit: its units (flat indices, as `ComponentSpace.flat` gives them) patched (0),
+    the rest kept (1). (N, L, n_cols)"""
+    masks = torch.ones(len(circuits), shape[0] * shape[1], device=device)
+    for i, units in enumerate(circuits):
+        masks[i, list(units)] = 0
+    return masks.view(len(circuits), *shape)
 
 
 def neuron_range(neurons: Optional[Tuple[int, int]]) -> str:
@@ -128,6 +139,10 @@ class ComponentSpace:
                         yield Unit(layer, col, i, "head", position, None, positional)
                     else:
                         yield Unit(layer, col, None, "mlp", position, None, positional)
+
+    def flat(self, unit: Unit) -> int:
+        """The unit's index in the flattened (layer-major) mask."""
+        return unit.layer * self.shape[1] + unit.col
 
     def names(self) -> List[str]:
         """Unit names in the mask's flattened (layer-major) order."""

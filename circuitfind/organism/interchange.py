@@ -25,7 +25,7 @@ from torch import nn
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import Sites
 from circuitfind.model.hooks import SiteIndex, SiteValues, patch_sites, record_values
-from circuitfind.model.space import ComponentSpace, Unit
+from circuitfind.model.space import ComponentSpace, Unit, masks_of
 from circuitfind.organism.data import Distribution, Encoder
 from circuitfind.task.encoding import position_ids
 
@@ -36,9 +36,7 @@ def plant_masks(circuit: Sequence[str], space: ComponentSpace) -> tuple[torch.Te
     if not circuit:
         raise CircuitfindError(f"{what}: empty; name components L<layer>.H<head> or L<layer>.MLP of this model")
     units = space.index(circuit, what)
-    circuit_mask = torch.ones(1, *space.shape)
-    for unit in units:
-        circuit_mask[0, unit.layer, unit.col] = 0
+    circuit_mask = masks_of([[space.flat(u) for u in units]], space.shape)
     strict_mask = torch.ones(1, *space.shape)
     strict_mask[0, :, : space.n_heads] = 0  # every head ...
     strict_mask[0, : min(unit.layer for unit in units), space.n_heads] = 0  # ... and the MLPs before the circuit
@@ -166,9 +164,8 @@ class Interchange:
         rows = torch.arange(self.n).repeat_interleave(base_toks.shape[1])
         # the alternates' values as they are: this term trains the base's run, not theirs
         alt = org.record(self.vd_ids, self.vd_attn, alt_toks)
-        masks = torch.ones(len(units), *org.sites.space.shape)
-        for k, unit in enumerate(units):
-            masks[k, unit.layer, unit.col] = 0
+        space = org.sites.space
+        masks = masks_of([[space.flat(u)] for u in units], space.shape)  # each unit alone
         zeros = torch.zeros_like(rows)
         where = SiteIndex(rows, zeros, zeros, base_toks.flatten(), alt_toks.flatten())
         ids, attn = self.base_ids.repeat(len(units), 1), self.base_attn.repeat(len(units), 1)

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.objective import objective_of_masks
+from circuitfind.model.space import masks_of
 from circuitfind.progress import progress
 from circuitfind.records.circuit import read_record
 from circuitfind.records.files import write_json
@@ -49,13 +50,6 @@ def check_size(n_components: int, k: int, max_subsets: int) -> None:
         )
 
 
-def subset_masks(subsets: List[tuple], shape: tuple[int, int]) -> torch.Tensor:
-    masks = torch.ones(len(subsets), shape[0] * shape[1])
-    for i, subset in enumerate(subsets):
-        masks[i, list(subset)] = 0
-    return masks.view(len(subsets), *shape)
-
-
 def search(job, k: int, chunk: int = 256) -> Dict[int, Dict[str, Any]]:
     """Best subset of each size 0..k by held-out objective (lower is better)."""
     names = job.space.names()
@@ -73,7 +67,7 @@ def best_of_size(job, objectives, size: int, chunk: int, advance) -> Dict[str, A
     combos = itertools.combinations(range(len(names)), size)
     values, members = [], []
     while batch := list(itertools.islice(combos, chunk)):
-        masks = subset_masks(batch, shape).to(job.device)
+        masks = masks_of(batch, shape, job.device)
         values.append(objective_of_masks(job.engine, objectives, masks, chunk).cpu())
         members += batch
         advance(len(batch))
@@ -89,7 +83,7 @@ def best_of_size(job, objectives, size: int, chunk: int, advance) -> Dict[str, A
 
 def circuit_objective(job, circuit: List[str]) -> float:
     names = job.space.names()
-    masks = subset_masks([tuple(names.index(c) for c in circuit)], job.space.shape).to(job.device)
+    masks = masks_of([[names.index(c) for c in circuit]], job.space.shape, job.device)
     return float(objective_of_masks(job.engine, job.objectives(split="test"), masks)[0])
 
 
