@@ -134,9 +134,9 @@ class MadeUpScores:
         value, ref = self.values([circuit, reference])
         return value <= ref + offset
 
-    def best(self, circuits, offsets):
+    def best(self, circuits, offsets, incumbent=None):
         keys = {c: v + off for c, v, off in zip(circuits, self.values(circuits), offsets)}
-        return min(circuits, key=lambda c: (keys[c], sorted(c)))
+        return min(circuits, key=lambda c: (keys[c], c != incumbent, sorted(c)))
 
 
 class ScoredPruner(Pruner):
@@ -324,6 +324,15 @@ def test_the_price_swaps_a_unit_for_one_that_completes_a_better_cut_of_the_same_
     pruner.price = 1.0
     assert pruner.swap(frozenset({0, 2}), frozenset({0, 1, 2})) == frozenset({0, 1})
     assert pruner.swap(frozenset({0, 1}), frozenset({0, 1, 2})) == frozenset({0, 1}), "no swap lowers J"
+
+
+def test_a_swap_that_only_ties_keeps_the_circuit_in_hand():
+    def tied(units):  # {0, 2} and {1, 2} are cuts as good as each other
+        return -100.0 if {0, 2} <= units or {1, 2} <= units else 0.0
+
+    pruner = ScoredPruner(tied, 3, 0.01, criterion="price")
+    pruner.price = 1.0
+    assert pruner.swap(frozenset({1, 2}), frozenset({0, 1, 2})) == frozenset({1, 2})
 
 
 def test_redundant_groups_join_the_pairs_needed_together():

@@ -15,7 +15,7 @@ from circuitfind.methods.objective import Objective
 from circuitfind.methods.staged_scores import StagedScores, first_stage
 
 BATCH, BATCHES = 50, 8  # 400 validation pairs in batches of 50, as prune=stable draws them
-A, B, C = frozenset({0}), frozenset({1}), frozenset({2})
+A, B, C, D = frozenset({0}), frozenset({1}), frozenset({2}), frozenset({0, 2})
 
 
 def pattern(means) -> torch.Tensor:
@@ -26,7 +26,10 @@ def pattern(means) -> torch.Tensor:
 
 # B's losses are 0 on every pair; A - B is +0.2 on the first batch (A looks worse, 1.4 standard errors)
 # and -0.3 on the rest, so on all 400 pairs A is better by 0.24 (4.7 standard errors)
+# D ties with C on average but differs from it by +-2 pair by pair: the two cannot be told apart
 LOSSES = {A: pattern([0.2] + [-0.3] * 7), B: torch.zeros(BATCH * BATCHES), C: pattern([5.0] * 8)}
+LOSSES[D] = 10.0 - LOSSES[C]
+LOSSES[B | C] = LOSSES[B]
 
 
 @pytest.fixture
@@ -72,6 +75,16 @@ def test_the_best_drops_clear_losers_and_races_the_close_ones_to_the_decision(sc
     scored: Dict[frozenset, int] = {c: len(parts[0]) for c, parts in staged.scored.items()}
     assert scored[C] == 1 and scored[A] == scored[B] > 1
     assert staged.best([B, A], [0.0, 0.5]) == B, "an offset (price x size) counts like J"
+
+
+def test_the_circuit_in_hand_drops_trials_surely_worse_than_it_however_close_they_are_to_one_another(scores):
+    staged = scores(BATCH)
+    assert staged.best([C, D], [0.0, 0.0]) in (C, D)
+    assert len(staged.scored[D][0]) == BATCHES, "without the circuit in hand, two tied trials race to every pair"
+    staged = scores(BATCH)
+    assert staged.best([B, C, D], [0.0, 0.0, 0.0], incumbent=B) == B
+    assert {len(parts[0]) for parts in staged.scored.values()} == {1}, "decided on the first stage"
+    assert staged.best([B, B | C], [0.0, 0.0], incumbent=B | C) == B | C, "a tie goes to the circuit in hand"
 
 
 def test_the_first_stage_holds_the_first_screen_pairs_of_each_objective():

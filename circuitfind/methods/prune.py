@@ -154,8 +154,10 @@ class Pruner:
             trials = [(kept - {out}) | {put} for out in sorted(kept) for put in sorted(pool - kept)]
             if not trials:
                 return kept
-            best = self.scores.best(trials, [0.0] * len(trials))
-            if self.scores.at_most(kept, best, 0.0):
+            # `kept` races its trials: one surely worse than it is dropped on the first stage, even when
+            # the trials are close to one another (when no swap helps, as at the end, they mostly are)
+            best = self.scores.best([kept, *trials], [0.0] * (len(trials) + 1), incumbent=kept)
+            if best == kept:
                 return kept
             kept = self.eliminate_all(best)  # a unit needed beside the one swapped out may go now
 

@@ -135,14 +135,16 @@ class StagedScores:
                 return margin >= 0
         raise AssertionError("unreachable: the last stage decides")
 
-    def best(self, circuits: Sequence[frozenset], offsets: Sequence[float]) -> frozenset:
-        """The circuit with the lowest J + offset (ties: the lowest sorted units). A stage drops the circuits
-        SURE standard errors above the best so far; the rest take the next, until one is left or every pair
-        is scored."""
+    def best(
+        self, circuits: Sequence[frozenset], offsets: Sequence[float], incumbent: frozenset | None = None
+    ) -> frozenset:
+        """The circuit with the lowest J + offset (ties: the `incumbent`, the circuit in hand, then the lowest
+        sorted units). A stage drops the circuits SURE standard errors above the best so far; the rest take
+        the next, until one is left or every pair is scored."""
         contenders = dict(zip(circuits, offsets))
         for stage in range(1, self.stages + 1):
             keys = {c: v + contenders[c] for c, v in zip(contenders, self.values(list(contenders), stage))}
-            lead = min(contenders, key=lambda c: (keys[c], sorted(c)))
+            lead = min(contenders, key=lambda c: (keys[c], c != incumbent, sorted(c)))
             if stage == self.stages:
                 return lead
             contenders = {
