@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from circuitfind.evaluation.heldout import EvalSplit, evaluate_masks
-from circuitfind.model.space import masks_of
+from circuitfind.model.masks import masks_of
 
 METRICS = ("acc", "logit_diff_norm")
 

@@ -43,7 +43,8 @@ from circuitfind.evaluation.heldout import EvalSplit, PairOutcomes, pair_outcome
 from circuitfind.model.components import Sites
 from circuitfind.model.engine import Engine
 from circuitfind.model.hooks import SiteIndex, patch_sites
-from circuitfind.model.space import ComponentSpace, Unit, masks_of
+from circuitfind.model.masks import masks_of
+from circuitfind.model.space import ComponentSpace, Unit
 from circuitfind.task.desiderata import Desideratum
 from circuitfind.task.encoding import PairEncoder, left_pad
 from circuitfind.task.positions import slot_positions

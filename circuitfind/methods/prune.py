@@ -56,7 +56,7 @@ from circuitfind.methods.baselines import attribution_scores
 from circuitfind.methods.objective import MASK_CHUNK, Objective
 from circuitfind.methods.staged_scores import StagedScores, first_stage
 from circuitfind.model.engine import Engine
-from circuitfind.model.space import masks_of
+from circuitfind.model.masks import masks_of
 
 PUT_IN = 3  # units outside the circuit tried in: those whose patching gains most alone, to first order
 MAX_SMALLER = 64  # subsets of the rounded mask scored in the exact search: about 64 forward passes of the

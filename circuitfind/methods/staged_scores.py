@@ -21,7 +21,7 @@ import torch
 
 from circuitfind.methods.objective import Objective, term_pair_loss
 from circuitfind.model.engine import Engine
-from circuitfind.model.space import masks_of
+from circuitfind.model.masks import masks_of
 
 SURE = 3.0  # standard errors of the paired difference that decide a comparison before every pair is scored
 

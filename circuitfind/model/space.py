@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
-
-import torch
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from circuitfind.config.choices import LAST
 from circuitfind.errors import CircuitfindError
@@ -71,15 +69,6 @@ class Unit:
         if self.neurons is not None:
             out["neurons"] = list(self.neurons)
         return out
-
-
-def masks_of(circuits: Sequence[Iterable[int]], shape: tuple[int, int], device=None) -> torch.Tensor:
-    """One mask per circuit: its units (flat indices, as `ComponentSpace.flat` gives them) patched (0),
-    the rest kept (1). (N, L, n_cols)"""
-    masks = torch.ones(len(circuits), shape[0] * shape[1], device=device)
-    for i, units in enumerate(circuits):
-        masks[i, list(units)] = 0
-    return masks.view(len(circuits), *shape)
 
 
 def neuron_range(neurons: Optional[Tuple[int, int]]) -> str:

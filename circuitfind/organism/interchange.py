@@ -25,7 +25,8 @@ from torch import nn
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import Sites
 from circuitfind.model.hooks import SiteIndex, SiteValues, patch_sites, record_values
-from circuitfind.model.space import ComponentSpace, Unit, masks_of
+from circuitfind.model.masks import masks_of
+from circuitfind.model.space import ComponentSpace, Unit
 from circuitfind.organism.data import Distribution, Encoder
 from circuitfind.task.encoding import position_ids
 

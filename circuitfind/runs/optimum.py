@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.methods.objective import objective_of_masks
-from circuitfind.model.space import masks_of
+from circuitfind.model.masks import masks_of
 from circuitfind.progress import progress
 from circuitfind.records.circuit import read_record
 from circuitfind.records.files import write_json
