@@ -127,6 +127,31 @@ def test_every_file_the_docs_name_exists():
     assert not missing, missing
 
 
+def architecture_layout() -> set:
+    """The files docs/architecture.md's layout names, as paths: a name under `  package/` is that
+    package's, `  name.py` is the top package's, `scripts/name.py` is itself."""
+    block = (REPO / "docs" / "architecture.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    named, package = set(), ""
+    for line in block.splitlines():
+        head = line.strip().split(" ")[0]
+        if line.startswith("  ") and not line.startswith("   "):  # a top-level entry: a package or a module
+            package = head if head.endswith("/") else ""
+        for name in re.findall(r"(?<![\w<>])([\w/]+\.py)\b", line):
+            named.add(name if name.startswith("scripts/") else f"circuitfind/{package}{name}")
+    return named
+
+
+def test_the_architecture_page_names_every_module_and_script():
+    """docs/architecture.md's layout is where a reader finds a module's job: a new one must be there."""
+    files = [p for p in (REPO / "circuitfind").rglob("*.py") if p.name != "__init__.py"]
+    files += list((REPO / "scripts").glob("*.py"))
+    named = architecture_layout()
+    missing = sorted(str(p.relative_to(REPO)) for p in files if str(p.relative_to(REPO)) not in named)
+    assert not missing, f"add to docs/architecture.md's layout: {missing}"
+    gone = sorted(n for n in named if not (REPO / n).is_file())
+    assert not gone, f"docs/architecture.md's layout names files that are not there: {gone}"
+
+
 def test_every_relative_link_in_the_docs_points_at_a_file():
     missing = []
     for page in PAGES:
