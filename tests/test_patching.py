@@ -102,7 +102,10 @@ def test_cached_engine_equals_full_engine(shape, padded):
         results[engine] = (loss.detach(), mask.grad)
     (loss_f, grad_f), (loss_c, grad_c) = results["full"], results["cached"]
     assert torch.allclose(loss_c, loss_f, rtol=1e-5, atol=1e-7)
-    assert torch.allclose(grad_c, grad_f, rtol=1e-5, atol=1e-6 * grad_f.abs().max())
+    # float32 rounding: the engines sum in different orders. Across ATen's default, avx2 and avx512
+    # kernels max |grad_c - grad_f| / max |grad_f| was 0.5-1.8e-6 (up to 15 float32 eps), which reached
+    # 90% of the old elementwise bound; a wrong prefix or patch moves the gradient by far more than 1e-5
+    assert (grad_c - grad_f).abs().max() <= 1e-5 * grad_f.abs().max()
 
 
 def test_cached_prefix_is_not_mutated_by_steps():
