@@ -143,9 +143,15 @@ class ScoredPruner(Pruner):
     """A pruner scored by a made-up objective of the set of units."""
 
     def __init__(
-        self, objective: Callable[[FrozenSet[int]], float], n: int, tolerance: float, ranked=(), criterion="bound"
-    ):
-        super().__init__(MadeUpScores(objective), torch.zeros(n), tolerance, ranked, criterion)  # ranked: attribution's
+        self,
+        objective: Callable[[FrozenSet[int]], float],
+        n: int,
+        tolerance: float,
+        ranked=(),
+        criterion="bound",
+        positions=(),
+    ):  # ranked: attribution's order; positions: each unit's, to drop whole positions first
+        super().__init__(MadeUpScores(objective), torch.zeros(n), tolerance, ranked, criterion, positions)
 
     @property
     def scored(self):
@@ -187,6 +193,56 @@ def test_the_exact_search_finds_a_smaller_cut_that_elimination_walks_past():
     assert record["elimination"][0]["removed"] == 4 and kept == frozenset(small)
     search = record["smaller_search"]
     assert search["replaced"] == sorted(large) and search["sizes"] == 2 and search["complete"]
+
+
+@pytest.mark.e2e
+def test_stable_pruning_drops_the_units_at_x_together_and_keeps_the_planted_heads(tmp_path):
+    """The organism at [last,x], seed 4: the rounded mask holds the four planted heads at the final token
+    and ten units at x. Unit by unit, elimination removed `L2.H1@last` and `L2.H4@last` first (each
+    redundant while the heads at x are patched) and was left with four heads at x, which two swap rounds
+    undid: 64,900 circuit x pair evaluations. Dropping the units at x together first: 13,500."""
+    run_search(compose(*QUIET, "units.positions=[last,x]", "prune=stable", "seed=4"), tmp_path / "run")
+    record = read_record(tmp_path / "run")
+    assert sorted(record.names) == sorted(f"{head}@last" for head in PLANTED), record.names
+    (dropped,) = record.pruning["by_position"]
+    assert dropped["positions"] == ["x"] and len(dropped["removed"]) == 10
+    assert record.pruning["swapped"] == {"out": [], "in": []}
+    assert record.pruning["screening"]["pairs_scored"] < 30_000
+
+
+@pytest.mark.parametrize("criterion", ["bound", "price"])
+def test_dropping_a_position_keeps_the_cut_that_elimination_removes_first(criterion):
+    """The organism at [last,x] (seed 4), in small: two cuts of one route, {0, 1} at the final token and
+    twelve units at x. Unit by unit, elimination removes 0 first (every removal is free while both cuts
+    are whole), then 1, and is left with the twelve, each needed; the exact search cannot score the pairs
+    of 14 units. Keeping one position's units alone finds the final token's two at once."""
+    last, x = {0, 1}, set(range(2, 14))
+    positions = ["last"] * 2 + ["x"] * 12
+    unit_by_unit = ScoredPruner(cuts(last, x), 14, 0.01, criterion=criterion)
+    kept, record = unit_by_unit(frozenset(last | x))
+    assert kept == frozenset(x) and record["by_position"] == []
+    by_position = ScoredPruner(cuts(last, x), 14, 0.01, criterion=criterion, positions=positions)
+    kept, record = by_position(frozenset(last | x))
+    assert kept == frozenset(last)
+    assert record["by_position"] == [{"positions": ["x"], "removed": sorted(x), "objective": -100.0}]
+    assert [s["removed"] for s in record["elimination"]] == []  # each of the two is needed
+    named = record | {"removed": [f"L0.H{u}@x" for u in sorted(x)], "put_in": [], "put_in_from_outside": []}
+    line = pruning_line(named)
+    assert "removed L0.H2@x, L0.H3@x" in line and "; first the units at x, together" in line
+    one_position = ScoredPruner(cuts(last, x), 14, 0.01, criterion=criterion, positions=["last"] * 14)
+    kept, record = one_position(frozenset(last | x))
+    assert kept == frozenset(x) and record["by_position"] == []
+    assert set(one_position.scored) == set(unit_by_unit.scored)  # nothing to drop: nothing more scored
+
+
+def test_dropping_positions_takes_the_smallest_circuit_that_may_replace_the_one_in_hand():
+    """Three positions: the units at `a` alone carry the answer, and so do those at `a` and `b` without
+    `c`'s; keeping `a` alone (two units) comes before removing `c` (four left), in one step."""
+    a, b, c = {0, 1}, {2, 3}, {4, 5}
+    positions = ["a", "a", "b", "b", "c", "c"]
+    kept, record = ScoredPruner(cuts(a), 6, 0.01, positions=positions)(frozenset(a | b | c))
+    assert kept == frozenset(a)
+    assert [step["positions"] for step in record["by_position"]] == [["b", "c"]]
 
 
 def test_the_exact_search_stops_at_its_budget_and_says_so():

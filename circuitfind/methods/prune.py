@@ -12,29 +12,36 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
    J + price * size, price = tolerance * (J(none) - J(raw)), is no larger. The bound depends on how
    good this run's rounded mask is; the price only on its scale, so runs whose rounded masks differ
    can agree on the smallest circuit (what that needs: docs/search.md).
-2. Backward elimination: every unit's removal alone is scored at once; then, least harmful first
+2. Whole positions first (`prune.by_position`, on in prune=stable): equivalent cuts of one route often
+   lie at different positions (the organism's planted heads at the final token, and the layer-0 heads
+   at x that feed them), and unit by unit, elimination removes first whichever cut is redundant while
+   both are whole, then cannot let the other go. So the circuit's units at one position (holding two
+   or more: one unit is elimination's) are kept alone, or removed together, the smallest such circuit
+   that may replace it first (ties: the lower J), while one may. A space with one position has nothing
+   to drop.
+3. Backward elimination: every unit's removal alone is scored at once; then, least harmful first
    (ties: the unit the search patched least firmly, the highest mask weight), each unit goes when
    the circuit without it stays within that bound. A unit whose removal alone leaves the bound
    is not tried again in that pass; passes repeat, each scoring the removals alone in the circuit
    left, until one removes nothing (a unit needed beside a harmful one may go once that one has).
-3. Putting in: the search can leave out a unit of the smallest cut and patch a larger cut in its
+4. Putting in: the search can leave out a unit of the smallest cut and patch a larger cut in its
    place, and elimination can remove first a unit that would have let two others go. The PUT_IN
    units outside the circuit that patching alone would help most, to first order (attribution on
    the validation pairs: one backward pass), are put in one at a time and kept while elimination
    runs again; the result replaces the circuit when it is smaller, until no unit helps. A trial is
    smaller only if two units go: it stops once all but one could not go alone.
-4. A smaller circuit, exactly: greedy elimination can keep one cut of a route when the rounded mask
+5. A smaller circuit, exactly: greedy elimination can keep one cut of a route when the rounded mask
    held two, one smaller (it removes first whichever cut is redundant at the start). So every subset
-   of the rounded mask (and what step 3 put in) of each size below the result's is scored, smallest
+   of the rounded mask (and what step 4 put in) of each size below the result's is scored, smallest
    size first, while their count stays within MAX_SMALLER; the best one within the bound, if any,
    replaces the circuit. `smaller_search.complete` says whether every smaller size was covered: then
    no subset smaller than the pruned circuit stays within the bound. When only the single units fit
-   and the circuit has three or more, it is skipped: step 3 has tried the units that do most alone.
+   and the circuit has three or more, it is skipped: step 4 has tried the units that do most alone.
    It runs only when the circuit changed: it corrects elimination's choice of what to remove first,
    and where no unit of the rounded mask could go alone, no choice was made (on SmolLM2 IOI, six
    units none of which can go, it scored 56 subsets: a quarter of the search's time).
-5. Criterion "price" only: a unit of the circuit is swapped for one of the rounded mask's (or one put
-   in) while that lowers J. Steps 2-4 compare smaller circuits only, and elimination keeps whichever
+6. Criterion "price" only: a unit of the circuit is swapped for one of the rounded mask's (or one put
+   in) while that lowers J. Steps 2-5 compare smaller circuits only, and elimination keeps whichever
    cut of a route it reaches first; under the bound any circuit within it will do, under the price
    the same size with a lower J is a better circuit.
 
@@ -75,9 +82,11 @@ class Pruner:
         tolerance: float,
         ranked: Sequence[int] = (),
         criterion: str = "bound",
+        positions: Sequence[str] = (),
     ):
         self.scores, self.tolerance, self.criterion = scores, tolerance, criterion
         self.ranked = list(ranked)  # every unit, the most worth patching alone first (attribution)
+        self.positions = list(positions)  # each unit's position, to drop whole positions first; empty: no such step
         self.firmness = firmness.detach().flatten().cpu()  # the search's mask weight: low = patched firmly
         self.raw = frozenset()  # the rounded mask being pruned
         self.allowance = 0.0  # criterion "bound": how far above J(raw) a kept circuit's J may lie
@@ -88,6 +97,28 @@ class Pruner:
         if self.criterion == "bound":
             return self.scores.at_most(circuit, self.raw, self.allowance)
         return self.scores.at_most(circuit, than, self.price * smaller_by)
+
+    def drop_positions(self, circuit: frozenset, dropped: List[Dict[str, Any]]) -> frozenset:
+        """Keep the circuit's units at one position alone, or remove them together, the smallest such circuit
+        that may replace it first (ties: the lower J on the first stage), while one may; `dropped` records each."""
+        while self.positions:
+            at: Dict[str, List[int]] = {}
+            for unit in sorted(circuit):
+                at.setdefault(self.positions[unit], []).append(unit)
+            if len(at) < 2:
+                break
+            groups = [units for units in at.values() if len(units) > 1]  # one unit alone: elimination's to judge
+            trials = list(dict.fromkeys(c for units in groups for c in (circuit - set(units), frozenset(units))))
+            values = self.scores.values(trials)  # one batch of masks
+            order = sorted(zip(trials, values), key=lambda tv: (len(tv[0]), tv[1], sorted(tv[0])))
+            found = next(((c, v) for c, v in order if self.fits(c, circuit, len(circuit) - len(c))), None)
+            if found is None:
+                break
+            smaller, value = found
+            gone = sorted(set(at) - {self.positions[u] for u in smaller})
+            dropped.append({"positions": gone, "removed": sorted(circuit - smaller), "objective": value})
+            circuit = smaller
+        return circuit
 
     def eliminate(
         self,
@@ -196,7 +227,8 @@ class Pruner:
         else:
             self.price = self.tolerance * max(improvement, 0.0)
         steps: List[Dict[str, Any]] = []
-        kept = self.eliminate_all(circuit, steps)
+        dropped: List[Dict[str, Any]] = []
+        kept = self.eliminate_all(self.drop_positions(circuit, dropped), steps)
         kept, added = self.put_in(kept)
         greedy = kept
         if kept == circuit:
@@ -214,6 +246,7 @@ class Pruner:
             | ({"bound": raw + self.allowance} if self.criterion == "bound" else {"price": self.price}),
             "kept_share": (none - final) / improvement if improvement > 0 else None,
             "removed": sorted(circuit - kept),
+            "by_position": dropped,
             "elimination": steps,
             "put_in": [u for u in added if u in kept],
             "smaller_search": search | {"replaced": sorted(greedy) if searched != greedy else None},
@@ -228,12 +261,14 @@ def prune_circuits(
 ) -> List[tuple[torch.Tensor, Dict[str, Any]]]:
     """Prune each rounded mask (0 = patched) on the validation objectives; returns each pruned mask with its
     record, units by name. `settings` is the prune config (tolerance, criterion, screen_pairs: scored in
-    stages when given, methods/staged_scores.py). rounded, weights (K, L, n_cols)"""
+    stages when given, methods/staged_scores.py; by_position: drop whole positions first). rounded, weights
+    (K, L, n_cols)"""
     screen = settings.screen_pairs
     with torch.enable_grad():  # the units worth putting in (on the first stage's pairs): one order for every mask
         gain = attribution_scores(engine, first_stage(objectives, screen), engine.device).flatten().cpu()
     ranked = gain.argsort(descending=True, stable=True).tolist()
     chunk = CPU_CHUNK if engine.device.type == "cpu" else MASK_CHUNK
+    positions = [unit.position for unit in engine.space.units()] if settings.by_position else []
     return [
         prune_one(
             engine,
@@ -243,6 +278,7 @@ def prune_circuits(
             settings.tolerance,
             ranked,
             settings.criterion,
+            positions,
         )
         for r, w in zip(rounded, weights)
     ]
@@ -256,11 +292,13 @@ def prune_one(
     tolerance: float,
     ranked: Sequence[int],
     criterion: str = "bound",
+    positions: Sequence[str] = (),
 ) -> tuple[torch.Tensor, Dict[str, Any]]:
-    """Prune one rounded mask; `ranked`: every unit, the most worth patching alone first. rounded, weights (L, n_cols)"""
+    """Prune one rounded mask; `ranked`: every unit, the most worth patching alone first; `positions`: each unit's,
+    to drop whole positions first (none: unit by unit only). rounded, weights (L, n_cols)"""
     names = engine.space.names()
     circuit = frozenset(int(i) for i in (rounded.flatten() == 0).nonzero().flatten().tolist())
-    kept, record = Pruner(scores, weights, tolerance, ranked, criterion)(circuit)
+    kept, record = Pruner(scores, weights, tolerance, ranked, criterion, positions)(circuit)
     pruned = masks_of([kept], engine.space.shape, rounded.device)[0].to(rounded.dtype)
     record["removed"] = [names[u] for u in record["removed"]]
     record["put_in_from_outside"] = [names[u] for u in record["put_in"] if u not in circuit]
@@ -268,6 +306,7 @@ def prune_one(
     replaced = record["smaller_search"]["replaced"]
     record["smaller_search"]["replaced"] = [names[u] for u in replaced] if replaced else None
     record["swapped"] = {side: [names[u] for u in units] for side, units in record["swapped"].items()}
+    record["by_position"] = [step | {"removed": [names[u] for u in step["removed"]]} for step in record["by_position"]]
     record["elimination"] = [
         {"removed": names[s["removed"]], "objective": s["objective"]} for s in record["elimination"]
     ]
