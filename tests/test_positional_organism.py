@@ -79,8 +79,8 @@ def test_stable_pruning_finds_one_cut_in_five_seeds_beside_the_final_token(space
     """Beside the final token, `L2.H1@last` with `L2.H6@last` and `L0.H6@x` with `L2.H6@last` (and, at
     ["xname#2",last], `L1.H2@xname#2` with `L2.H6@last`) are cuts of one route within 1-2% of each other.
     The default's bound and 50 validation pairs give Jaccard 0.87 and 0.73 over five seeds; prune=stable
-    (a price per unit, swaps, 400 pairs scored in stages from 50) gives the best pair, the same in every
-    seed, while scoring a fraction of what every circuit on every pair would take."""
+    (a price per unit, whole positions first, swaps, 400 pairs scored in stages from 50) gives the best
+    pair, the same in every seed, while scoring a fraction of what every circuit on every pair would take."""
     overrides = (*QUIET, "model=organism_positional", *BESIDE_THE_FINAL_TOKEN[space], "prune=stable")
     run_search(compose(*overrides, "evidence.stability_seeds=5"), tmp_path / "run")
     record = read_record(tmp_path / "run")
