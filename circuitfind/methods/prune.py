@@ -101,24 +101,25 @@ class Pruner:
     def drop_positions(self, circuit: frozenset, dropped: List[Dict[str, Any]]) -> frozenset:
         """Keep the circuit's units at one position alone, or remove them together, the smallest such circuit
         that may replace it first (ties: the lower J on the first stage), while one may; `dropped` records each."""
-        while self.positions:
+        if not self.positions:  # not asked for
+            return circuit
+        while True:
             at: Dict[str, List[int]] = {}
             for unit in sorted(circuit):
                 at.setdefault(self.positions[unit], []).append(unit)
             if len(at) < 2:
-                break
+                return circuit
             groups = [units for units in at.values() if len(units) > 1]  # one unit alone: elimination's to judge
             trials = list(dict.fromkeys(c for units in groups for c in (circuit - set(units), frozenset(units))))
             values = self.scores.values(trials)  # one batch of masks
             order = sorted(zip(trials, values), key=lambda tv: (len(tv[0]), tv[1], sorted(tv[0])))
             found = next(((c, v) for c, v in order if self.fits(c, circuit, len(circuit) - len(c))), None)
             if found is None:
-                break
+                return circuit
             smaller, value = found
             gone = sorted(set(at) - {self.positions[u] for u in smaller})
             dropped.append({"positions": gone, "removed": sorted(circuit - smaller), "objective": value})
             circuit = smaller
-        return circuit
 
     def eliminate(
         self,
