@@ -136,6 +136,30 @@ def test_cached_engine_equals_full_engine_under_a_random_mask(family):
     assert gf.abs().sum() > 0 and torch.allclose(gc, gf, atol=1e-5 * max(1.0, gf.abs().max().item()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_masks_that_patch_later_layers_only_skip_the_first_ones_and_equal_the_full_engine(family):
+    """Pruning's circuits: the layers below a mask's first patched layer are skipped (the clean residual
+    stream enters that layer), which every family's layer loop must allow."""
+    model, tok = tiny_model(family)
+    enc = encoded_pairs(tok)
+    sites = locate_components(model)
+    n_layers = sites.space.n_layers
+    torch.manual_seed(0)
+    masks = (torch.rand(n_layers, *sites.space.shape) < 0.5).float()
+    for layer in range(n_layers):
+        masks[layer, :layer] = 1
+        masks[layer, layer, 0] = 0
+    out = {}
+    for engine in ("full", "cached"):
+        eng = make_engine(engine, model, sites)
+        prep = eng.prepare(enc)
+        with torch.no_grad():
+            out[engine] = eng.readout.logits(eng.final_hidden(prep, masks))
+        if engine == "cached":
+            assert eng.first_patched(prep, masks)[:, 1].tolist() == list(range(n_layers))
+    assert n_layers > 1 and torch.allclose(out["cached"], out["full"], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "mistral"])  # gemma2 fails loudly, mistral silently
 def test_cached_engine_with_a_sliding_window_shorter_than_the_prompt(family):
     model, tok = tiny_model(family, sliding_window=8)

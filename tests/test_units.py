@@ -97,6 +97,61 @@ def test_cached_engine_runs_the_suffix_from_the_earliest_site_and_equals_the_ful
     assert torch.equal(keep, job.engine.final_hidden(prep, None))  # w = 1 everywhere is no patch, bit for bit
 
 
+@pytest.mark.parametrize(
+    "units",
+    [
+        (),  # the paper's space: one position, later layers only
+        ('units.positions=[last,x,"xname#2"]',),
+        ('units.positions=[last,x,"xname#2"]', "cache=cpu"),
+        ('units.positions=[last,x,"xname#2"]', "cache=recompute"),  # no clean run kept: every layer runs
+        ("units=residual", "units.positions=[x,last]"),
+        ("units=residual",),  # every position: some masks run the whole prompt, others a suffix
+        ("units=neurons", "units.positions=[x,last]"),
+    ],
+)
+def test_each_circuit_runs_from_the_first_token_and_layer_it_patches_and_equals_the_full_engine(units):
+    """Pruning's masks patch units at some positions and layers only: each group runs from its own first
+    patched token and layer, on the clean keys/values before it and the clean residual stream entering it,
+    and a later group never reads what an earlier one wrote."""
+    job = Job(compose(*QUIET, *units))
+    full = Job(compose(*QUIET, *(u for u in units if not u.startswith("cache=")), "engine=full"))
+    space, prep, full_prep = job.space, job.prepared("vd", "train")[0], full.prepared("vd", "train")[0]
+    n_pos, n_layers, block = len(space.positions), space.n_layers, space.per_position
+    starts = [int(prep.where.base_tok[prep.where.slot == p].min()) for p in range(n_pos)]
+    torch.manual_seed(0)
+    masks, expected_starts = [], []
+    for p in range(n_pos):
+        for layer in (0, n_layers // 2, n_layers - 1):
+            for later in (False, True):  # position p alone, or p and every later one
+                upto = n_pos if later else p + 1
+                mask = torch.ones(n_layers, n_pos, block)
+                mask[layer:, p:upto] = (torch.rand(n_layers - layer, upto - p, block) < 0.5).float()
+                mask[layer, p, 0] = 0  # at least one unit at (layer, p)
+                masks.append(mask)
+                expected_starts.append([min(starts[p:upto]), 0 if "cache=recompute" in units else layer])
+    masks = torch.stack(masks + [torch.ones(n_layers, n_pos, block)]).view(-1, *space.shape)  # the last: no patch
+    assert job.engine.first_patched(prep, masks).tolist() == expected_starts + [[prep.offset, 0]]
+    expected = full.engine.final_hidden(full_prep, masks)
+    for order in (torch.arange(len(masks)), torch.arange(len(masks)).flip(0), torch.randperm(len(masks))):
+        got = torch.empty_like(expected)
+        for chunk in order.split(4):  # chunks that mix groups, in orders that move the clean part both ways
+            got[chunk] = job.engine.final_hidden(prep, masks[chunk])
+        assert torch.allclose(got, expected, atol=2e-5)
+    assert torch.equal(job.engine.final_hidden(prep, masks[-1:]), job.engine.final_hidden(prep, None))
+    assert all(type(layer).__name__ != "SkippedLayer" for layer in job.sites.layer_stack), "every layer is back"
+    if "cache=recompute" in units or prep.offset == 0:
+        return  # no clean run is kept, or none comes from a suffix run
+    fresh = job.engine.prepare(prep.pairs)  # pruning scores J(none) first: its run is the clean run, kept
+    job.engine.final_hidden(fresh, masks[[-1, 0]])
+    made = fresh.clean
+    assert made is not None and job.engine._clean_run(fresh) is made
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(made.resid, job.engine._clean_run(prep).resid))
+    assert all(
+        torch.allclose(a, b, atol=1e-5) for a, b in zip(sum(made.kv, ()), sum(job.engine._clean_run(prep).kv, ()))
+    )
+    assert torch.allclose(job.engine.final_hidden(fresh, masks), expected, atol=2e-5)
+
+
 def test_patching_the_first_layers_residual_everywhere_is_the_alternates_run():
     job = Job(compose(*QUIET, "units=residual"))
     prep = job.prepared("vd", "train")[0]

@@ -92,11 +92,18 @@ class StagedScores:
                     continue
                 prep, d0 = obj.batches[b], obj.d0[b]
                 masks = masks_of(todo, self.engine.space.shape, self.engine.device)
+                # masks that run from the same token and layer go together (engine=cached runs each group from
+                # its own)
+                starts = self.engine.first_patched(prep, masks).tolist()
+                order = sorted(range(len(todo)), key=lambda i: starts[i])
                 with torch.no_grad():
-                    parts = [term_pair_loss(self.engine, obj.desideratum, prep, d0, m) for m in masks.split(self.chunk)]
+                    parts = [
+                        term_pair_loss(self.engine, obj.desideratum, prep, d0, m)
+                        for m in masks[order].split(self.chunk)
+                    ]
                 losses = torch.cat(parts).float().cpu()  # float32: a bf16 model's losses would blur the errors
-                for c, row in zip(todo, losses):
-                    self.losses[c][o].append(row)
+                for i, row in zip(order, losses):
+                    self.losses[todo[i]][o].append(row)
                 self.pairs_scored += len(todo) * len(prep.pairs)
 
     def value(self, circuit: frozenset, stage: int) -> float:

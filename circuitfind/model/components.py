@@ -97,6 +97,7 @@ class Sites:
     mlps: List[nn.Module]
     layers: List[nn.Module]
     mlp_downs: List[nn.Module]
+    layer_stack: nn.ModuleList | None = None  # the model's own list of decoder layers (engine=cached skips some)
 
 
 def _get(root: nn.Module, dotted: str) -> nn.Module:
@@ -172,7 +173,7 @@ def locate_components(model: nn.Module, units: UnitsChoice | None = None) -> Sit
             f"{adapter.head_proj} takes {in_features} inputs, not n_heads*head_dim = {n_heads * head_dim}; "
             "the adapter for this family is wrong"
         )
-    return Sites(space=space, head_projs=head_projs, mlps=mlps, layers=list(layers), mlp_downs=mlp_downs)
+    return Sites(space, head_projs, mlps, list(layers), mlp_downs, layers)
 
 
 def unsupported_family(model_type: str | None) -> CircuitfindError:

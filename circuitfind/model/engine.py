@@ -3,17 +3,19 @@
 Units are patched at their positions only (the final token by default), so nothing before
 the earliest of them changes between optimisation steps. `CachedEngine` (the default) runs
 each batch's prefix up to that position once, keeps its KV cache, and then runs only the
-suffix per step (the final token alone by default). `FullEngine` runs the whole prompt every
-step; it is the plain reference the cached engine is tested against.
+suffix per step (the final token alone by default). A circuit that is scored, not trained
+(pruning's, mostly), runs from the first token and the first layer it patches, on the clean keys and
+values before that token and the clean residual stream entering that layer. `FullEngine` runs the
+whole prompt every step; it is the plain reference the cached engine is tested against.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -21,7 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from circuitfind.config.choices import CACHE_POLICIES, ENGINES
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import Sites, device_of
-from circuitfind.model.hooks import SiteIndex, SiteValues, patch_sites, record_values
+from circuitfind.model.hooks import SiteIndex, SiteValues, hooks, patch_sites, record_values
 from circuitfind.model.readout import Readout
 from circuitfind.model.space import ComponentSpace
 from circuitfind.task.encoding import EncodedPairs, position_ids
@@ -56,6 +58,10 @@ class Prepared:
     offset: int = 0  # engine=cached: the tokens before this index (the earliest site) are run once
     prefix_kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per layer (B, kvH, offset, D)
     buffers: Optional[Tuple[int, list]] = None  # (K, per layer (K*B, kvH, T, D)): engine=cached, cache=device
+    clean_to: int = 0  # engine=cached, cache=device: the buffers hold clean keys/values on tokens [0, clean_to)
+    slot_starts: Optional[torch.Tensor] = None  # engine=cached: (P,) each position's first token in this batch
+    clean: Optional["CleanRun"] = None  # engine=cached: the clean run, kept from a mask that patched nothing, or
+    # made when a mask first runs from a later token than `offset` or a later layer than the first
 
 
 class Engine(Protocol):
@@ -85,6 +91,10 @@ class Engine(Protocol):
 
     def final_hidden(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None = None) -> torch.Tensor:
         """The base prompts' final hidden state under each of K masks. mask (K, L, n_cols) -> (K, B, hidden)"""
+
+    def first_patched(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
+        """Per mask, the first token and the first layer its run must compute (masks that share them run
+        together best). (K, 2)"""
 
 
 class FullEngine:
@@ -151,10 +161,19 @@ class FullEngine:
             out = self._run(ids, attn, use_cache=False)
         return out.last_hidden_state[:, -1].view(k, b, -1)
 
+    def first_patched(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
+        """Every mask runs the whole prompt through every layer. (K, 2)"""
+        return torch.zeros(mask.shape[0], 2, dtype=torch.long)
+
     def _patched(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None, offset: int):
         if mask is None:
             return nullcontext()
-        return patch_sites(self.sites, mask, prep.alt_values if values is None else values, prep.where, offset)
+        values = prep.alt_values if values is None else values
+        where = prep.where
+        if offset > int(where.base_tok.min()):  # sites before the run's first token: unpatched, not in the run
+            inside = where.base_tok >= offset
+            where, values = where.select(inside), values.map(lambda v: v[inside.to(v.device)])
+        return patch_sites(self.sites, mask, values, where, offset)
 
 
 class SuffixSlotLayer(DynamicLayer):
@@ -237,36 +256,193 @@ class CachedEngine(FullEngine):
     def prepare(self, pairs: EncodedPairs) -> Prepared:
         prep = super().prepare(pairs)
         prep.offset = int(prep.where.base_tok.min())  # the earliest site: everything before it is fixed
+        last = pairs.base_ids.shape[1] - 1
+        starts = torch.full((len(self.space.positions),), last, dtype=torch.long)
+        prep.slot_starts = starts.scatter_reduce(0, prep.where.slot, prep.where.base_tok, reduce="amin")
         if prep.offset > 0 and self.cache != "recompute":
             kv = self._prefix_kv(pairs, prep.offset)
             prep.prefix_kv = [(k.cpu(), v.cpu()) for k, v in kv] if self.cache == "cpu" else kv
         return prep
 
+    def first_patched(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
+        """Per mask, the first token of a position where it patches a unit (a weight below 1), and the first
+        layer: every token before that token, and every layer below that layer, runs as in the clean prompt.
+        A mask that patches nothing runs as the run with no hook does (from `offset`, every layer), so that
+        the two agree bit for bit. (K, 2): token, layer"""
+        space, k = self.space, mask.shape[0]
+        patched = (mask.detach() < 1).view(k, space.n_layers, len(space.positions), -1).any(-1).cpu()  # (K, L, P)
+        last = prep.pairs.base_ids.shape[1] - 1
+        token = torch.where(patched.any(1), prep.slot_starts, last + 1).min(1).values
+        layer = torch.where(patched.any(2), torch.arange(space.n_layers), space.n_layers).min(1).values
+        none = token > last
+        layer = torch.zeros_like(layer) if self.cache == "recompute" else layer  # no clean run is kept
+        return torch.stack([torch.where(none, prep.offset, token), torch.where(none, 0, layer)], 1)
+
     def final_hidden(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None = None) -> torch.Tensor:
-        if prep.offset == 0:  # a site at the first token: there is no prefix to keep
-            return super().final_hidden(prep, mask, values)
-        k, b, n = (1 if mask is None else mask.shape[0]), len(prep.pairs), prep.offset
-        attn = prep.pairs.base_attn.repeat(k, 1)
-        cache = suffix_slot_cache(self._buffers(prep, k), n)  # outside the hooks: it may run the prefix
-        with self._patched(prep, mask, values, offset=n):
-            out = self.body(
-                input_ids=prep.pairs.base_ids[:, n:].repeat(k, 1).to(self.device),
-                attention_mask=attn.to(self.device),
-                position_ids=position_ids(attn)[:, n:].to(self.device),
-                **with_cache(self.body, cache),
-            )
+        """Masks being trained run from `offset` through every layer (the gradient reaches every unit's weight,
+        1 or not); others run in groups, each from its first patched token and layer (`first_patched`)."""
+        if mask is None or (torch.is_grad_enabled() and mask.requires_grad):
+            return self._final_hidden_from(prep, mask, values, prep.offset, 0)
+        starts, group = self.first_patched(prep, mask).unique(dim=0, return_inverse=True)
+        if len(starts) == 1:
+            return self._final_hidden_from(prep, mask, values, *starts[0].tolist())
+        out = None
+        for i in starts[:, 0].argsort(descending=True, stable=True).tolist():  # later tokens first: the buffers'
+            rows = (group == i).nonzero().flatten()  # clean part shrinks, and is copied back less often
+            hidden = self._final_hidden_from(prep, mask[rows.to(mask.device)], values, *starts[i].tolist())
+            out = hidden.new_empty((mask.shape[0], *hidden.shape[1:])) if out is None else out
+            out[rows.to(out.device)] = hidden
+        return out
+
+    def _final_hidden_from(
+        self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None, n: int, layer: int
+    ):
+        """The final hidden state of K masks, the prompt run from token n and from `layer` on, on the clean
+        keys/values before token n and the clean residual stream entering `layer`."""
+        k, b = (1 if mask is None else mask.shape[0]), len(prep.pairs)
+        clean = self._clean_row(prep, mask, n, layer)
+        with self._from_layer(prep, n, layer), self._recording(clean, b, 0) as resid:
+            if n == 0:  # a site at the first token: there is no prefix to keep
+                return FullEngine.final_hidden(self, prep, mask, values)
+            attn = prep.pairs.base_attn.repeat(k, 1)
+            buffers = self._buffers(prep, k, n)
+            cache = suffix_slot_cache(buffers, n)  # outside the hooks: it may run the prefix
+            with self._patched(prep, mask, values, offset=n):
+                out = self.body(
+                    input_ids=prep.pairs.base_ids[:, n:].repeat(k, 1).to(self.device),
+                    attention_mask=attn.to(self.device),
+                    position_ids=position_ids(attn)[:, n:].to(self.device),
+                    **with_cache(self.body, cache),
+                )
+        if clean is not None:  # that mask's run was the clean run: keep it
+            rows = slice(clean * b, (clean + 1) * b)
+            prep.clean = self._clean_run_of(prep, resid, [(key[rows], val[rows]) for key, val in buffers])
         return out.last_hidden_state[:, -1].view(k, b, -1)
 
-    def _buffers(self, prep: Prepared, k: int):
-        """The prefix buffers for K masks: built once and kept (device), or built per step."""
+    def _clean_row(self, prep: Prepared, mask: torch.Tensor | None, n: int, layer: int) -> int | None:
+        """Which of these masks (one that patches nothing) runs the clean run this batch has not kept yet, if
+        any does and the run is one to keep (from `offset`, every layer): pruning's J(none) makes it free."""
+        if prep.clean is not None or mask is None or self.cache == "recompute" or (n, layer) != (prep.offset, 0):
+            return None
+        if n == 0 or (torch.is_grad_enabled() and mask.requires_grad):
+            return None
+        nothing = (mask.detach() >= 1).flatten(1).all(1).nonzero().flatten()
+        return int(nothing[0]) if len(nothing) else None
+
+    @contextmanager
+    def _recording(self, row: int | None, b: int, start: int) -> Iterator[List[torch.Tensor]]:
+        """Record the residual stream entering each layer, on the B rows of mask `row` and tokens `start` on,
+        during the run inside (nothing when `row` is None)."""
+        resid: List[torch.Tensor] = [None] * len(self.sites.layers)
+        if row is None:
+            yield resid
+            return
+
+        def record(i: int):
+            def read(module, args, kwargs):
+                x = (args[0] if args else kwargs["hidden_states"])[row * b : (row + 1) * b, start:]
+                resid[i] = self._kept(x.detach())
+
+            return read
+
+        with hooks([m.register_forward_pre_hook(record(i), with_kwargs=True) for i, m in enumerate(self.sites.layers)]):
+            yield resid
+
+    def _kept(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of part of a run, kept where the policy keeps the prefix."""
+        return t.contiguous().cpu() if self.cache == "cpu" else t.contiguous()
+
+    def _clean_run_of(self, prep: Prepared, resid: List[torch.Tensor], kv) -> "CleanRun":
+        """The clean run from its recorded residual stream (tokens `offset` on) and keys/values, those before
+        the latest position's first token kept (no run starts later)."""
+        latest = int(prep.slot_starts.max())
+        if latest == prep.offset:
+            return CleanRun(kv=[], resid=resid)
+        return CleanRun(
+            kv=[(self._kept(key[:, :, :latest]), self._kept(val[:, :, :latest])) for key, val in kv], resid=resid
+        )
+
+    @contextmanager
+    def _from_layer(self, prep: Prepared, n: int, layer: int) -> Iterator[None]:
+        """Skip the layers below `layer` (they run as an identity) and hand `layer` the clean residual stream
+        of tokens n on instead; the embedding still runs, it is cheap."""
+        if layer == 0:
+            yield
+            return
+        resid = self._clean_run(prep).resid[layer][:, n - prep.offset :]
+
+        def clean_input(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            clean = resid.to(x.device, x.dtype).repeat(x.shape[0] // resid.shape[0], 1, 1)  # K copies, k-major
+            return ((clean, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": clean})
+
+        stack, skipped = self.sites.layer_stack, list(self.sites.layer_stack[:layer])
+        handle = stack[layer].register_forward_pre_hook(clean_input, with_kwargs=True, prepend=True)
+        for i in range(layer):
+            stack[i] = SkippedLayer()
+        try:
+            yield
+        finally:
+            for i, original in enumerate(skipped):
+                stack[i] = original
+            handle.remove()
+
+    @torch.no_grad()
+    def _clean_run(self, prep: Prepared) -> "CleanRun":
+        """The base prompts' clean run: kept from a mask that patched nothing, or run once here."""
+        if prep.clean is None:
+            with self._recording(0, len(prep.pairs), prep.offset) as resid:
+                out = self._run(prep.pairs.base_ids, prep.pairs.base_attn, **with_cache(self.body, DynamicCache()))
+            prep.clean = self._clean_run_of(prep, resid, [(layer[0], layer[1]) for layer in returned_cache(out)])
+        return prep.clean
+
+    def _clean_kv(self, prep: Prepared, n: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """The clean keys/values of tokens [0, n): the kept prefix, or (n past it) the clean run's."""
+        if self.cache == "recompute":
+            return self._prefix_kv(prep.pairs, n)
+        if n == prep.offset:
+            return cached_prefix(prep)
+        return [(key[:, :, :n], val[:, :, :n]) for key, val in self._clean_run(prep).kv]
+
+    def _buffers(self, prep: Prepared, k: int, n: int):
+        """Prefix buffers for K masks, clean on tokens [0, n): built once for the most masks seen and kept
+        (device; the clean tokens a run from an earlier token wrote over are copied back), or built per step."""
         width = prep.pairs.base_ids.shape[1]
-        if self.cache == "device":
-            if prep.buffers is None or prep.buffers[0] != k:
-                prep.buffers = (k, prefix_buffers(cached_prefix(prep), k, self.layer_devices, width))
-                prep.prefix_kv = None  # the buffers hold the prefix now: keep one copy only
-            return prep.buffers[1]
-        kv = prep.prefix_kv if self.cache == "cpu" else self._prefix_kv(prep.pairs, prep.offset)
-        return prefix_buffers(kv, k, self.layer_devices, width)
+        if self.cache != "device":
+            return prefix_buffers(self._clean_kv(prep, n), k, self.layer_devices, width)
+        if prep.buffers is None or prep.buffers[0] < k:
+            prep.buffers = (k, prefix_buffers(self._clean_kv(prep, n), k, self.layer_devices, width))
+            prep.prefix_kv, prep.clean_to = None, n  # the buffers hold the prefix now: keep one copy only
+        elif prep.clean_to < n:
+            restore_clean(prep.buffers[1], self._clean_kv(prep, n), prep.clean_to, n)
+        prep.clean_to = n  # the run writes tokens n on
+        rows = k * len(prep.pairs)
+        return [(key[:rows], val[:rows]) for key, val in prep.buffers[1]]
+
+
+@dataclass
+class CleanRun:
+    """The base prompts' clean run, kept for masks that patch nothing before a later token or layer."""
+
+    kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per layer, before the latest position (B, kvH, latest, D); none
+    # when every position starts at `offset`
+    resid: List[torch.Tensor]  # per layer, the residual stream entering it on tokens offset on (B, T - offset, hidden)
+
+
+class SkippedLayer(torch.nn.Module):
+    """A decoder layer left out of a run: every family's model loop reads its output as the next hidden state."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def restore_clean(buffers, clean, start: int, end: int) -> None:
+    """Copy the clean keys/values of tokens [start, end) into every mask's rows of the buffers."""
+    for (key, val), (ckey, cval) in zip(buffers, clean):
+        for buf, src in ((key, ckey), (val, cval)):
+            part = src[:, :, start:end].to(buf.device)
+            copies = buf.shape[0] // part.shape[0]
+            buf[:, :, start:end].view(copies, *part.shape).copy_(part.unsqueeze(0).expand(copies, *part.shape))
 
 
 ENGINE_CLASSES = {"full": FullEngine, "cached": CachedEngine}  # keyed by config.choices.ENGINES

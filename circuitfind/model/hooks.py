@@ -47,6 +47,12 @@ class SiteIndex:
         alt = last if alt_width is None else torch.full((n,), alt_width - 1, dtype=torch.long)
         return SiteIndex(torch.arange(n), zeros, zeros, last, alt)
 
+    def select(self, chosen: torch.Tensor) -> "SiteIndex":
+        """The sites where `chosen` (N,) is true."""
+        return SiteIndex(
+            self.rows[chosen], self.slot[chosen], self.mention[chosen], self.base_tok[chosen], self.alt_tok[chosen]
+        )
+
     def __len__(self) -> int:
         return self.rows.shape[0]
 
