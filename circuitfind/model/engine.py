@@ -57,8 +57,10 @@ class Prepared:
     alt_hidden: torch.Tensor  # (B, hidden) the alternate prompts' clean final hidden state, from the same run
     offset: int = 0  # engine=cached: the tokens before this index (the earliest site) are run once
     prefix_kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None  # per layer (B, kvH, offset, D)
-    buffers: Optional[Tuple[int, list]] = None  # (K, per layer (K*B, kvH, T, D)): engine=cached, cache=device
-    clean_to: int = 0  # engine=cached, cache=device: the buffers hold clean keys/values on tokens [0, clean_to)
+    buffers: Optional[Tuple[int, list]] = None  # (K, per layer (K*B, kvH, T, D) or None until a run needs that
+    # layer): engine=cached, cache=device
+    clean_to: Optional[List[int]] = None  # engine=cached, cache=device: per layer, the buffers hold clean keys/values
+    # on tokens [0, clean_to)
     slot_starts: Optional[torch.Tensor] = None  # engine=cached: (P,) each position's first token in this batch
     clean: Optional["CleanRun"] = None  # engine=cached: the clean run, kept from a mask that patched nothing, or
     # made when a mask first runs from a later token than `offset` or a later layer than the first
@@ -227,8 +229,10 @@ def cached_prefix(prep: "Prepared") -> List[Tuple[torch.Tensor, torch.Tensor]]:
     return [(key[:b, :, :n], val[:b, :, :n]) for key, val in prep.buffers[1]]
 
 
-def suffix_slot_cache(buffers, prefix_len: int) -> Cache:
-    return Cache(layers=[SuffixSlotLayer(key, val, prefix_len) for key, val in buffers])
+def suffix_slot_cache(buffers, prefix_len: int, device=None) -> Cache:
+    """A cache over per-layer buffers; a layer without one (None: the run skips it) only reports the prefix."""
+    empty = torch.empty(0, device=device)
+    return Cache(layers=[SuffixSlotLayer(*(pair or (empty, empty)), prefix_len) for pair in buffers])
 
 
 class CachedEngine(FullEngine):
@@ -305,8 +309,8 @@ class CachedEngine(FullEngine):
             if n == 0:  # a site at the first token: there is no prefix to keep
                 return FullEngine.final_hidden(self, prep, mask, values)
             attn = prep.pairs.base_attn.repeat(k, 1)
-            buffers = self._buffers(prep, k, n)
-            cache = suffix_slot_cache(buffers, n)  # outside the hooks: it may run the prefix
+            buffers = self._buffers(prep, k, n, layer)
+            cache = suffix_slot_cache(buffers, n, self.device)  # outside the hooks: it may run the prefix
             with self._patched(prep, mask, values, offset=n):
                 out = self.body(
                     input_ids=prep.pairs.base_ids[:, n:].repeat(k, 1).to(self.device),
@@ -404,20 +408,33 @@ class CachedEngine(FullEngine):
             return cached_prefix(prep)
         return [(key[:, :, :n], val[:, :, :n]) for key, val in self._clean_run(prep).kv]
 
-    def _buffers(self, prep: Prepared, k: int, n: int):
-        """Prefix buffers for K masks, clean on tokens [0, n): built once for the most masks seen and kept
-        (device; the clean tokens a run from an earlier token wrote over are copied back), or built per step."""
+    def _buffers(self, prep: Prepared, k: int, n: int, layer: int):
+        """Per layer from `layer` up (below it None: those layers do not run), prefix buffers for K masks,
+        clean on tokens [0, n): with cache=device made for the most masks seen, each layer when a run first
+        needs it, and kept (clean tokens that a run from an earlier token wrote over are copied back);
+        otherwise made per run."""
         width = prep.pairs.base_ids.shape[1]
         if self.cache != "device":
-            return prefix_buffers(self._clean_kv(prep, n), k, self.layer_devices, width)
-        if prep.buffers is None or prep.buffers[0] < k:
-            prep.buffers = (k, prefix_buffers(self._clean_kv(prep, n), k, self.layer_devices, width))
-            prep.prefix_kv, prep.clean_to = None, n  # the buffers hold the prefix now: keep one copy only
-        elif prep.clean_to < n:
-            restore_clean(prep.buffers[1], self._clean_kv(prep, n), prep.clean_to, n)
-        prep.clean_to = n  # the run writes tokens n on
+            clean = self._clean_kv(prep, n)[layer:]
+            return [None] * layer + prefix_buffers(clean, k, self.layer_devices[layer:], width)
+        if prep.buffers is None or prep.buffers[0] < k:  # (re)made for more masks, each layer when needed
+            if prep.prefix_kv is None and prep.buffers is not None and prep.offset > 0:  # keep the prefix first
+                prep.prefix_kv = [(key.clone(), val.clone()) for key, val in cached_prefix(prep)]
+            n_layers = len(self.layer_devices)
+            prep.buffers, prep.clean_to = (k, [None] * n_layers), [n] * n_layers
+        kept, clean = prep.buffers[1], None
+        for i in range(layer, len(kept)):
+            if kept[i] is None or prep.clean_to[i] < n:
+                clean = clean or self._clean_kv(prep, n)
+            if kept[i] is None:
+                kept[i] = prefix_buffers([clean[i]], prep.buffers[0], [self.layer_devices[i]], width)[0]
+            elif prep.clean_to[i] < n:
+                restore_clean([kept[i]], [clean[i]], prep.clean_to[i], n)
+            prep.clean_to[i] = n  # the run writes tokens n on
+        if all(pair is not None for pair in kept):
+            prep.prefix_kv = None  # the buffers hold the prefix now: keep one copy only
         rows = k * len(prep.pairs)
-        return [(key[:rows], val[:rows]) for key, val in prep.buffers[1]]
+        return [None] * layer + [(key[:rows], val[:rows]) for key, val in kept[layer:]]
 
 
 @dataclass
