@@ -1,0 +1,114 @@
+"""Scoring circuits, as pruning does: each from its own first patched token and layer, against every
+circuit run from the earliest unit position through every layer (what engine=cached did before).
+
+On a random-weight LLaMA of the given shape, the paper's task at `--positions` (default x's tokens
+and the final token), in this one process, 8 circuits per forward (pruning's CPU chunk). Each kind
+of circuit is modelled on pruning's trials:
+
+  late heads @last        four heads at layers 2/3 of the way up, at the final token (the organism's
+                          planted heads, SmolLM2's name movers)
+  late heads + MLP @last  the same and an MLP one layer up (putting a unit in)
+  ... + a head @x         the same and a layer-0 head at x (a swap across positions): no gain, since
+                          the run must start at x and at layer 0
+  mixed                   two of each of the above and two single late heads: a chunk of several groups
+
+    python scripts/bench_circuits.py                          # SmolLM2-135M shape, batch 50
+    python scripts/bench_circuits.py --shape organism
+    python scripts/bench_circuits.py --device cuda --dtype bfloat16 --shape llama13b   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from bench import SHAPES, random_llama, timed_round_robin
+
+from circuitfind.model.components import UnitsChoice, locate_components
+from circuitfind.model.engine import make_engine
+from circuitfind.model.loading import DTYPES
+from circuitfind.model.masks import masks_of
+from circuitfind.task.encoding import PairEncoder
+from circuitfind.task.library import load_desiderata, load_task, sample_pairs
+from circuitfind.task.positions import PositionFinder
+
+CHUNK = 8  # circuits per forward: methods/prune.py's CPU_CHUNK
+
+
+def circuit_kinds(space) -> Dict[str, List[List[int]]]:
+    """CHUNK circuits of each kind, as flat unit indices (see the module docstring)."""
+    late = (2 * space.n_layers) // 3
+    index = {unit.name: space.flat(unit) for unit in space.units()}
+    at = "@last" if not space.is_default else ""
+
+    def heads(shift: int) -> List[int]:
+        return [index[f"L{late}.H{(shift + h) % space.n_heads}{at}"] for h in range(4)]
+
+    mlp = index[f"L{min(late + 1, space.n_layers - 1)}.MLP{at}"]
+    kinds = {
+        "late heads @last": [heads(i) for i in range(CHUNK)],
+        "late heads + MLP @last": [heads(i) + [mlp] for i in range(CHUNK)],
+    }
+    if "x" in space.positions:
+        kinds["... + a head @x"] = [heads(i) + [index[f"L0.H{i % space.n_heads}@x"]] for i in range(CHUNK)]
+    mixed = [c for circuits in kinds.values() for c in circuits[:2]] + [[index[f"L{late}.H{h}{at}"]] for h in range(2)]
+    return kinds | {"mixed": mixed[:CHUNK]}
+
+
+def bench_circuits(shape: str, positions: Sequence[str], batch: int, repeats: int, device: str, dtype) -> None:
+    model, tok = random_llama(shape, dtype, device)
+    task = load_task("arithmetic", {"slots": {"op": {"values": ["+"]}}})  # one prompt length
+    vd = load_desiderata("vd_oi", task)[0]
+    pairs = sample_pairs(task, vd, batch, seed=0)
+    enc = PairEncoder(tok, finder=PositionFinder(tok, task, positions)).encode(pairs, vd).to(device)
+    sites = locate_components(model, UnitsChoice("heads_mlps", tuple(positions)))
+    eng = make_engine("cached", model, sites)
+    prep = eng.prepare(enc)
+    steps: Dict[str, Callable[[], None]] = {}
+    for kind, circuits in circuit_kinds(sites.space).items():
+        masks = masks_of(circuits, sites.space.shape, device)
+
+        def own_start(masks=masks) -> None:
+            with torch.no_grad():
+                eng.final_hidden(prep, masks)
+
+        def earliest(masks=masks) -> None:  # every circuit from the earliest site through every layer
+            with torch.no_grad():
+                eng._final_hidden_from(prep, masks, None, prep.offset, 0)
+
+        steps[f"{kind}|own"], steps[f"{kind}|earliest"] = own_start, earliest
+    for fn in steps.values():
+        fn()  # warm-up (the first run from a later start keeps the batch's clean run)
+    medians = timed_round_robin(steps, repeats, device)
+    suffix = enc.base_ids.shape[1] - prep.offset
+    print(f"\n## {shape}, positions {list(positions)}, {batch} pairs, {CHUNK} circuits per forward")
+    print(f"(from the earliest site: {suffix} tokens through {sites.space.n_layers} layers)")
+    print(f"{'circuits':<24} {'own start ms':>13} {'earliest ms':>12} {'own / earliest':>15}")
+    for kind in dict.fromkeys(name.split("|")[0] for name in steps):
+        own, first = medians[f"{kind}|own"], medians[f"{kind}|earliest"]
+        print(f"{kind:<24} {own * 1e3:>13.1f} {first * 1e3:>12.1f} {own / first:>14.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smollm2", choices=list(SHAPES))
+    parser.add_argument("--positions", nargs="+", default=["x", "last"])
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, median of {args.repeats}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    for positions in (["last"], args.positions) if args.positions != ["last"] else (["last"],):
+        bench_circuits(args.shape, positions, args.batch, args.repeats, args.device, DTYPES[args.dtype])
+
+
+if __name__ == "__main__":
+    main()
