@@ -19,19 +19,16 @@ of circuit is modelled on pruning's trials:
 
 from __future__ import annotations
 
-import argparse
 from typing import Callable, Dict, List, Sequence
 
 import torch
-from bench import SHAPES, random_llama, timed_round_robin
+from bench import random_llama, timed_round_robin
+from bench_units import paper_pairs, shape_arguments
 
 from circuitfind.model.components import UnitsChoice, locate_components
 from circuitfind.model.engine import make_engine
 from circuitfind.model.loading import DTYPES
 from circuitfind.model.masks import masks_of
-from circuitfind.task.encoding import PairEncoder
-from circuitfind.task.library import load_desiderata, load_task, sample_pairs
-from circuitfind.task.positions import PositionFinder
 
 CHUNK = 8  # circuits per forward: methods/prune.py's CPU_CHUNK
 
@@ -58,10 +55,7 @@ def circuit_kinds(space) -> Dict[str, List[List[int]]]:
 
 def bench_circuits(shape: str, positions: Sequence[str], batch: int, repeats: int, device: str, dtype) -> None:
     model, tok = random_llama(shape, dtype, device)
-    task = load_task("arithmetic", {"slots": {"op": {"values": ["+"]}}})  # one prompt length
-    vd = load_desiderata("vd_oi", task)[0]
-    pairs = sample_pairs(task, vd, batch, seed=0)
-    enc = PairEncoder(tok, finder=PositionFinder(tok, task, positions)).encode(pairs, vd).to(device)
+    _, enc = paper_pairs(tok, positions, batch, device)
     sites = locate_components(model, UnitsChoice("heads_mlps", tuple(positions)))
     eng = make_engine("cached", model, sites)
     prep = eng.prepare(enc)
@@ -91,21 +85,7 @@ def bench_circuits(shape: str, positions: Sequence[str], batch: int, repeats: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="smollm2", choices=list(SHAPES))
-    parser.add_argument("--positions", nargs="+", default=["x", "last"])
-    parser.add_argument("--batch", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, median of {args.repeats}, "
-        f"{torch.get_num_threads()} threads"
-    )
+    args = shape_arguments(__doc__, batch=50)
     for positions in (["last"], args.positions) if args.positions != ["last"] else (["last"],):
         bench_circuits(args.shape, positions, args.batch, args.repeats, args.device, DTYPES[args.dtype])
 

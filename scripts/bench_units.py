@@ -49,12 +49,17 @@ def prefix_of(model, enc, offset: int):
     return [(layer[0], layer[1]) for layer in returned_cache(out)]
 
 
-def bench_units(shape: str, positions: Sequence[str], batch: int, repeats: int, device: str, dtype) -> None:
-    model, tok = random_llama(shape, dtype, device)
-    task = load_task("arithmetic", {"slots": {"op": {"values": ["+"]}}})  # one prompt length
+def paper_pairs(tok, positions: Sequence[str], batch: int, device: str):
+    """The paper's VD desideratum and `batch` of its pairs, encoded with the units' positions (one prompt length)."""
+    task = load_task("arithmetic", {"slots": {"op": {"values": ["+"]}}})
     vd = load_desiderata("vd_oi", task)[0]
     pairs = sample_pairs(task, vd, batch, seed=0)
-    enc = PairEncoder(tok, finder=PositionFinder(tok, task, positions)).encode(pairs, vd).to(device)
+    return vd, PairEncoder(tok, finder=PositionFinder(tok, task, positions)).encode(pairs, vd).to(device)
+
+
+def bench_units(shape: str, positions: Sequence[str], batch: int, repeats: int, device: str, dtype) -> None:
+    model, tok = random_llama(shape, dtype, device)
+    vd, enc = paper_pairs(tok, positions, batch, device)
     steps: Dict[str, Callable[[], None]] = {}
     units: Dict[str, int] = {}
     offset = 0
@@ -86,11 +91,13 @@ def bench_units(shape: str, positions: Sequence[str], batch: int, repeats: int, 
     print(f"worst unit kind / floor: {worst:.2f}x [target <= 1.3]")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_arguments(doc: str, batch: int) -> argparse.Namespace:
+    """The arguments of a one-process benchmark on a random-weight shape (shape, positions, batch, repeats,
+    device, dtype, threads); sets the threads and prints the set-up line."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2", choices=list(SHAPES))
     parser.add_argument("--positions", nargs="+", default=["x", "last"])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
@@ -102,6 +109,11 @@ def main() -> None:
         f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, batch {args.batch}, "
         f"median of {args.repeats}, {torch.get_num_threads()} threads"
     )
+    return args
+
+
+def main() -> None:
+    args = shape_arguments(__doc__, batch=32)
     bench_units(args.shape, args.positions, args.batch, args.repeats, args.device, DTYPES[args.dtype])
 
 
