@@ -97,7 +97,7 @@ class Sites:
     mlps: List[nn.Module]
     layers: List[nn.Module]
     mlp_downs: List[nn.Module]
-    layer_stack: nn.ModuleList | None = None  # the model's own list of decoder layers (engine=cached skips some)
+    layer_stack: nn.ModuleList  # the model's own list of decoder layers (engine=cached skips some in a run)
 
 
 def _get(root: nn.Module, dotted: str) -> nn.Module:
