@@ -43,7 +43,14 @@ def scores(monkeypatch):
     monkeypatch.setattr(staged_scores, "term_pair_loss", pair_losses)
     batches = [SimpleNamespace(pairs=range(BATCH), index=i) for i in range(BATCHES)]
     objective = Objective(None, batches, [None] * BATCHES, 1.0, True)
-    engine = SimpleNamespace(space=SimpleNamespace(shape=(1, 3)), device=torch.device("cpu"))
+
+    def first_patched(prep, masks):  # a start that reorders the circuits (larger first): the losses must follow
+        patched = (masks.flatten(1) == 0).sum(1)
+        return torch.stack([-patched, torch.zeros_like(patched)], 1)
+
+    engine = SimpleNamespace(
+        space=SimpleNamespace(shape=(1, 3)), device=torch.device("cpu"), first_patched=first_patched
+    )
 
     def made(screen_pairs: int | None) -> StagedScores:
         return StagedScores(engine, [objective], chunk=8, screen_pairs=screen_pairs)
