@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from circuitfind.config.choices import CACHE_POLICIES, ENGINES
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import Sites, device_of
-from circuitfind.model.hooks import SiteIndex, SiteValues, hooks, patch_sites, record_values
+from circuitfind.model.hooks import SiteIndex, SiteValues, hooks, on_input, patch_sites, record_values
 from circuitfind.model.readout import Readout
 from circuitfind.model.space import ComponentSpace
 from circuitfind.task.encoding import EncodedPairs, position_ids
@@ -172,7 +172,7 @@ class FullEngine:
             return nullcontext()
         values = prep.alt_values if values is None else values
         where = prep.where
-        if offset > int(where.base_tok.min()):  # sites before the run's first token: unpatched, not in the run
+        if offset > prep.offset:  # sites before the run's first token: unpatched, not in the run
             inside = where.base_tok >= offset
             where, values = where.select(inside), values.map(lambda v: v[inside.to(v.device)])
         return patch_sites(self.sites, mask, values, where, offset)
@@ -343,13 +343,13 @@ class CachedEngine(FullEngine):
             return
 
         def record(i: int):
-            def read(module, args, kwargs):
-                x = (args[0] if args else kwargs["hidden_states"])[row * b : (row + 1) * b, start:]
-                resid[i] = self._kept(x.detach())
+            def read(x: torch.Tensor) -> torch.Tensor:
+                resid[i] = self._kept(x[row * b : (row + 1) * b, start:].detach())
+                return x
 
             return read
 
-        with hooks([m.register_forward_pre_hook(record(i), with_kwargs=True) for i, m in enumerate(self.sites.layers)]):
+        with hooks([on_input(m, record(i)) for i, m in enumerate(self.sites.layers)]):
             yield resid
 
     def _kept(self, t: torch.Tensor) -> torch.Tensor:
@@ -375,13 +375,11 @@ class CachedEngine(FullEngine):
             return
         resid = self._clean_run(prep).resid[layer][:, n - prep.offset :]
 
-        def clean_input(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            clean = resid.to(x.device, x.dtype).repeat(x.shape[0] // resid.shape[0], 1, 1)  # K copies, k-major
-            return ((clean, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": clean})
+        def clean_input(x: torch.Tensor) -> torch.Tensor:
+            return resid.to(x.device, x.dtype).repeat(x.shape[0] // resid.shape[0], 1, 1)  # K copies, k-major
 
         stack, skipped = self.sites.layer_stack, list(self.sites.layer_stack[:layer])
-        handle = stack[layer].register_forward_pre_hook(clean_input, with_kwargs=True, prepend=True)
+        handle = on_input(stack[layer], clean_input, prepend=True)  # before a residual unit's patch there
         for i in range(layer):
             stack[i] = SkippedLayer()
         try:
@@ -429,7 +427,7 @@ class CachedEngine(FullEngine):
             if kept[i] is None:
                 kept[i] = prefix_buffers([clean[i]], prep.buffers[0], [self.layer_devices[i]], width)[0]
             elif prep.clean_to[i] < n:
-                restore_clean([kept[i]], [clean[i]], prep.clean_to[i], n)
+                restore_clean(kept[i], clean[i], prep.clean_to[i], n)
             prep.clean_to[i] = n  # the run writes tokens n on
         if all(pair is not None for pair in kept):
             prep.prefix_kv = None  # the buffers hold the prefix now: keep one copy only
@@ -453,13 +451,12 @@ class SkippedLayer(torch.nn.Module):
         return hidden_states
 
 
-def restore_clean(buffers, clean, start: int, end: int) -> None:
-    """Copy the clean keys/values of tokens [start, end) into every mask's rows of the buffers."""
-    for (key, val), (ckey, cval) in zip(buffers, clean):
-        for buf, src in ((key, ckey), (val, cval)):
-            part = src[:, :, start:end].to(buf.device)
-            copies = buf.shape[0] // part.shape[0]
-            buf[:, :, start:end].view(copies, *part.shape).copy_(part.unsqueeze(0).expand(copies, *part.shape))
+def restore_clean(buffer, clean, start: int, end: int) -> None:
+    """Copy one layer's clean keys/values of tokens [start, end) into every mask's rows of its buffers."""
+    for buf, src in zip(buffer, clean):
+        part = src[:, :, start:end].to(buf.device)
+        copies = buf.shape[0] // part.shape[0]
+        buf[:, :, start:end].view(copies, *part.shape).copy_(part.unsqueeze(0).expand(copies, *part.shape))
 
 
 ENGINE_CLASSES = {"full": FullEngine, "cached": CachedEngine}  # keyed by config.choices.ENGINES

@@ -128,18 +128,23 @@ def _heads_side_by_side(fn):
     return apply
 
 
+def on_input(module: nn.Module, fn, prepend: bool = False) -> torch.utils.hooks.RemovableHandle:
+    """Hook `fn(x) -> x'` on the module's first input (positional, or the `hidden_states` keyword)."""
+
+    def pre(module, args, kwargs):
+        if args:
+            return (fn(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+    return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=prepend)
+
+
 def _register(point: HookPoint, layer: int, fn) -> torch.utils.hooks.RemovableHandle:
     """Hook `fn(x) -> x'` on the point's tensor of one layer (the module's first input, or its output)."""
     module = point.modules[layer]
     fn = _heads_side_by_side(fn)
     if point.reads_input:
-
-        def pre(module, args, kwargs):
-            if args:
-                return (fn(args[0]),) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-
-        return module.register_forward_pre_hook(pre, with_kwargs=True)
+        return on_input(module, fn)
     return module.register_forward_hook(lambda module, args, output: fn(output))
 
 
