@@ -8,6 +8,7 @@ short training run works end to end through the CLI on the saved model.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import transformers as tf
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.builtin import build_char_tokenizer
-from circuitfind.model.components import ADAPTERS, locate_components
+from circuitfind.model.components import ADAPTERS, UnitsChoice, locate_components
 from circuitfind.model.engine import make_engine
 from circuitfind.task.encoding import position_ids
 
@@ -158,6 +159,36 @@ def test_masks_that_patch_later_layers_only_skip_the_first_ones_and_equal_the_fu
         if engine == "cached":
             assert eng.first_patched(prep, masks)[:, 1].tolist() == list(range(n_layers))
     assert n_layers > 1 and torch.allclose(out["cached"], out["full"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_masks_that_share_their_units_before_the_final_token_run_that_part_once_and_equal_the_full_engine(family):
+    """Pruning's swap trials: the same units at an earlier token, different ones at the final token. That run
+    stops before the final token (its keys/values only), which every family's attention must allow."""
+    model, tok = tiny_model(family)
+    enc = encoded_pairs(tok)
+    at = [enc.base_ids.shape[1] - 1, enc.base_ids.shape[1] - 6], [enc.alt_ids.shape[1] - 1, enc.alt_ids.shape[1] - 6]
+    enc = replace(
+        enc, **{k: torch.tensor(t).view(1, 2, 1).repeat(len(enc), 1, 1) for k, t in zip(("base_pos", "alt_pos"), at)}
+    )
+    sites = locate_components(model, UnitsChoice(positions=("last", "mid")))
+    space = sites.space
+    masks = []
+    for early in range(space.n_layers):  # one earlier part per layer, each with a later part from every layer
+        for late in range(space.n_layers):
+            mask = torch.ones(space.n_layers, 2, space.per_position)
+            mask[early, 1, 0] = mask[late, 0, 1] = 0
+            masks.append(mask)
+    masks = torch.stack(masks).view(-1, *space.shape)
+    out = {}
+    for engine in ("full", "cached"):
+        eng = make_engine(engine, model, sites)
+        prep = eng.prepare(enc)
+        with torch.no_grad():
+            out[engine] = eng.readout.logits(eng.final_hidden(prep, masks))
+        if engine == "cached":
+            assert eng.late_starts(prep, masks).tolist() == [enc.base_ids.shape[1] - 1] * len(masks)
+    assert torch.allclose(out["cached"], out["full"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "mistral"])  # gemma2 fails loudly, mistral silently

@@ -44,13 +44,11 @@ def scores(monkeypatch):
     batches = [SimpleNamespace(pairs=range(BATCH), index=i) for i in range(BATCHES)]
     objective = Objective(None, batches, [None] * BATCHES, 1.0, True)
 
-    def first_patched(prep, masks):  # a start that reorders the circuits (larger first): the losses must follow
-        patched = (masks.flatten(1) == 0).sum(1)
-        return torch.stack([-patched, torch.zeros_like(patched)], 1)
+    def run_order(prep, masks):  # an order that moves the circuits (larger first): the losses must follow
+        patched = (masks.flatten(1) == 0).sum(1).tolist()
+        return sorted(range(len(patched)), key=lambda i: -patched[i])
 
-    engine = SimpleNamespace(
-        space=SimpleNamespace(shape=(1, 3)), device=torch.device("cpu"), first_patched=first_patched
-    )
+    engine = SimpleNamespace(space=SimpleNamespace(shape=(1, 3)), device=torch.device("cpu"), run_order=run_order)
 
     def made(screen_pairs: int | None) -> StagedScores:
         return StagedScores(engine, [objective], chunk=8, screen_pairs=screen_pairs)

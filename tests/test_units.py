@@ -152,6 +152,99 @@ def test_each_circuit_runs_from_the_first_token_and_layer_it_patches_and_equals_
     assert torch.allclose(job.engine.final_hidden(fresh, masks), expected, atol=2e-5)
 
 
+@pytest.mark.parametrize(
+    "units",
+    [
+        ('units.positions=[last,x,"xname#2"]',),
+        ('units.positions=[last,x,"xname#2"]', "cache=cpu"),
+        ("units=residual", "units.positions=[x,last]"),
+        ("units=residual",),  # every position: the earlier part may start at the first token, and then runs whole
+        ("units=neurons", "units.positions=[x,last]"),
+    ],
+)
+def test_masks_that_patch_the_same_units_before_their_latest_position_run_that_part_once(units):
+    """Swap and put-in trials differ at the final token but patch the same unit at x: the run of tokens x to the
+    final one is shared, and each mask runs its final part on it, equal to the full engine."""
+    job = Job(compose(*QUIET, *units))
+    full = Job(compose(*QUIET, *(u for u in units if not u.startswith("cache=")), "engine=full"))
+    space, prep, full_prep = job.space, job.prepared("vd", "train")[0], full.prepared("vd", "train")[0]
+    n_layers, block, b, width = space.n_layers, space.per_position, len(prep.pairs), prep.pairs.base_ids.shape[1]
+    by_token = sorted(range(len(space.positions)), key=lambda p: int(prep.slot_starts[p]))
+    late, earlier = by_token[-1], by_token[-3:-1]  # the latest position, and the two before it
+    torch.manual_seed(0)
+    parts = [torch.ones(n_layers, len(space.positions), block)]  # (a placeholder, dropped below)
+    for layer in (0, n_layers // 2):  # earlier parts starting at two layers, at one or two positions
+        for upto in (1, 2):
+            mask = parts[0]
+            while any(torch.equal(mask, part) for part in parts):  # distinct parts, even with one unit per position
+                mask = torch.ones(n_layers, len(space.positions), block)
+                at = earlier[-upto:]
+                mask[layer:, at] = (torch.rand(n_layers - layer, len(at), block) < 0.3).float()
+                mask[layer, earlier[-1], 0] = 0
+            parts.append(mask)
+    parts, masks = parts[1:], []
+    for part in parts:
+        for layer in (0, n_layers - 1):  # later parts from below and above the earlier part's first layer
+            for _ in range(2):
+                mask = part.clone()
+                mask[layer:, late] = (torch.rand(n_layers - layer, block) < 0.3).float()
+                mask[layer, late, 0] = 0
+                masks.append(mask)
+    alone = [parts[0], masks[0] * 0 + torch.where(parts[0] < 1, 1.0, masks[0]), torch.ones_like(parts[0])]
+    masks = torch.stack(masks + alone).view(-1, *space.shape)  # the last three: earlier part only, later only, none
+    n_split = len(masks) - len(alone)
+    late_token, first = int(prep.slot_starts[late]), job.engine.first_patched(prep, masks)[:, 0].tolist()
+    shared = [late_token if first[i] > 0 else -1 for i in range(n_split)]  # a part from the first token runs whole
+    assert job.engine.late_starts(prep, masks).tolist() == shared + [-1, -1, -1]
+    order = job.engine.run_order(prep, masks)
+    for i in range(0, n_split, 4):  # the four masks of each earlier part are neighbours
+        at = [order.index(j) for j in range(i, i + 4)]
+        assert shared[i] < 0 or max(at) - min(at) == 3
+
+    job.engine._clean_run(prep)  # made once per batch (not counted below); a mask that patches nothing reads it,
+    tokens = []
+    embed = job.model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: tokens.append(out.shape[:2].numel())
+    )
+    with embed:
+        got = job.engine.final_hidden(prep, masks)
+    starts = [first[i] if s < 0 else s for i, s in enumerate(shared)]  # each mask's own part, from where it starts
+    parts_run = {first[i] for i, s in enumerate(shared) if s >= 0}  # one run per earlier part
+    whole = sum(width - t for t in first)
+    runs_nothing = prep.clean.final is None  # except with no prefix (the clean run is not a step's): it runs
+    expected_tokens = sum(width - t for t in starts) + sum(
+        width - t for t in first[n_split : len(first) - 1 + runs_nothing]
+    )
+    expected_tokens += sum(late_token - first[i] for i in range(0, n_split, 4) if shared[i] >= 0)
+    if parts_run:
+        assert sum(tokens) == b * expected_tokens < b * whole
+    expected = full.engine.final_hidden(full_prep, masks)
+    assert torch.allclose(got, expected, atol=2e-5)
+    for order in (torch.arange(len(masks)), torch.randperm(len(masks))):
+        got = torch.empty_like(expected)
+        for chunk in order.split(5):  # chunks that split the parts' masks, and mix them with the others
+            got[chunk] = job.engine.final_hidden(prep, masks[chunk])
+        assert torch.allclose(got, expected, atol=2e-5)
+    assert all(type(layer).__name__ != "SkippedLayer" for layer in job.sites.layer_stack), "every layer is back"
+
+
+def test_pairs_that_circuits_are_scored_on_keep_their_clean_run_and_a_mask_that_patches_nothing_reads_it():
+    """Pruning's J(none) and every later start need the clean run of the validation pairs: it is the run d0 comes
+    from, kept, and a mask that patches nothing is given its final state, bit for bit, without running."""
+    job = Job(compose(*QUIET, "units.positions=[last,x]"))
+    pairs = job.prepared("vd", "train")[0].pairs
+    kept, plain = job.engine.prepare(pairs), job.engine.prepare(pairs)
+    assert torch.equal(job.engine.clean_final(kept, keep=True), job.engine.clean_final(plain))
+    assert kept.clean is not None and kept.clean.final is not None and plain.clean is None
+    tokens = []
+    embed = job.model.get_input_embeddings().register_forward_hook(lambda m, a, out: tokens.append(out.shape[0]))
+    with embed, torch.no_grad():
+        nothing = job.engine.final_hidden(kept, torch.ones(2, *job.space.shape))
+    assert tokens == [] and torch.equal(nothing, job.engine.final_hidden(plain, None).expand(2, -1, -1))
+    assert all(b.clean is not None for o in job.objectives("validation") for b in o.batches)
+    assert all(b.clean is None for o in job.objectives("train") for b in o.batches)  # trained: never needed
+
+
 def test_patching_the_first_layers_residual_everywhere_is_the_alternates_run():
     job = Job(compose(*QUIET, "units=residual"))
     prep = job.prepared("vd", "train")[0]

@@ -92,10 +92,7 @@ class StagedScores:
                     continue
                 prep, d0 = obj.batches[b], obj.d0[b]
                 masks = masks_of(todo, self.engine.space.shape, self.engine.device)
-                # masks that run from the same token and layer go together (engine=cached runs each group from
-                # its own)
-                starts = self.engine.first_patched(prep, masks).tolist()
-                order = sorted(range(len(todo)), key=lambda i: starts[i])
+                order = self.engine.run_order(prep, masks)  # masks that share runs go together (engine=cached)
                 with torch.no_grad():
                     parts = [
                         term_pair_loss(self.engine, obj.desideratum, prep, d0, m)
@@ -136,11 +133,22 @@ class StagedScores:
 
     def at_most(self, circuit: frozenset, reference: frozenset, offset: float) -> bool:
         """Whether J(circuit) <= J(reference) + offset, on as many stages as that takes."""
+        return self.each_at_most([(circuit, reference, offset)])[0]
+
+    def each_at_most(self, comparisons: Sequence[tuple[frozenset, frozenset, float]]) -> List[bool]:
+        """For each (circuit, reference, offset), whether J(circuit) <= J(reference) + offset, each on as many
+        stages as it takes (the same answer as one at a time); the circuits a stage needs are scored together,
+        so that those sharing runs share them."""
+        decided: Dict[int, bool] = {}
         for stage in range(1, self.stages + 1):
-            margin = self.value(reference, stage) + offset - self.value(circuit, stage)
-            if stage == self.stages or abs(margin) >= SURE * self.spread(circuit, reference, stage):
-                return margin >= 0
-        raise AssertionError("unreachable: the last stage decides")
+            open_ = [i for i in range(len(comparisons)) if i not in decided]
+            self.score([c for i in open_ for c in comparisons[i][:2]], stage)
+            for i in open_:
+                circuit, reference, offset = comparisons[i]
+                margin = self.value(reference, stage) + offset - self.value(circuit, stage)
+                if stage == self.stages or abs(margin) >= SURE * self.spread(circuit, reference, stage):
+                    decided[i] = margin >= 0
+        return [decided[i] for i in range(len(comparisons))]
 
     def best(
         self, circuits: Sequence[frozenset], offsets: Sequence[float], incumbent: frozenset | None = None

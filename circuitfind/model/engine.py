@@ -62,6 +62,7 @@ class Prepared:
     clean_to: Optional[List[int]] = None  # engine=cached, cache=device: per layer, the buffers hold clean keys/values
     # on tokens [0, clean_to)
     slot_starts: Optional[torch.Tensor] = None  # engine=cached: (P,) each position's first token in this batch
+    slot_ends: Optional[torch.Tensor] = None  # engine=cached: (P,) each position's last token in this batch (-1: none)
     clean: Optional["CleanRun"] = None  # engine=cached: the clean run, kept from a mask that patched nothing, or
     # made when a mask first runs from a later token than `offset` or a later layer than the first
 
@@ -88,15 +89,18 @@ class Engine(Protocol):
     ) -> tuple[SiteValues, torch.Tensor]:
         """Every unit's clean value at tokens (rows, toks), and the final hidden state."""
 
-    def clean_final(self, prep: Prepared) -> torch.Tensor:
-        """The base prompts' unpatched final hidden state, computed as a patched step would be. (B, hidden)"""
+    def clean_final(self, prep: Prepared, keep: bool = False) -> torch.Tensor:
+        """The base prompts' unpatched final hidden state, computed as a patched step would be; `keep`: circuits
+        will be scored on this batch, so an engine may keep the clean run for them. (B, hidden)"""
 
     def final_hidden(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None = None) -> torch.Tensor:
         """The base prompts' final hidden state under each of K masks. mask (K, L, n_cols) -> (K, B, hidden)"""
 
     def first_patched(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
-        """Per mask, the first token and the first layer its run must compute (masks that share them run
-        together best). (K, 2)"""
+        """Per mask, the first token and the first layer its run must compute. (K, 2)"""
+
+    def run_order(self, prep: Prepared, mask: torch.Tensor) -> List[int]:
+        """The masks in an order that puts those sharing runs next to each other (they run together best)."""
 
 
 class FullEngine:
@@ -145,7 +149,7 @@ class FullEngine:
         return Prepared(pairs=pairs, where=where, alt_values=values, alt_hidden=hidden)
 
     @torch.no_grad()
-    def clean_final(self, prep: Prepared) -> torch.Tensor:
+    def clean_final(self, prep: Prepared, keep: bool = False) -> torch.Tensor:
         """The base prompts' unpatched final hidden state: the same computation as a patched step with
         no hook, so that d(patched) - d0 is exactly 0 for a mask that keeps everything. (B, hidden)"""
         return self.final_hidden(prep, None)[0]
@@ -167,13 +171,20 @@ class FullEngine:
         """Every mask runs the whole prompt through every layer. (K, 2)"""
         return torch.zeros(mask.shape[0], 2, dtype=torch.long)
 
-    def _patched(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None, offset: int):
+    def run_order(self, prep: Prepared, mask: torch.Tensor) -> List[int]:
+        """Every mask runs alike: the order they came in."""
+        return list(range(mask.shape[0]))
+
+    def _patched(
+        self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None, offset: int, end: int | None = None
+    ):
         if mask is None:
             return nullcontext()
         values = prep.alt_values if values is None else values
         where = prep.where
-        if offset > prep.offset:  # sites before the run's first token: unpatched, not in the run
+        if offset > prep.offset or end is not None:  # sites outside the run's tokens: not in the run
             inside = where.base_tok >= offset
+            inside = inside if end is None else inside & (where.base_tok < end)
             where, values = where.select(inside), values.map(lambda v: v[inside.to(v.device)])
         return patch_sites(self.sites, mask, values, where, offset)
 
@@ -197,8 +208,11 @@ class SuffixSlotLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = (b.detach() for b in self.buffers)
-        keys[..., self.prefix_len :, :] = key_states
-        values[..., self.prefix_len :, :] = value_states
+        end = self.prefix_len + key_states.shape[-2]  # the buffer's width, unless the run stops before the last token
+        keys[..., self.prefix_len : end, :] = key_states
+        values[..., self.prefix_len : end, :] = value_states
+        if end < keys.shape[-2]:
+            keys, values = keys[..., :end, :], values[..., :end, :]
         self.keys, self.values = keys, values
         return keys, values
 
@@ -263,6 +277,7 @@ class CachedEngine(FullEngine):
         last = pairs.base_ids.shape[1] - 1
         starts = torch.full((len(self.space.positions),), last, dtype=torch.long)
         prep.slot_starts = starts.scatter_reduce(0, prep.where.slot, prep.where.base_tok, reduce="amin")
+        prep.slot_ends = torch.full_like(starts, -1).scatter_reduce(0, prep.where.slot, prep.where.base_tok, "amax")
         if prep.offset > 0 and self.cache != "recompute":
             kv = self._prefix_kv(pairs, prep.offset)
             prep.prefix_kv = [(k.cpu(), v.cpu()) for k, v in kv] if self.cache == "cpu" else kv
@@ -282,11 +297,72 @@ class CachedEngine(FullEngine):
         layer = torch.zeros_like(layer) if self.cache == "recompute" else layer  # no clean run is kept
         return torch.stack([torch.where(none, prep.offset, token), torch.where(none, 0, layer)], 1)
 
+    def run_order(self, prep: Prepared, mask: torch.Tensor) -> List[int]:
+        """By first patched token, then by what is patched before the latest position (`late_starts`), then by
+        first patched layer: masks that share those share runs."""
+        starts, late = self.first_patched(prep, mask).tolist(), self.late_starts(prep, mask)
+        _, part = self._early_part(prep, mask, late).flatten(1).unique(dim=0, return_inverse=True)
+        part = torch.where(late >= 0, part.cpu(), -1).tolist()
+        return sorted(range(mask.shape[0]), key=lambda i: (starts[i][0], int(late[i]), part[i], starts[i][1]))
+
+    def late_starts(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
+        """Per mask, the first token of the latest position it patches, when every other position it patches
+        ends before that token (and after the first token): its later part can run on the keys/values of a run
+        of its earlier part, which masks patching the same units before it share. -1 where not. (K,)"""
+        space, k = self.space, mask.shape[0]
+        patched = (mask.detach() < 1).view(k, space.n_layers, len(space.positions), -1).any(-1).any(1).cpu()  # (K, P)
+        starts, ends = prep.slot_starts, prep.slot_ends
+        late = torch.where(patched, starts, -1).max(1).values
+        early = patched & (starts < late[:, None])
+        apart = (
+            (~early | (ends < late[:, None])).all(1) & early.any(1) & (torch.where(early, starts, 1).min(1).values > 0)
+        )
+        return torch.where(apart & (self.cache != "recompute"), late, -1)  # recompute: a prefix run per part
+
+    def _early_part(self, prep: Prepared, mask: torch.Tensor, late: torch.Tensor) -> torch.Tensor:
+        """The masks with nothing patched from their late start on (where they have one). (K, L, n_cols)"""
+        space, k = self.space, mask.shape[0]
+        later = (prep.slot_starts >= late[:, None]) & (late[:, None] >= 0)  # (K, P)
+        blocks = mask.detach().view(k, space.n_layers, len(space.positions), -1)
+        return torch.where(later[:, None, :, None].to(mask.device), torch.ones_like(blocks), blocks).view_as(mask)
+
     def final_hidden(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None = None) -> torch.Tensor:
         """Masks being trained run from `offset` through every layer (the gradient reaches every unit's weight,
-        1 or not); others run in groups, each from its first patched token and layer (`first_patched`)."""
+        1 or not); others run in groups, each from its first patched token and layer (`first_patched`), and
+        masks that patch the same units before their latest position run that part once (`late_starts`)."""
         if mask is None or (torch.is_grad_enabled() and mask.requires_grad):
             return self._final_hidden_from(prep, mask, values, prep.offset, 0)
+        kept = prep.clean.final if prep.clean is not None else None
+        nothing = (mask.detach() >= 1).flatten(1).all(1).cpu() & (kept is not None)  # the clean run's final state
+        late = self.late_starts(prep, mask)
+        early = self._early_part(prep, mask, late)
+        _, part, count = torch.cat([early.flatten(1).cpu(), late[:, None].to(early.dtype)], 1).unique(
+            dim=0, return_inverse=True, return_counts=True
+        )
+        shared = (late >= 0) & (count[part] > 1)  # one mask alone gains nothing from running in two parts
+        if not (shared.any() or nothing.any()):
+            return self._grouped(prep, mask, values)
+        out = placed(None, nothing.nonzero().flatten(), kept[None], mask.shape[0]) if nothing.any() else None
+        for token in [None, *late[shared].unique().tolist()]:
+            rows = (~shared & ~nothing if token is None else shared & (late == token)).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            m = mask[rows.to(mask.device)]
+            hidden = self._grouped(prep, m, values) if token is None else self._in_parts(prep, m, values, token)
+            out = placed(out, rows, hidden, mask.shape[0])
+        return out
+
+    @torch.no_grad()
+    def clean_final(self, prep: Prepared, keep: bool = False) -> torch.Tensor:
+        """The base prompts' unpatched final hidden state; with `keep` (pairs that circuits are scored on) from
+        the batch's clean run, kept: later groups start from it, and a mask that patches nothing is given its
+        final state instead of running again (pruning's J(none)). (B, hidden)"""
+        if keep and prep.offset > 0 and self.cache != "recompute" and self._clean_run(prep).final is not None:
+            return prep.clean.final
+        return super().clean_final(prep)
+
+    def _grouped(self, prep: Prepared, mask: torch.Tensor, values: SiteValues | None) -> torch.Tensor:
+        """Masks run in groups, each from its first patched token and layer."""
         starts, group = self.first_patched(prep, mask).unique(dim=0, return_inverse=True)
         if len(starts) == 1:
             return self._final_hidden_from(prep, mask, values, *starts[0].tolist())
@@ -294,9 +370,58 @@ class CachedEngine(FullEngine):
         for i in starts[:, 0].argsort(descending=True, stable=True).tolist():  # later tokens first: the buffers'
             rows = (group == i).nonzero().flatten()  # clean part shrinks, and is copied back less often
             hidden = self._final_hidden_from(prep, mask[rows.to(mask.device)], values, *starts[i].tolist())
-            out = hidden.new_empty((mask.shape[0], *hidden.shape[1:])) if out is None else out
-            out[rows.to(out.device)] = hidden
+            out = placed(out, rows, hidden, mask.shape[0])
         return out
+
+    def _in_parts(self, prep: Prepared, mask: torch.Tensor, values: SiteValues | None, late: int) -> torch.Tensor:
+        """Masks whose latest position starts at token `late` (`late_starts`): each distinct earlier part runs
+        once, on tokens [its first, late), and each mask's later part runs from `late` on the keys/values of its
+        earlier part's run, from the lower of the two parts' first layers."""
+        b, n_layers = len(prep.pairs), len(self.layer_devices)
+        parts, part = self._early_part(prep, mask, torch.full((mask.shape[0],), late)).unique(
+            dim=0, return_inverse=True
+        )
+        runs = self._early_runs(prep, parts, values, late)
+        later = (prep.slot_starts >= late).view(1, 1, -1, 1)
+        blocks = mask.detach().view(mask.shape[0], n_layers, len(self.space.positions), -1)
+        late_layer = torch.where(
+            ((blocks < 1) & later.to(mask.device)).flatten(2).any(2).cpu(), torch.arange(n_layers), n_layers
+        )
+        from_layer = torch.minimum(late_layer.min(1).values, torch.tensor([runs[i][1] for i in part.tolist()]))
+        out = None
+        for layer in from_layer.unique().tolist():
+            rows = (from_layer == layer).nonzero().flatten()
+            buffers = self._buffers(prep, len(rows), late, layer)
+            first = late
+            for j, i in enumerate(part[rows].tolist()):  # each mask's rows hold its earlier part's run
+                token, part_layer, kv = runs[i]
+                for i_layer in range(max(layer, part_layer), n_layers):
+                    for buf, src in zip(buffers[i_layer], kv[i_layer]):
+                        buf[j * b : (j + 1) * b, :, token:late] = src
+                first = min(first, token)
+            if self.cache == "device":  # the kept buffers are clean before the earliest part's first token only
+                prep.clean_to[layer:] = [min(c, first) for c in prep.clean_to[layer:]]
+            with self._from_layer(prep, late, layer):
+                hidden = self._run_tokens(prep, mask[rows.to(mask.device)], values, late, None, buffers)
+            out = placed(out, rows, hidden[:, -1].view(len(rows), b, -1), mask.shape[0])
+        return out
+
+    def _early_runs(self, prep: Prepared, parts: torch.Tensor, values: SiteValues | None, late: int) -> list:
+        """Run each earlier part on tokens [its first patched token, `late`), from its first patched layer; per
+        part (first token, first layer, per layer the keys/values on those tokens, None below that layer)."""
+        b = len(prep.pairs)
+        starts, group = self.first_patched(prep, parts).unique(dim=0, return_inverse=True)
+        runs: list = [None] * parts.shape[0]
+        for i, (token, layer) in enumerate(starts.tolist()):
+            rows = (group == i).nonzero().flatten()
+            buffers = self._buffers(prep, len(rows), token, layer)
+            with self._from_layer(prep, token, layer, end=late):
+                self._run_tokens(prep, parts[rows.to(parts.device)], values, token, late, buffers)
+            for j, row in enumerate(rows.tolist()):
+                kv = [None if pair is None else tuple(t[j * b : (j + 1) * b, :, token:late].clone() for t in pair)
+                      for pair in buffers]  # fmt: skip
+                runs[row] = (token, layer, kv)
+        return runs
 
     def _final_hidden_from(
         self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None, n: int, layer: int
@@ -308,20 +433,30 @@ class CachedEngine(FullEngine):
         with self._from_layer(prep, n, layer), self._recording(clean, b, 0) as resid:
             if n == 0:  # a site at the first token: there is no prefix to keep
                 return FullEngine.final_hidden(self, prep, mask, values)
-            attn = prep.pairs.base_attn.repeat(k, 1)
             buffers = self._buffers(prep, k, n, layer)
-            cache = suffix_slot_cache(buffers, n, self.device)  # outside the hooks: it may run the prefix
-            with self._patched(prep, mask, values, offset=n):
-                out = self.body(
-                    input_ids=prep.pairs.base_ids[:, n:].repeat(k, 1).to(self.device),
-                    attention_mask=attn.to(self.device),
-                    position_ids=position_ids(attn)[:, n:].to(self.device),
-                    **with_cache(self.body, cache),
-                )
-        if clean is not None:  # that mask's run was the clean run: keep it
-            rows = slice(clean * b, (clean + 1) * b)
-            prep.clean = self._clean_run_of(prep, resid, [(key[rows], val[rows]) for key, val in buffers])
-        return out.last_hidden_state[:, -1].view(k, b, -1)
+            hidden = self._run_tokens(prep, mask, values, n, None, buffers)
+        if clean is not None:  # that mask's run was the clean run: keep it (its final state if it ran alone: a
+            rows = slice(clean * b, (clean + 1) * b)  # batch of other sizes may differ in the last bits)
+            kv = [(key[rows], val[rows]) for key, val in buffers]
+            prep.clean = self._clean_run_of(prep, resid, kv, hidden[rows, -1] if k == 1 else None)
+        return hidden[:, -1].view(k, b, -1)
+
+    def _run_tokens(
+        self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None, n: int, end: int | None, buffers
+    ) -> torch.Tensor:
+        """Run tokens [n, end) (end None: to the last) of K masks on `buffers`, which hold tokens [0, n) of each
+        mask's keys/values and take the run's; the last hidden state. (K*B, end - n, hidden)"""
+        k = 1 if mask is None else mask.shape[0]
+        attn = prep.pairs.base_attn[:, :end].repeat(k, 1)
+        cache = suffix_slot_cache(buffers, n, self.device)
+        with self._patched(prep, mask, values, offset=n, end=end):
+            out = self.body(
+                input_ids=prep.pairs.base_ids[:, n:end].repeat(k, 1).to(self.device),
+                attention_mask=attn.to(self.device),
+                position_ids=position_ids(attn)[:, n:].to(self.device),
+                **with_cache(self.body, cache),
+            )
+        return out.last_hidden_state
 
     def _clean_row(self, prep: Prepared, mask: torch.Tensor | None, n: int, layer: int) -> int | None:
         """Which of these masks (one that patches nothing) runs the clean run this batch has not kept yet, if
@@ -356,24 +491,25 @@ class CachedEngine(FullEngine):
         """A copy of part of a run, kept where the policy keeps the prefix."""
         return t.contiguous().cpu() if self.cache == "cpu" else t.contiguous()
 
-    def _clean_run_of(self, prep: Prepared, resid: List[torch.Tensor], kv) -> "CleanRun":
+    def _clean_run_of(
+        self, prep: Prepared, resid: List[torch.Tensor], kv, final: torch.Tensor | None = None
+    ) -> "CleanRun":
         """The clean run from its recorded residual stream (tokens `offset` on) and keys/values, those before
-        the latest position's first token kept (no run starts later)."""
+        the latest position's first token kept (no run starts later), and its final state."""
         latest = int(prep.slot_starts.max())
         if latest == prep.offset:
-            return CleanRun(kv=[], resid=resid)
-        return CleanRun(
-            kv=[(self._kept(key[:, :, :latest]), self._kept(val[:, :, :latest])) for key, val in kv], resid=resid
-        )
+            return CleanRun(kv=[], resid=resid, final=final)
+        kv = [(self._kept(key[:, :, :latest]), self._kept(val[:, :, :latest])) for key, val in kv]
+        return CleanRun(kv=kv, resid=resid, final=final)
 
     @contextmanager
-    def _from_layer(self, prep: Prepared, n: int, layer: int) -> Iterator[None]:
+    def _from_layer(self, prep: Prepared, n: int, layer: int, end: int | None = None) -> Iterator[None]:
         """Skip the layers below `layer` (they run as an identity) and hand `layer` the clean residual stream
-        of tokens n on instead; the embedding still runs, it is cheap."""
+        of tokens [n, end) instead; the embedding still runs, it is cheap."""
         if layer == 0:
             yield
             return
-        resid = self._clean_run(prep).resid[layer][:, n - prep.offset :]
+        resid = self._clean_run(prep).resid[layer][:, n - prep.offset : None if end is None else end - prep.offset]
 
         def clean_input(x: torch.Tensor) -> torch.Tensor:
             return resid.to(x.device, x.dtype).repeat(x.shape[0] // resid.shape[0], 1, 1)  # K copies, k-major
@@ -391,7 +527,15 @@ class CachedEngine(FullEngine):
 
     @torch.no_grad()
     def _clean_run(self, prep: Prepared) -> "CleanRun":
-        """The base prompts' clean run: kept from a mask that patched nothing, or run once here."""
+        """The base prompts' clean run: kept from a mask that patched nothing, or run once here (from `offset`,
+        as a step that patches nothing, on buffers of its own: a caller may hold the kept ones; with no prefix,
+        the whole prompt on a fresh cache)."""
+        if prep.clean is None and prep.offset > 0:
+            width, nothing = prep.pairs.base_ids.shape[1], torch.ones(1, *self.space.shape, device=self.device)
+            buffers = prefix_buffers(self._clean_kv(prep, prep.offset), 1, self.layer_devices, width)
+            with self._recording(0, len(prep.pairs), 0) as resid:
+                hidden = self._run_tokens(prep, nothing, None, prep.offset, None, buffers)
+            prep.clean = self._clean_run_of(prep, resid, buffers, hidden[:, -1])
         if prep.clean is None:
             with self._recording(0, len(prep.pairs), prep.offset) as resid:
                 out = self._run(prep.pairs.base_ids, prep.pairs.base_attn, **with_cache(self.body, DynamicCache()))
@@ -442,6 +586,8 @@ class CleanRun:
     kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per layer, before the latest position (B, kvH, latest, D); none
     # when every position starts at `offset`
     resid: List[torch.Tensor]  # per layer, the residual stream entering it on tokens offset on (B, T - offset, hidden)
+    final: Optional[torch.Tensor] = None  # (B, hidden) the final hidden state, when the run had this batch alone (a
+    # batch of several masks may differ in the last bits from a step that patches nothing)
 
 
 class SkippedLayer(torch.nn.Module):
@@ -449,6 +595,13 @@ class SkippedLayer(torch.nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
+
+
+def placed(out: torch.Tensor | None, rows: torch.Tensor, hidden: torch.Tensor, k: int) -> torch.Tensor:
+    """`out` (K, B, hidden; made on the first call) with the masks at `rows` given their final hidden states."""
+    out = hidden.new_empty((k, *hidden.shape[1:])) if out is None else out
+    out[rows.to(out.device)] = hidden.to(out.device)
+    return out
 
 
 def restore_clean(buffer, clean, start: int, end: int) -> None:
