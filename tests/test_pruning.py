@@ -130,9 +130,9 @@ class MadeUpScores:
 
     full = values
 
-    def at_most(self, circuit, reference, offset):
-        value, ref = self.values([circuit, reference])
-        return value <= ref + offset
+    def each_at_most(self, comparisons):
+        return [value <= ref + offset for (circuit, reference, offset) in comparisons
+                for value, ref in [self.values([circuit, reference])]]  # fmt: skip
 
     def best(self, circuits, offsets, incumbent=None):
         keys = {c: v + off for c, v, off in zip(circuits, self.values(circuits), offsets)}

@@ -39,10 +39,11 @@ def clean_logit_diff(engine: Engine, hidden: torch.Tensor, pairs: EncodedPairs) 
     return engine.readout.logit_diff(hidden[None], pairs.up, pairs.down)[0]
 
 
-def unpatched_logit_diff(engine: Engine, prep: Prepared) -> torch.Tensor:
-    """d0: the logit difference on the clean base run. (B,)"""
+def unpatched_logit_diff(engine: Engine, prep: Prepared, keep: bool = False) -> torch.Tensor:
+    """d0: the logit difference on the clean base run; `keep`: circuits will be scored on these pairs (the
+    engine may keep the clean run for them). (B,)"""
     with torch.no_grad():
-        return clean_logit_diff(engine, engine.clean_final(prep), prep.pairs)
+        return clean_logit_diff(engine, engine.clean_final(prep, keep), prep.pairs)
 
 
 def patched_delta(engine: Engine, prep: Prepared, d0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

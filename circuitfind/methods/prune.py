@@ -94,9 +94,13 @@ class Pruner:
 
     def fits(self, circuit: frozenset, than: frozenset, smaller_by: int) -> bool:
         """Whether `circuit`, `smaller_by` units smaller than `than`, may replace it."""
+        return self.each_fits([(circuit, than, smaller_by)])[0]
+
+    def each_fits(self, trials: Sequence[tuple[frozenset, frozenset, int]]) -> List[bool]:
+        """`fits` for each (circuit, than, smaller_by), the circuits scored together (methods/staged_scores.py)."""
         if self.criterion == "bound":
-            return self.scores.at_most(circuit, self.raw, self.allowance)
-        return self.scores.at_most(circuit, than, self.price * smaller_by)
+            return self.scores.each_at_most([(circuit, self.raw, self.allowance) for circuit, _, _ in trials])
+        return self.scores.each_at_most([(circuit, than, self.price * by) for circuit, than, by in trials])
 
     def drop_positions(self, circuit: frozenset, dropped: List[Dict[str, Any]]) -> frozenset:
         """Keep the circuit's units at one position alone, or remove them together, the smallest such circuit
@@ -134,12 +138,13 @@ class Pruner:
         units = sorted(circuit - keep, key=lambda u: (-float(self.firmness[u]), u))  # ties: least firm first
         head = max(len(units) - max(need - 1, 0), 0)  # when none of these can go alone, fewer than `need` can
         start = circuit
-        self.scores.values([circuit - {u} for u in units[:head]])  # one batch of masks
-        if need and not any(self.fits(start - {u}, start, 1) for u in units[:head]):
+        can_go = self.each_fits([(start - {u}, start, 1) for u in units[:head]])  # each alone, scored together
+        if need and not any(can_go):
             return circuit
         alone = self.scores.values([circuit - {u} for u in units])  # the first stage's estimate orders them
-        for _, unit in sorted(zip(alone, units), key=lambda pair: pair[0]):  # stable: ties by firmness
-            if not self.fits(start - {unit}, start, 1):
+        can_go += self.each_fits([(start - {u}, start, 1) for u in units[head:]])
+        for _, unit, goes in sorted(zip(alone, units, can_go), key=lambda trial: trial[0]):  # stable: ties by firmness
+            if not goes:
                 continue
             smaller = circuit - {unit}
             if self.fits(smaller, circuit, 1):
@@ -211,7 +216,9 @@ class Pruner:
             self.scores.values(subsets)  # one batch of masks
             scored += len(subsets)
             # the bound: the best of the smallest size that has one; the price: J + price * size, over every size
-            within += [c for c in subsets if self.fits(c, kept, len(kept) - size)]
+            within += [
+                c for c, ok in zip(subsets, self.each_fits([(c, kept, len(kept) - size) for c in subsets])) if ok
+            ]
             if within and self.criterion == "bound":
                 found = self.scores.best(within, [0.0] * len(within))
                 return found, {"sizes": size, "subsets": scored, "complete": True}

@@ -208,6 +208,11 @@ class TransformerLensCachedEngine(CachedEngine):
             ))  # fmt: skip
         return TransformerLensKeyValueCache(entries, prefix_attn.to(self.device), frozen=True)
 
+    @torch.no_grad()
+    def clean_final(self, prep: Prepared, keep: bool = False) -> torch.Tensor:
+        """The unpatched final hidden state; no clean run is kept (every circuit runs from the prefix)."""
+        return FullEngine.clean_final(self, prep)
+
     def final_hidden(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None = None) -> torch.Tensor:
         if prep.offset == 0:  # a site at the first token: there is no prefix to keep
             return FullEngine.final_hidden(self, prep, mask, values)

@@ -178,7 +178,7 @@ class Job:
         objs = []
         for des in trained(self.desiderata):
             batches = self.prepared(des.name, split)
-            d0 = [unpatched_logit_diff(self.engine, b) for b in batches]
+            d0 = [unpatched_logit_diff(self.engine, b, keep=split != "train") for b in batches]  # scored, not trained
             objs.append(Objective(des, batches, d0, des.weight, des.with_sparsity))
         return objs
 
