@@ -201,7 +201,7 @@ def test_masks_that_patch_the_same_units_before_their_latest_position_run_that_p
         at = [order.index(j) for j in range(i, i + 4)]
         assert shared[i] < 0 or max(at) - min(at) == 3
 
-    job.engine._clean_run(prep)  # made once per batch (not counted below); a mask that patches nothing reads it,
+    job.engine.clean_final(prep, keep=True)  # the clean run, kept (not counted below): a mask that patches nothing
     tokens = []
     embed = job.model.get_input_embeddings().register_forward_hook(
         lambda m, a, out: tokens.append(out.shape[:2].numel())
@@ -211,10 +211,7 @@ def test_masks_that_patch_the_same_units_before_their_latest_position_run_that_p
     starts = [first[i] if s < 0 else s for i, s in enumerate(shared)]  # each mask's own part, from where it starts
     parts_run = {first[i] for i, s in enumerate(shared) if s >= 0}  # one run per earlier part
     whole = sum(width - t for t in first)
-    runs_nothing = prep.clean.final is None  # except with no prefix (the clean run is not a step's): it runs
-    expected_tokens = sum(width - t for t in starts) + sum(
-        width - t for t in first[n_split : len(first) - 1 + runs_nothing]
-    )
+    expected_tokens = sum(width - t for t in starts) + sum(width - t for t in first[n_split:-1])  # reads its state
     expected_tokens += sum(late_token - first[i] for i in range(0, n_split, 4) if shared[i] >= 0)
     if parts_run:
         assert sum(tokens) == b * expected_tokens < b * whole
@@ -228,19 +225,53 @@ def test_masks_that_patch_the_same_units_before_their_latest_position_run_that_p
     assert all(type(layer).__name__ != "SkippedLayer" for layer in job.sites.layer_stack), "every layer is back"
 
 
-def test_pairs_that_circuits_are_scored_on_keep_their_clean_run_and_a_mask_that_patches_nothing_reads_it():
+def test_an_earlier_part_shared_by_later_parts_at_several_tokens_runs_once_to_the_latest_of_them():
+    """Over every token of the residual stream a pruned circuit's trials keep one unit at x and swap the other
+    between tokens: that unit's run goes once to the latest of them, and each trial runs from its own token."""
+    job = Job(compose(*QUIET, "units=residual"))
+    full = Job(compose(*QUIET, "units=residual", "engine=full"))
+    space, prep, full_prep = job.space, job.prepared("vd", "train")[0], full.prepared("vd", "train")[0]
+    width, b = prep.pairs.base_ids.shape[1], len(prep.pairs)
+    by_token = sorted(range(len(space.positions)), key=lambda p: int(prep.slot_starts[p]))
+    first, later = by_token[5], [by_token[9], by_token[14], by_token[-1]]
+    masks = []
+    for position in later:
+        for layer in (0, space.n_layers - 1):
+            mask = torch.ones(space.n_layers, len(space.positions), 1)
+            mask[0, first] = mask[layer, position] = 0
+            masks.append(mask)
+    masks = torch.stack(masks).view(-1, *space.shape)
+    starts = [int(prep.slot_starts[p]) for p in later for _ in range(2)]
+    assert job.engine.late_starts(prep, masks).tolist() == starts
+    job.engine.clean_final(prep, keep=True)
+    tokens = []
+    embed = job.model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: tokens.append(out.shape[:2].numel())
+    )
+    with embed:
+        got = job.engine.final_hidden(prep, masks)
+    once = max(starts) - int(prep.slot_starts[first])
+    assert sum(tokens) == b * (once + sum(width - t for t in starts))
+    assert torch.allclose(got, full.engine.final_hidden(full_prep, masks), atol=2e-5)
+
+
+@pytest.mark.parametrize("units", [("units.positions=[last,x]",), ("units=residual",)])  # a prefix, and none
+def test_pairs_that_circuits_are_scored_on_keep_their_clean_run_and_a_mask_that_patches_nothing_reads_it(units):
     """Pruning's J(none) and every later start need the clean run of the validation pairs: it is the run d0 comes
-    from, kept, and a mask that patches nothing is given its final state, bit for bit, without running."""
-    job = Job(compose(*QUIET, "units.positions=[last,x]"))
+    from, kept, and a mask that patches nothing is given its final state without running (so d(none) = d0)."""
+    job = Job(compose(*QUIET, *units))
     pairs = job.prepared("vd", "train")[0].pairs
     kept, plain = job.engine.prepare(pairs), job.engine.prepare(pairs)
-    assert torch.equal(job.engine.clean_final(kept, keep=True), job.engine.clean_final(plain))
-    assert kept.clean is not None and kept.clean.final is not None and plain.clean is None
+    final = job.engine.clean_final(kept, keep=True)
+    assert kept.clean is not None and kept.clean.final is final and plain.clean is None
+    if kept.offset > 0:  # run as a step that patches nothing: bit for bit the unkept d0
+        assert torch.equal(final, job.engine.clean_final(plain))
+    assert torch.allclose(final, job.engine.clean_final(plain), atol=1e-5)
     tokens = []
     embed = job.model.get_input_embeddings().register_forward_hook(lambda m, a, out: tokens.append(out.shape[0]))
     with embed, torch.no_grad():
         nothing = job.engine.final_hidden(kept, torch.ones(2, *job.space.shape))
-    assert tokens == [] and torch.equal(nothing, job.engine.final_hidden(plain, None).expand(2, -1, -1))
+    assert tokens == [] and torch.equal(nothing, final.expand(2, -1, -1))
     assert all(b.clean is not None for o in job.objectives("validation") for b in o.batches)
     assert all(b.clean is None for o in job.objectives("train") for b in o.batches)  # trained: never needed
 

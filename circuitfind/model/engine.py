@@ -299,11 +299,11 @@ class CachedEngine(FullEngine):
 
     def run_order(self, prep: Prepared, mask: torch.Tensor) -> List[int]:
         """By first patched token, then by what is patched before the latest position (`late_starts`), then by
-        first patched layer: masks that share those share runs."""
+        that position and the first patched layer: masks that share those share runs."""
         starts, late = self.first_patched(prep, mask).tolist(), self.late_starts(prep, mask)
         _, part = self._early_part(prep, mask, late).flatten(1).unique(dim=0, return_inverse=True)
         part = torch.where(late >= 0, part.cpu(), -1).tolist()
-        return sorted(range(mask.shape[0]), key=lambda i: (starts[i][0], int(late[i]), part[i], starts[i][1]))
+        return sorted(range(mask.shape[0]), key=lambda i: (starts[i][0], part[i], int(late[i]), starts[i][1]))
 
     def late_starts(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
         """Per mask, the first token of the latest position it patches, when every other position it patches
@@ -335,29 +335,31 @@ class CachedEngine(FullEngine):
         kept = prep.clean.final if prep.clean is not None else None
         nothing = (mask.detach() >= 1).flatten(1).all(1).cpu() & (kept is not None)  # the clean run's final state
         late = self.late_starts(prep, mask)
-        early = self._early_part(prep, mask, late)
-        _, part, count = torch.cat([early.flatten(1).cpu(), late[:, None].to(early.dtype)], 1).unique(
-            dim=0, return_inverse=True, return_counts=True
-        )
-        shared = (late >= 0) & (count[part] > 1)  # one mask alone gains nothing from running in two parts
+        split, shared = (late >= 0).nonzero().flatten(), torch.zeros_like(nothing)
+        if len(split):  # one mask alone gains nothing from running in two parts
+            early = self._early_part(prep, mask[split.to(mask.device)], late[split])
+            _, part, count = early.flatten(1).cpu().unique(dim=0, return_inverse=True, return_counts=True)
+            shared[split] = count[part] > 1
         if not (shared.any() or nothing.any()):
             return self._grouped(prep, mask, values)
         out = placed(None, nothing.nonzero().flatten(), kept[None], mask.shape[0]) if nothing.any() else None
-        for token in [None, *late[shared].unique().tolist()]:
-            rows = (~shared & ~nothing if token is None else shared & (late == token)).nonzero().flatten()
+        for rows, run in ((~shared & ~nothing, self._grouped), (shared, None)):
+            rows = rows.nonzero().flatten()
             if len(rows) == 0:
                 continue
             m = mask[rows.to(mask.device)]
-            hidden = self._grouped(prep, m, values) if token is None else self._in_parts(prep, m, values, token)
+            hidden = self._grouped(prep, m, values) if run else self._in_parts(prep, m, values, late[rows])
             out = placed(out, rows, hidden, mask.shape[0])
         return out
 
     @torch.no_grad()
     def clean_final(self, prep: Prepared, keep: bool = False) -> torch.Tensor:
         """The base prompts' unpatched final hidden state; with `keep` (pairs that circuits are scored on) from
-        the batch's clean run, kept: later groups start from it, and a mask that patches nothing is given its
-        final state instead of running again (pruning's J(none)). (B, hidden)"""
-        if keep and prep.offset > 0 and self.cache != "recompute" and self._clean_run(prep).final is not None:
+        the batch's clean run, kept: later groups start from it, and a mask that patches nothing is given this
+        state, d0's, instead of running again (pruning's J(none)). (B, hidden)"""
+        if keep and self.cache != "recompute" and prep.clean is None:
+            self._clean_run(prep, final=True)
+        if keep and prep.clean is not None and prep.clean.final is not None:
             return prep.clean.final
         return super().clean_final(prep)
 
@@ -373,52 +375,55 @@ class CachedEngine(FullEngine):
             out = placed(out, rows, hidden, mask.shape[0])
         return out
 
-    def _in_parts(self, prep: Prepared, mask: torch.Tensor, values: SiteValues | None, late: int) -> torch.Tensor:
-        """Masks whose latest position starts at token `late` (`late_starts`): each distinct earlier part runs
-        once, on tokens [its first, late), and each mask's later part runs from `late` on the keys/values of its
-        earlier part's run, from the lower of the two parts' first layers."""
-        b, n_layers = len(prep.pairs), len(self.layer_devices)
-        parts, part = self._early_part(prep, mask, torch.full((mask.shape[0],), late)).unique(
-            dim=0, return_inverse=True
+    def _in_parts(self, prep: Prepared, mask: torch.Tensor, values: SiteValues | None, late: torch.Tensor):
+        """Masks with a later part (`late_starts`: each one's first token of it): each distinct earlier part runs
+        once, from its first patched token to the latest of its masks' later parts, and each mask's later part
+        runs from its own first token on the keys/values of that run, from the lower of the two parts' first
+        layers. (K, B, hidden)"""
+        b, n_layers, k = len(prep.pairs), len(self.layer_devices), mask.shape[0]
+        parts, part = self._early_part(prep, mask, late).unique(dim=0, return_inverse=True)
+        runs = self._early_runs(
+            prep, parts, values, torch.zeros(len(parts), dtype=torch.long).scatter_reduce(0, part, late, "amax")
         )
-        runs = self._early_runs(prep, parts, values, late)
-        later = (prep.slot_starts >= late).view(1, 1, -1, 1)
-        blocks = mask.detach().view(mask.shape[0], n_layers, len(self.space.positions), -1)
+        later = (prep.slot_starts[None] >= late[:, None]).view(k, 1, -1, 1)  # (K, 1, P, 1)
+        blocks = mask.detach().view(k, n_layers, len(self.space.positions), -1)
         late_layer = torch.where(
             ((blocks < 1) & later.to(mask.device)).flatten(2).any(2).cpu(), torch.arange(n_layers), n_layers
         )
         from_layer = torch.minimum(late_layer.min(1).values, torch.tensor([runs[i][1] for i in part.tolist()]))
         out = None
-        for layer in from_layer.unique().tolist():
-            rows = (from_layer == layer).nonzero().flatten()
-            buffers = self._buffers(prep, len(rows), late, layer)
-            first = late
+        for start, layer in torch.stack([late, from_layer], 1).unique(dim=0).tolist():
+            rows = ((late == start) & (from_layer == layer)).nonzero().flatten()
+            buffers = self._buffers(prep, len(rows), start, layer)
+            first = start
             for j, i in enumerate(part[rows].tolist()):  # each mask's rows hold its earlier part's run
                 token, part_layer, kv = runs[i]
                 for i_layer in range(max(layer, part_layer), n_layers):
                     for buf, src in zip(buffers[i_layer], kv[i_layer]):
-                        buf[j * b : (j + 1) * b, :, token:late] = src
+                        buf[j * b : (j + 1) * b, :, token:start] = src[:, :, : start - token]
                 first = min(first, token)
             if self.cache == "device":  # the kept buffers are clean before the earliest part's first token only
                 prep.clean_to[layer:] = [min(c, first) for c in prep.clean_to[layer:]]
-            with self._from_layer(prep, late, layer):
-                hidden = self._run_tokens(prep, mask[rows.to(mask.device)], values, late, None, buffers)
-            out = placed(out, rows, hidden[:, -1].view(len(rows), b, -1), mask.shape[0])
+            with self._from_layer(prep, start, layer):
+                hidden = self._run_tokens(prep, mask[rows.to(mask.device)], values, start, None, buffers)
+            out = placed(out, rows, hidden[:, -1].view(len(rows), b, -1), k)
         return out
 
-    def _early_runs(self, prep: Prepared, parts: torch.Tensor, values: SiteValues | None, late: int) -> list:
-        """Run each earlier part on tokens [its first patched token, `late`), from its first patched layer; per
+    def _early_runs(self, prep: Prepared, parts: torch.Tensor, values: SiteValues | None, ends: torch.Tensor) -> list:
+        """Run each earlier part on tokens [its first patched token, its end), from its first patched layer; per
         part (first token, first layer, per layer the keys/values on those tokens, None below that layer)."""
         b = len(prep.pairs)
-        starts, group = self.first_patched(prep, parts).unique(dim=0, return_inverse=True)
         runs: list = [None] * parts.shape[0]
-        for i, (token, layer) in enumerate(starts.tolist()):
+        starts, group = torch.cat([self.first_patched(prep, parts), ends[:, None]], 1).unique(
+            dim=0, return_inverse=True
+        )
+        for i, (token, layer, end) in enumerate(starts.tolist()):
             rows = (group == i).nonzero().flatten()
             buffers = self._buffers(prep, len(rows), token, layer)
-            with self._from_layer(prep, token, layer, end=late):
-                self._run_tokens(prep, parts[rows.to(parts.device)], values, token, late, buffers)
+            with self._from_layer(prep, token, layer, end=end):
+                self._run_tokens(prep, parts[rows.to(parts.device)], values, token, end, buffers)
             for j, row in enumerate(rows.tolist()):
-                kv = [None if pair is None else tuple(t[j * b : (j + 1) * b, :, token:late].clone() for t in pair)
+                kv = [None if pair is None else tuple(t[j * b : (j + 1) * b, :, token:end].clone() for t in pair)
                       for pair in buffers]  # fmt: skip
                 runs[row] = (token, layer, kv)
         return runs
@@ -435,10 +440,9 @@ class CachedEngine(FullEngine):
                 return FullEngine.final_hidden(self, prep, mask, values)
             buffers = self._buffers(prep, k, n, layer)
             hidden = self._run_tokens(prep, mask, values, n, None, buffers)
-        if clean is not None:  # that mask's run was the clean run: keep it (its final state if it ran alone: a
-            rows = slice(clean * b, (clean + 1) * b)  # batch of other sizes may differ in the last bits)
-            kv = [(key[rows], val[rows]) for key, val in buffers]
-            prep.clean = self._clean_run_of(prep, resid, kv, hidden[rows, -1] if k == 1 else None)
+        if clean is not None:  # that mask's run was the clean run: keep it
+            rows = slice(clean * b, (clean + 1) * b)
+            prep.clean = self._clean_run_of(prep, resid, [(key[rows], val[rows]) for key, val in buffers])
         return hidden[:, -1].view(k, b, -1)
 
     def _run_tokens(
@@ -526,20 +530,21 @@ class CachedEngine(FullEngine):
             handle.remove()
 
     @torch.no_grad()
-    def _clean_run(self, prep: Prepared) -> "CleanRun":
+    def _clean_run(self, prep: Prepared, final: bool = False) -> "CleanRun":
         """The base prompts' clean run: kept from a mask that patched nothing, or run once here (from `offset`,
         as a step that patches nothing, on buffers of its own: a caller may hold the kept ones; with no prefix,
-        the whole prompt on a fresh cache)."""
+        the whole prompt on a fresh cache). `final`: keep its final state, d0's (`clean_final`)."""
         if prep.clean is None and prep.offset > 0:
             width, nothing = prep.pairs.base_ids.shape[1], torch.ones(1, *self.space.shape, device=self.device)
             buffers = prefix_buffers(self._clean_kv(prep, prep.offset), 1, self.layer_devices, width)
             with self._recording(0, len(prep.pairs), 0) as resid:
-                hidden = self._run_tokens(prep, nothing, None, prep.offset, None, buffers)
-            prep.clean = self._clean_run_of(prep, resid, buffers, hidden[:, -1])
+                hidden = self._run_tokens(prep, nothing, None, prep.offset, None, buffers)[:, -1]
+            prep.clean = self._clean_run_of(prep, resid, buffers, hidden if final else None)
         if prep.clean is None:
             with self._recording(0, len(prep.pairs), prep.offset) as resid:
                 out = self._run(prep.pairs.base_ids, prep.pairs.base_attn, **with_cache(self.body, DynamicCache()))
-            prep.clean = self._clean_run_of(prep, resid, [(layer[0], layer[1]) for layer in returned_cache(out)])
+            kv, hidden = [(layer[0], layer[1]) for layer in returned_cache(out)], out.last_hidden_state[:, -1]
+            prep.clean = self._clean_run_of(prep, resid, kv, hidden if final else None)
         return prep.clean
 
     def _clean_kv(self, prep: Prepared, n: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -586,8 +591,7 @@ class CleanRun:
     kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per layer, before the latest position (B, kvH, latest, D); none
     # when every position starts at `offset`
     resid: List[torch.Tensor]  # per layer, the residual stream entering it on tokens offset on (B, T - offset, hidden)
-    final: Optional[torch.Tensor] = None  # (B, hidden) the final hidden state, when the run had this batch alone (a
-    # batch of several masks may differ in the last bits from a step that patches nothing)
+    final: Optional[torch.Tensor] = None  # (B, hidden) its final hidden state, when d0 comes from it (`clean_final`)
 
 
 class SkippedLayer(torch.nn.Module):
