@@ -255,6 +255,46 @@ def test_an_earlier_part_shared_by_later_parts_at_several_tokens_runs_once_to_th
     assert torch.allclose(got, full.engine.final_hidden(full_prep, masks), atol=2e-5)
 
 
+@pytest.mark.parametrize("units", [("units.positions=[last,x]",), ("units=residual", "units.positions=[x,last]")])
+def test_a_later_part_runs_from_the_layer_the_earlier_part_reaches_it(units):
+    """A head's patch at x changes x's residual stream after its layer: the final token reads it through the next
+    layer's keys and values, so a later part runs from there (the residual stream entering a layer reaches it at
+    that layer)."""
+    job = Job(compose(*QUIET, *units))
+    full = Job(compose(*QUIET, *units, "engine=full"))
+    space, prep, full_prep = job.space, job.prepared("vd", "train")[0], full.prepared("vd", "train")[0]
+    x, last = space.positions.index("x"), space.positions.index("last")
+    x_start, width, b, n_layers = (
+        int(prep.slot_starts[x]),
+        prep.pairs.base_ids.shape[1],
+        len(prep.pairs),
+        space.n_layers,
+    )
+    masks = torch.ones(2, n_layers, len(space.positions), space.per_position)
+    masks[:, 0, x, 0] = 0  # layer 0 at x, shared; layer 2 at the final token, a different unit each
+    masks[0, 2, last, 0] = masks[1, 2, last, -1] = 0
+    masks = masks.view(2, *space.shape)
+    job.engine.clean_final(prep, keep=True)  # the clean run, kept (not counted below)
+    counted = [0] * n_layers
+
+    def count(i):
+        def add(module, args, kwargs):
+            counted[i] += (args or [kwargs["hidden_states"]])[0].shape[:2].numel()
+
+        return add
+
+    hooks = [
+        layer.register_forward_pre_hook(count(i), with_kwargs=True) for i, layer in enumerate(job.sites.layer_stack)
+    ]
+    with torch.no_grad():
+        got = job.engine.final_hidden(prep, masks)
+    for h in hooks:
+        h.remove()
+    shared = b * (width - 1 - x_start)  # x to the final token, once
+    assert counted == [shared + b * 2 * (1 - job.engine.reach)] + [shared + b * 2] * (n_layers - 1)
+    assert torch.allclose(got, full.engine.final_hidden(full_prep, masks), atol=2e-5)
+
+
 @pytest.mark.parametrize("units", [("units.positions=[last,x]",), ("units=residual",)])  # a prefix, and none
 def test_pairs_that_circuits_are_scored_on_keep_their_clean_run_and_a_mask_that_patches_nothing_reads_it(units):
     """Pruning's J(none) and every later start need the clean run of the validation pairs: it is the run d0 comes

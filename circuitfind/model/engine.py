@@ -260,6 +260,10 @@ class CachedEngine(FullEngine):
             raise CircuitfindError(f"cache={cache!r} is unknown; choose from {list(CACHE_POLICIES)}")
         self.cache = cache
         self.layer_devices = [device_of(m) for m in sites.head_projs]
+        # how far up a patch at one token reaches the others: a head's, MLP's or neuron group's output there changes
+        # the residual stream that the next layer's keys and values read; the residual stream entering a layer,
+        # that layer's own
+        self.reach = 0 if self.space.kind == "residual" else 1
 
     @torch.no_grad()
     def _prefix_kv(self, pairs: EncodedPairs, offset: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -390,7 +394,8 @@ class CachedEngine(FullEngine):
         late_layer = torch.where(
             ((blocks < 1) & later.to(mask.device)).flatten(2).any(2).cpu(), torch.arange(n_layers), n_layers
         )
-        from_layer = torch.minimum(late_layer.min(1).values, torch.tensor([runs[i][1] for i in part.tolist()]))
+        part_layer = torch.tensor([runs[i][1] for i in part.tolist()])
+        from_layer = torch.minimum(late_layer.min(1).values, part_layer + self.reach)
         out = None
         for start, layer in torch.stack([late, from_layer], 1).unique(dim=0).tolist():
             rows = ((late == start) & (from_layer == layer)).nonzero().flatten()
