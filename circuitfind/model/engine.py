@@ -324,7 +324,7 @@ class CachedEngine(FullEngine):
         return torch.where(apart & (self.cache != "recompute"), late, -1)  # recompute: a prefix run per part
 
     def _early_part(self, prep: Prepared, mask: torch.Tensor, late: torch.Tensor) -> torch.Tensor:
-        """The masks with nothing patched from their late start on (where they have one). (K, L, n_cols)"""
+        """The masks with nothing patched from their late start on (unchanged where it is -1). (K, L, n_cols)"""
         space, k = self.space, mask.shape[0]
         later = (prep.slot_starts >= late[:, None]) & (late[:, None] >= 0)  # (K, P)
         blocks = mask.detach().view(k, space.n_layers, len(space.positions), -1)
@@ -346,14 +346,15 @@ class CachedEngine(FullEngine):
             shared[split] = count[part] > 1
         if not (shared.any() or nothing.any()):
             return self._grouped(prep, mask, values)
-        out = placed(None, nothing.nonzero().flatten(), kept[None], mask.shape[0]) if nothing.any() else None
-        for rows, run in ((~shared & ~nothing, self._grouped), (shared, None)):
-            rows = rows.nonzero().flatten()
-            if len(rows) == 0:
-                continue
-            m = mask[rows.to(mask.device)]
-            hidden = self._grouped(prep, m, values) if run else self._in_parts(prep, m, values, late[rows])
-            out = placed(out, rows, hidden, mask.shape[0])
+        k, out = mask.shape[0], None
+        if nothing.any():
+            out = placed(out, nothing.nonzero().flatten(), kept[None], k)
+        whole = (~shared & ~nothing).nonzero().flatten()
+        if len(whole):
+            out = placed(out, whole, self._grouped(prep, mask[whole.to(mask.device)], values), k)
+        rows = shared.nonzero().flatten()
+        if len(rows):
+            out = placed(out, rows, self._in_parts(prep, mask[rows.to(mask.device)], values, late[rows]), k)
         return out
 
     @torch.no_grad()
@@ -382,8 +383,8 @@ class CachedEngine(FullEngine):
     def _in_parts(self, prep: Prepared, mask: torch.Tensor, values: SiteValues | None, late: torch.Tensor):
         """Masks with a later part (`late_starts`: each one's first token of it): each distinct earlier part runs
         once, from its first patched token to the latest of its masks' later parts, and each mask's later part
-        runs from its own first token on the keys/values of that run, from the lower of the two parts' first
-        layers. (K, B, hidden)"""
+        runs from its own first token on the keys/values of that run, from the lower of its own first patched
+        layer and the layer its earlier part reaches it at (`reach`). (K, B, hidden)"""
         b, n_layers, k = len(prep.pairs), len(self.layer_devices), mask.shape[0]
         parts, part = self._early_part(prep, mask, late).unique(dim=0, return_inverse=True)
         runs = self._early_runs(
@@ -394,8 +395,8 @@ class CachedEngine(FullEngine):
         late_layer = torch.where(
             ((blocks < 1) & later.to(mask.device)).flatten(2).any(2).cpu(), torch.arange(n_layers), n_layers
         )
-        part_layer = torch.tensor([runs[i][1] for i in part.tolist()])
-        from_layer = torch.minimum(late_layer.min(1).values, part_layer + self.reach)
+        reached = torch.tensor([runs[i][1] for i in part.tolist()]) + self.reach
+        from_layer = torch.minimum(late_layer.min(1).values, reached)
         out = None
         for start, layer in torch.stack([late, from_layer], 1).unique(dim=0).tolist():
             rows = ((late == start) & (from_layer == layer)).nonzero().flatten()
