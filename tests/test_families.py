@@ -137,6 +137,18 @@ def test_cached_engine_equals_full_engine_under_a_random_mask(family):
     assert gf.abs().sum() > 0 and torch.allclose(gc, gf, atol=1e-5 * max(1.0, gf.abs().max().item()), rtol=1e-4)
 
 
+def scored_by_both_engines(model, sites, enc, masks):
+    """The logits of masks scored (not trained) by engine=full and by engine=cached, with the cached engine and
+    its prepared batch."""
+    out = []
+    for engine in ("full", "cached"):
+        eng = make_engine(engine, model, sites)
+        prep = eng.prepare(enc)
+        with torch.no_grad():
+            out.append(eng.readout.logits(eng.final_hidden(prep, masks)))
+    return *out, eng, prep
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_masks_that_patch_later_layers_only_skip_the_first_ones_and_equal_the_full_engine(family):
     """Pruning's circuits: the layers below a mask's first patched layer are skipped (the clean residual
@@ -150,15 +162,9 @@ def test_masks_that_patch_later_layers_only_skip_the_first_ones_and_equal_the_fu
     for layer in range(n_layers):
         masks[layer, :layer] = 1
         masks[layer, layer, 0] = 0
-    out = {}
-    for engine in ("full", "cached"):
-        eng = make_engine(engine, model, sites)
-        prep = eng.prepare(enc)
-        with torch.no_grad():
-            out[engine] = eng.readout.logits(eng.final_hidden(prep, masks))
-        if engine == "cached":
-            assert eng.first_patched(prep, masks)[:, 1].tolist() == list(range(n_layers))
-    assert n_layers > 1 and torch.allclose(out["cached"], out["full"], atol=1e-5, rtol=0)
+    full, cached, eng, prep = scored_by_both_engines(model, sites, enc, masks)
+    assert eng.first_patched(prep, masks)[:, 1].tolist() == list(range(n_layers))
+    assert n_layers > 1 and torch.allclose(cached, full, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -180,15 +186,9 @@ def test_masks_that_share_their_units_before_the_final_token_run_that_part_once_
             mask[early, 1, 0] = mask[late, 0, 1] = 0
             masks.append(mask)
     masks = torch.stack(masks).view(-1, *space.shape)
-    out = {}
-    for engine in ("full", "cached"):
-        eng = make_engine(engine, model, sites)
-        prep = eng.prepare(enc)
-        with torch.no_grad():
-            out[engine] = eng.readout.logits(eng.final_hidden(prep, masks))
-        if engine == "cached":
-            assert eng.late_starts(prep, masks).tolist() == [enc.base_ids.shape[1] - 1] * len(masks)
-    assert torch.allclose(out["cached"], out["full"], atol=1e-5, rtol=0)
+    full, cached, eng, prep = scored_by_both_engines(model, sites, enc, masks)
+    assert eng.late_starts(prep, masks).tolist() == [enc.base_ids.shape[1] - 1] * len(masks)
+    assert torch.allclose(cached, full, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "mistral"])  # gemma2 fails loudly, mistral silently
