@@ -74,6 +74,23 @@ def test_a_close_comparison_takes_more_pairs_and_decides_as_every_pair_does(scor
     assert every.full([A])[0] == pytest.approx(staged.full([A])[0]) == pytest.approx(-0.2375)
 
 
+def test_comparisons_decided_together_answer_as_one_at_a_time_and_score_each_batch_once(scores, monkeypatch):
+    """Pruning decides which units may go alone all at once: the same answers and pairs as one comparison at a
+    time, but each batch of pairs is scored once for every circuit that needs it (circuits that share a run
+    share it there)."""
+    comparisons = [(C, B, 0.0), (A, B, 0.0), (D, C, 0.0), (B, A, 0.5)]
+    runs = []
+    losses = staged_scores.term_pair_loss
+    monkeypatch.setattr(staged_scores, "term_pair_loss", lambda *a: runs.append(a[2].index) or losses(*a))
+    one = scores(BATCH)
+    alone = [one.at_most(*comparison) for comparison in comparisons]
+    runs_alone, runs[:] = list(runs), []
+    together = scores(BATCH)
+    assert together.each_at_most(comparisons) == alone == [False, True, True, True]
+    assert together.pairs_scored == one.pairs_scored, "the same pairs"
+    assert runs == list(range(BATCHES)) and len(runs_alone) > BATCHES, "each batch once (D and C tie: every pair)"
+
+
 def test_the_best_drops_clear_losers_and_races_the_close_ones_to_the_decision(scores):
     staged = scores(BATCH)
     assert staged.best([B, C, A], [0.0, 0.0, 0.0]) == A
