@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 from typing import Callable, Dict, FrozenSet
 
 import pytest
 import torch
+import transformers as tf
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from circuitfind.evaluation.circuit_tests import redundant_groups
+from circuitfind.methods import prune
 from circuitfind.methods.gates import ClampGate, HardConcreteGate, SigmoidGate, make_gate
-from circuitfind.methods.prune import Pruner
+from circuitfind.methods.prune import Pruner, device_chunk
 from circuitfind.methods.ranking import path_scores
+from circuitfind.model.memory import GIB, scoring_chunk
+from circuitfind.model.space import ComponentSpace
 from circuitfind.records.circuit import pruning_line, read_record
+from circuitfind.runs.job import Job
 from circuitfind.runs.train import run_search
 
 from conftest import compose, train_error
@@ -465,3 +471,23 @@ def test_make_gate_follows_the_config():
 def test_the_other_gates_find_the_planted_circuit_with_pruning(gate, tmp_path):
     (record,) = run_search(compose(*QUIET, f"optimizer.gate={gate}", "optimizer.lr=0.1"), tmp_path / "run")
     assert set(record.names) <= set(PLANTED) and len(record.names) >= 3
+
+
+def test_pruning_on_an_accelerator_scores_as_many_circuits_at_once_as_its_free_memory_holds(monkeypatch):
+    """Each circuit scored holds its own copy of the batch's keys and values: 64 at once would not fit beside
+    LLaMA-13B on an 80 GB GPU (about 2.4 GiB each for 50 pairs of 25 tokens)."""
+    space = ComponentSpace(40, 40, 128, positions=("x", "last"), mlp_width=13824)
+    config = tf.LlamaConfig(hidden_size=5120, num_attention_heads=40, num_key_value_heads=40, intermediate_size=13824)
+    per_circuit = 50 * 25 * (4 * 40 * 40 * 128 * 2 + (8 * 5120 + 4 * 13824 + 40 * 25) * 4)  # 2.36 GiB
+
+    def chunk(free_gib: float) -> int:
+        return scoring_chunk(SimpleNamespace(space=space), config, torch.float16, 50, 25, int(free_gib * GIB), 64)
+
+    assert chunk(48) == int(48 * GIB / 2 / per_circuit) == 10  # within half of what is free
+    assert chunk(1000) == 64 and chunk(1) == 1  # at most MASK_CHUNK, at least one
+    job = Job(compose("+desiderata=vd_oi", "progress=false", "plots=false", "units.positions=[last,x]"))
+    validation = job.objectives("validation")
+    monkeypatch.setattr(prune, "free_memory", lambda device: 10 * GIB)
+    assert device_chunk(job.engine, validation) == 64  # the organism: small
+    monkeypatch.setattr(prune, "free_memory", lambda device: 2**20)
+    assert device_chunk(job.engine, validation) == 1

@@ -64,12 +64,14 @@ from circuitfind.methods.objective import MASK_CHUNK, Objective
 from circuitfind.methods.staged_scores import StagedScores, first_stage
 from circuitfind.model.engine import Engine
 from circuitfind.model.masks import masks_of
+from circuitfind.model.memory import free_memory, scoring_chunk
 
 PUT_IN = 3  # units outside the circuit tried in: those whose patching gains most alone, to first order
 MAX_SMALLER = 64  # subsets of the rounded mask scored in the exact search: about 64 forward passes of the
 # validation pairs at most (at four positions, 12 units: every single unit, 0.6 s; 500 took 16 s)
 CPU_CHUNK = 8  # masks scored together on a CPU, where larger batches cost more per mask (the organism at
-# three positions: pruning took about 15% less time than with batches of 11-12); elsewhere MASK_CHUNK
+# three positions: pruning took about 15% less time than with batches of 11-12); elsewhere up to MASK_CHUNK,
+# as many as the device's free memory holds (model/memory.py)
 
 
 class Pruner:
@@ -275,7 +277,7 @@ def prune_circuits(
     with torch.enable_grad():  # the units worth putting in (on the first stage's pairs): one order for every mask
         gain = attribution_scores(engine, first_stage(objectives, screen), engine.device).flatten().cpu()
     ranked = gain.argsort(descending=True, stable=True).tolist()
-    chunk = CPU_CHUNK if engine.device.type == "cpu" else MASK_CHUNK
+    chunk = CPU_CHUNK if engine.device.type == "cpu" else device_chunk(engine, objectives)
     positions = [unit.position for unit in engine.space.units()] if settings.by_position else []
     return [
         prune_one(
@@ -290,6 +292,17 @@ def prune_circuits(
         )
         for r, w in zip(rounded, weights)
     ]
+
+
+def device_chunk(engine: Engine, objectives: Sequence[Objective]) -> int:
+    """Circuits scored together on an accelerator: up to MASK_CHUNK, as many as its free memory holds for the
+    largest validation batch (on LLaMA-13B, 50 pairs of 25 tokens: about 2.4 GiB each)."""
+    pairs = max(len(prep.pairs) for obj in objectives for prep in obj.batches)
+    tokens = max(prep.pairs.base_ids.shape[1] for obj in objectives for prep in obj.batches)
+    dtype = engine.readout.weight.dtype
+    return scoring_chunk(
+        engine.sites, engine.model.config, dtype, pairs, tokens, free_memory(engine.device), MASK_CHUNK
+    )
 
 
 def prune_one(

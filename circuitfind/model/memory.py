@@ -53,6 +53,22 @@ def estimate_memory(sites: Sites, config, encoded: Sequence[EncodedPairs], k: in
     return MemoryEstimate(masks, prefixes, step)
 
 
+def scoring_chunk(sites: Sites, config, dtype: torch.dtype, pairs: int, tokens: int, free: int, most: int) -> int:
+    """How many circuits to score in one forward pass (pruning's), within half the `free` bytes: each circuit
+    holds its own copy of the batch's keys and values (engine=cached's buffers, and as much again for the runs
+    its circuits share, model/engine.py) and a forward pass's activations, for `pairs` prompts of `tokens`
+    tokens. At least 1, at most `most`."""
+    space = sites.space
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0))
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or space.n_heads)
+    width = space.mlp_width or 4 * hidden
+    keys_values = 2 * 2 * space.n_layers * kv_heads * space.head_dim * (torch.finfo(dtype).bits // 8)
+    activations = (ACTIVATIONS_PER_LAYER * hidden + MLP_ACTIVATIONS * width + space.n_heads * tokens) * 4
+    per_circuit = pairs * tokens * (keys_values + activations)
+    return max(1, min(most, free // 2 // max(per_circuit, 1)))
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free on the device: the GPU's free memory, or the host's available memory."""
     if device.type == "cuda":
