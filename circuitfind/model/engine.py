@@ -292,14 +292,18 @@ class CachedEngine(FullEngine):
         layer: every token before that token, and every layer below that layer, runs as in the clean prompt.
         A mask that patches nothing runs as the run with no hook does (from `offset`, every layer), so that
         the two agree bit for bit. (K, 2): token, layer"""
-        space, k = self.space, mask.shape[0]
-        patched = (mask.detach() < 1).view(k, space.n_layers, len(space.positions), -1).any(-1).cpu()  # (K, L, P)
+        patched = self._patched_at(mask)
         last = prep.pairs.base_ids.shape[1] - 1
         token = torch.where(patched.any(1), prep.slot_starts, last + 1).min(1).values
-        layer = torch.where(patched.any(2), torch.arange(space.n_layers), space.n_layers).min(1).values
+        layer = first_layer(patched)
         none = token > last
         layer = torch.zeros_like(layer) if self.cache == "recompute" else layer  # no clean run is kept
         return torch.stack([torch.where(none, prep.offset, token), torch.where(none, 0, layer)], 1)
+
+    def _patched_at(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per mask, whether it patches a unit (a weight below 1) at each layer and position. (K, L, P), on the CPU"""
+        space = self.space
+        return (mask.detach() < 1).view(mask.shape[0], space.n_layers, len(space.positions), -1).any(-1).cpu()
 
     def run_order(self, prep: Prepared, mask: torch.Tensor) -> List[int]:
         """By first patched token, then by what is patched before the latest position (`late_starts`), then by
@@ -313,8 +317,7 @@ class CachedEngine(FullEngine):
         """Per mask, the first token of the latest position it patches, when every other position it patches
         ends before that token (and after the first token): its later part can run on the keys/values of a run
         of its earlier part, which masks patching the same units before it share. -1 where not. (K,)"""
-        space, k = self.space, mask.shape[0]
-        patched = (mask.detach() < 1).view(k, space.n_layers, len(space.positions), -1).any(-1).any(1).cpu()  # (K, P)
+        patched = self._patched_at(mask).any(1)  # (K, P)
         starts, ends = prep.slot_starts, prep.slot_ends
         late = torch.where(patched, starts, -1).max(1).values
         early = patched & (starts < late[:, None])
@@ -390,13 +393,9 @@ class CachedEngine(FullEngine):
         runs = self._early_runs(
             prep, parts, values, torch.zeros(len(parts), dtype=torch.long).scatter_reduce(0, part, late, "amax")
         )
-        later = (prep.slot_starts[None] >= late[:, None]).view(k, 1, -1, 1)  # (K, 1, P, 1)
-        blocks = mask.detach().view(k, n_layers, len(self.space.positions), -1)
-        late_layer = torch.where(
-            ((blocks < 1) & later.to(mask.device)).flatten(2).any(2).cpu(), torch.arange(n_layers), n_layers
-        )
+        later = prep.slot_starts[None] >= late[:, None]  # (K, P) the positions of each mask's later part
         reached = torch.tensor([runs[i][1] for i in part.tolist()]) + self.reach
-        from_layer = torch.minimum(late_layer.min(1).values, reached)
+        from_layer = torch.minimum(first_layer(self._patched_at(mask) & later[:, None]), reached)
         out = None
         for start, layer in torch.stack([late, from_layer], 1).unique(dim=0).tolist():
             rows = ((late == start) & (from_layer == layer)).nonzero().flatten()
@@ -605,6 +604,12 @@ class SkippedLayer(torch.nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
+
+
+def first_layer(patched: torch.Tensor) -> torch.Tensor:
+    """Per mask, the lowest layer with a patch in `patched` (K, L, P); L where there is none. (K,)"""
+    n_layers = patched.shape[1]
+    return torch.where(patched.any(2), torch.arange(n_layers), n_layers).min(1).values
 
 
 def placed(out: torch.Tensor | None, rows: torch.Tensor, hidden: torch.Tensor, k: int) -> torch.Tensor:
