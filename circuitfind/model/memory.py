@@ -29,13 +29,19 @@ class MemoryEstimate:
         return self.masks + self.prefixes + self.step
 
 
+def model_widths(sites: Sites, config) -> tuple[int, int, int]:
+    """The model's hidden size, key/value heads and MLP width, from its config (a text config inside
+    a multimodal one)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0))
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or sites.space.n_heads)
+    return hidden, kv_heads, sites.space.mlp_width or 4 * hidden
+
+
 def estimate_memory(sites: Sites, config, encoded: Sequence[EncodedPairs], k: int, cfg) -> MemoryEstimate:
     """An upper estimate for K masks trained side by side on these pairs."""
     space = sites.space
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0))
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or space.n_heads)
-    width = space.mlp_width or 4 * hidden
+    hidden, kv_heads, width = model_widths(sites, config)
     act_bytes = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8
     masks = 4 * 4 * k * space.n_components
     prefixes, step = 0, 0
@@ -59,10 +65,7 @@ def scoring_chunk(sites: Sites, config, dtype: torch.dtype, pairs: int, tokens: 
     its circuits share, model/engine.py) and a forward pass's activations, for `pairs` prompts of `tokens`
     tokens. At least 1, at most `most`."""
     space = sites.space
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0))
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or space.n_heads)
-    width = space.mlp_width or 4 * hidden
+    hidden, kv_heads, width = model_widths(sites, config)
     keys_values = 2 * 2 * space.n_layers * kv_heads * space.head_dim * (torch.finfo(dtype).bits // 8)
     activations = (ACTIVATIONS_PER_LAYER * hidden + MLP_ACTIVATIONS * width + space.n_heads * tokens) * 4
     per_circuit = pairs * tokens * (keys_values + activations)
