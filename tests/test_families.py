@@ -170,7 +170,8 @@ def test_masks_that_patch_later_layers_only_skip_the_first_ones_and_equal_the_fu
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_masks_that_share_their_units_before_the_final_token_run_that_part_once_and_equal_the_full_engine(family):
     """Pruning's swap trials: the same units at an earlier token, different ones at the final token. That run
-    stops before the final token (its keys/values only), which every family's attention must allow."""
+    stops before the final token (its keys/values only), and runs its first layer on the earlier token only (the
+    tokens after it enter the next layer clean), which every family's attention must allow."""
     model, tok = tiny_model(family)
     enc = encoded_pairs(tok)
     at = [enc.base_ids.shape[1] - 1, enc.base_ids.shape[1] - 6], [enc.alt_ids.shape[1] - 1, enc.alt_ids.shape[1] - 6]
@@ -186,9 +187,18 @@ def test_masks_that_share_their_units_before_the_final_token_run_that_part_once_
             mask[early, 1, 0] = mask[late, 0, 1] = 0
             masks.append(mask)
     masks = torch.stack(masks).view(-1, *space.shape)
-    full, cached, eng, prep = scored_by_both_engines(model, sites, enc, masks)
+    first_layer_tokens = []  # per run, the tokens layer 0 runs on
+    count = sites.layer_stack[0].register_forward_pre_hook(
+        lambda m, args, kwargs: first_layer_tokens.append((args or [kwargs["hidden_states"]])[0].shape[1]),
+        with_kwargs=True,
+    )
+    with count:
+        full, cached, eng, prep = scored_by_both_engines(model, sites, enc, masks)
     assert eng.late_starts(prep, masks).tolist() == [enc.base_ids.shape[1] - 1] * len(masks)
     assert torch.allclose(cached, full, atol=1e-5, rtol=0)
+    # the cached engine's last runs: the clean run from the earlier token, the earlier part patched at layer 0 (on
+    # its token only, not the five up to the final token), the later parts from layer 0 (the final token)
+    assert first_layer_tokens[-3:] == [6, 1, 1]
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "mistral"])  # gemma2 fails loudly, mistral silently

@@ -259,7 +259,7 @@ def test_an_earlier_part_shared_by_later_parts_at_several_tokens_runs_once_to_th
 def test_a_later_part_runs_from_the_layer_the_earlier_part_reaches_it(units):
     """A head's patch at x changes x's residual stream after its layer: the final token reads it through the next
     layer's keys and values, so a later part runs from there (the residual stream entering a layer reaches it at
-    that layer)."""
+    that layer). So do the tokens after x: the earlier part runs its first layer on x's tokens only."""
     job = Job(compose(*QUIET, *units))
     full = Job(compose(*QUIET, *units, "engine=full"))
     space, prep, full_prep = job.space, job.prepared("vd", "train")[0], full.prepared("vd", "train")[0]
@@ -291,7 +291,9 @@ def test_a_later_part_runs_from_the_layer_the_earlier_part_reaches_it(units):
     for h in hooks:
         h.remove()
     shared = b * (width - 1 - x_start)  # x to the final token, once
-    assert counted == [shared + b * 2 * (1 - job.engine.reach)] + [shared + b * 2] * (n_layers - 1)
+    x_tokens = b * (int(prep.slot_ends[x]) + 1 - x_start)
+    first = x_tokens if job.engine.reach else shared + b * 2
+    assert counted == [first] + [shared + b * 2] * (n_layers - 1)
     assert torch.allclose(got, full.engine.final_hidden(full_prep, masks), atol=2e-5)
 
 

@@ -404,8 +404,9 @@ class CachedEngine(FullEngine):
             for j, i in enumerate(part[rows].tolist()):  # each mask's rows hold its earlier part's run
                 token, part_layer, kv = runs[i]
                 for i_layer in range(max(layer, part_layer), n_layers):
-                    for buf, src in zip(buffers[i_layer], kv[i_layer]):
-                        buf[j * b : (j + 1) * b, :, token:start] = src[:, :, : start - token]
+                    for buf, src in zip(buffers[i_layer], kv[i_layer]):  # past what a layer wrote: clean
+                        width = min(src.shape[2], start - token)
+                        buf[j * b : (j + 1) * b, :, token : token + width] = src[:, :, :width]
                 first = min(first, token)
             if self.cache == "device":  # the kept buffers are clean before the earliest part's first token only
                 prep.clean_to[layer:] = [min(c, first) for c in prep.clean_to[layer:]]
@@ -416,7 +417,8 @@ class CachedEngine(FullEngine):
 
     def _early_runs(self, prep: Prepared, parts: torch.Tensor, values: SiteValues | None, ends: torch.Tensor) -> list:
         """Run each earlier part on tokens [its first patched token, its end), from its first patched layer; per
-        part (first token, first layer, per layer the keys/values on those tokens, None below that layer)."""
+        part (first token, first layer, per layer the keys/values the run wrote from that token on: the first
+        layer's on its `_active_tokens` only, None below that layer)."""
         b = len(prep.pairs)
         runs: list = [None] * parts.shape[0]
         starts, group = torch.cat([self.first_patched(prep, parts), ends[:, None]], 1).unique(
@@ -424,12 +426,15 @@ class CachedEngine(FullEngine):
         )
         for i, (token, layer, end) in enumerate(starts.tolist()):
             rows = (group == i).nonzero().flatten()
+            part = parts[rows.to(parts.device)]
             buffers = self._buffers(prep, len(rows), token, layer)
-            with self._from_layer(prep, token, layer, end=end):
-                self._run_tokens(prep, parts[rows.to(parts.device)], values, token, end, buffers)
+            active = self._active_tokens(prep, part, token, layer, end)
+            with self._from_layer(prep, token, layer, end=end, active=active):
+                self._run_tokens(prep, part, values, token, end, buffers)
+            wrote = [end if i_layer != layer or active is None else token + active for i_layer in range(len(buffers))]
             for j, row in enumerate(rows.tolist()):
-                kv = [None if pair is None else tuple(t[j * b : (j + 1) * b, :, token:end].clone() for t in pair)
-                      for pair in buffers]  # fmt: skip
+                kv = [None if pair is None else tuple(t[j * b : (j + 1) * b, :, token:stop].clone() for t in pair)
+                      for pair, stop in zip(buffers, wrote)]  # fmt: skip
                 runs[row] = (token, layer, kv)
         return runs
 
@@ -440,7 +445,9 @@ class CachedEngine(FullEngine):
         keys/values before token n and the clean residual stream entering `layer`."""
         k, b = (1 if mask is None else mask.shape[0]), len(prep.pairs)
         clean = self._clean_row(prep, mask, n, layer)
-        with self._from_layer(prep, n, layer), self._recording(clean, b, 0) as resid:
+        scored = mask is not None and not (torch.is_grad_enabled() and mask.requires_grad)  # not trained
+        active = self._active_tokens(prep, mask, n, layer, None) if scored and clean is None and n > 0 else None
+        with self._from_layer(prep, n, layer, active=active), self._recording(clean, b, 0) as resid:
             if n == 0:  # a site at the first token: there is no prefix to keep
                 return FullEngine.final_hidden(self, prep, mask, values)
             buffers = self._buffers(prep, k, n, layer)
@@ -512,27 +519,52 @@ class CachedEngine(FullEngine):
         return CleanRun(kv=kv, resid=resid, final=final)
 
     @contextmanager
-    def _from_layer(self, prep: Prepared, n: int, layer: int, end: int | None = None) -> Iterator[None]:
+    def _from_layer(
+        self, prep: Prepared, n: int, layer: int, end: int | None = None, active: int | None = None
+    ) -> Iterator[None]:
         """Skip the layers below `layer` (they run as an identity) and hand `layer` the clean residual stream
-        of tokens [n, end) instead; the embedding still runs, it is cheap."""
-        if layer == 0:
+        of tokens [n, end) instead; the embedding still runs, it is cheap. With `active`, `layer` runs on the
+        first `active` of those tokens only, and the later ones enter the next layer clean (`_active_tokens`)."""
+        if layer == 0 and active is None:
             yield
             return
-        resid = self._clean_run(prep).resid[layer][:, n - prep.offset : None if end is None else end - prep.offset]
+        stop = None if end is None else end - prep.offset
+        stack, replaced = self.sites.layer_stack, list(self.sites.layer_stack[: layer + 1])
+        if active is not None:
+            tail = self._clean_run(prep).resid[layer + 1][:, n + active - prep.offset : stop]
+            stack[layer] = FirstTokensLayer(stack[layer], active, tail)
+        handle = None
+        if layer > 0:
+            resid = self._clean_run(prep).resid[layer][:, n - prep.offset : stop]
 
-        def clean_input(x: torch.Tensor) -> torch.Tensor:
-            return resid.to(x.device, x.dtype).repeat(x.shape[0] // resid.shape[0], 1, 1)  # K copies, k-major
+            def clean_input(x: torch.Tensor) -> torch.Tensor:
+                return resid.to(x.device, x.dtype).repeat(x.shape[0] // resid.shape[0], 1, 1)  # K copies, k-major
 
-        stack, skipped = self.sites.layer_stack, list(self.sites.layer_stack[:layer])
-        handle = on_input(stack[layer], clean_input, prepend=True)  # before a residual unit's patch there
+            handle = on_input(stack[layer], clean_input, prepend=True)  # before a residual unit's patch there
         for i in range(layer):
             stack[i] = SkippedLayer()
         try:
             yield
         finally:
-            for i, original in enumerate(skipped):
+            for i, original in enumerate(replaced):
                 stack[i] = original
-            handle.remove()
+            if handle is not None:
+                handle.remove()
+
+    def _active_tokens(self, prep: Prepared, mask: torch.Tensor, n: int, layer: int, end: int | None) -> int | None:
+        """How many tokens from n a run's first patched layer must run on, when fewer than the run's: up to the
+        last one that any of these masks patches at that layer. A head's, MLP's or neuron group's patch there
+        reaches the later tokens one layer up (`reach`), so they leave that layer as in the clean run. None:
+        every token (the residual stream, whose patch reaches them at its own layer; the last layer; no clean run
+        kept, with cache=recompute)."""
+        if self.reach == 0 or self.cache == "recompute" or layer + 1 >= len(self.layer_devices):
+            return None
+        at_layer = self._patched_at(mask)[:, layer].any(0)  # (P,) positions patched at `layer`
+        if not at_layer.any():
+            return None
+        stop = prep.pairs.base_ids.shape[1] if end is None else end
+        active = int(prep.slot_ends[at_layer].max()) + 1 - n
+        return active if active < stop - n else None
 
     @torch.no_grad()
     def _clean_run(self, prep: Prepared, final: bool = False) -> "CleanRun":
@@ -597,6 +629,51 @@ class CleanRun:
     # when every position starts at `offset`
     resid: List[torch.Tensor]  # per layer, the residual stream entering it on tokens offset on (B, T - offset, hidden)
     final: Optional[torch.Tensor] = None  # (B, hidden) its final hidden state, when d0 comes from it (`clean_final`)
+
+
+class FirstTokensLayer(torch.nn.Module):
+    """A decoder layer run on its input's first `active` tokens only; the later tokens leave it as `tail`, the
+    clean run's residual stream entering the next layer there (B, T - active, hidden), K copies. Its inputs
+    are cut to those tokens (`first_tokens`). Without a 4-D attention mask (a causal one made from none would
+    be aligned wrongly on fewer queries than keys) it runs on every token."""
+
+    def __init__(self, layer: torch.nn.Module, active: int, tail: torch.Tensor):
+        super().__init__()
+        self.layer, self.active, self.tail = layer, active, tail
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        tokens = hidden.shape[1]
+        if not any(_is_attention_mask(v, tokens) for v in (*args, *kwargs.values())):
+            return self.layer(*args, **kwargs)
+        out = self.layer(*first_tokens(args, tokens, self.active), **first_tokens(kwargs, tokens, self.active))
+        tail = self.tail.to(hidden.device, hidden.dtype).repeat(hidden.shape[0] // self.tail.shape[0], 1, 1)
+        if isinstance(out, tuple):
+            return (torch.cat([out[0], tail], 1), *out[1:])
+        return torch.cat([out, tail], 1)
+
+
+def _is_attention_mask(value: Any, tokens: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-2] == tokens
+
+
+def first_tokens(value: Any, tokens: int, active: int) -> Any:
+    """A decoder layer's inputs cut from `tokens` query tokens to the first `active`: hidden states and rotary
+    tables on dim -2, position ids on dim -1, an attention mask (N, 1, T, keys) on its queries and on its last
+    keys (those tokens' own); tuples, lists and dicts of them alike, anything else as it is."""
+    if isinstance(value, dict):
+        return {key: first_tokens(v, tokens, active) for key, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(first_tokens(v, tokens, active) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    if _is_attention_mask(value, tokens):
+        return value[..., :active, : value.shape[-1] - (tokens - active)]
+    if value.dim() == 3 and value.shape[-2] == tokens:
+        return value[..., :active, :]
+    if value.dim() in (1, 2) and value.shape[-1] == tokens:
+        return value[..., :active]
+    return value
 
 
 class SkippedLayer(torch.nn.Module):

@@ -199,12 +199,16 @@ def unit_weights(sites: Sites, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
 def _mix(x: torch.Tensor, where: SiteIndex, offset: int, alt: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mix x (K*B, S, C) at the sites with alt (N, C): keep * x + (1 - keep) * alt.
 
-    `offset` is the first token index x holds (the engine may run a suffix only); keep is
+    `offset` is the first token index x holds (the engine may run a suffix only, and a layer on its first
+    tokens only: sites past them are left out, the engine patches none there); keep is
     (K, P, C) or (K, P, 1) per position. The mix is computed in keep's dtype (at least float32)
     and cast back, so low-precision models still give the mask an accurate gradient.
     """
     k = keep.shape[0]
     b = x.shape[0] // k
+    if len(where) and int(where.base_tok.max()) - offset >= x.shape[1]:  # a layer run on its first tokens only
+        inside = where.base_tok - offset < x.shape[1]  # (the engine's FirstTokensLayer): the others are not in x
+        where, alt = where.select(inside), alt[inside.to(alt.device)]
     x4 = x.reshape(k, b, x.shape[1], x.shape[2])
     rows, toks = where.rows.to(x.device), (where.base_tok - offset).to(x.device)
     keep = keep.to(x.device)
