@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from circuitfind.evaluation.circuit_tests import redundant_groups
 from circuitfind.methods import prune
 from circuitfind.methods.gates import ClampGate, HardConcreteGate, SigmoidGate, make_gate
-from circuitfind.methods.prune import Pruner, device_chunk
+from circuitfind.methods.prune import Pruner, device_chunk, unit_groupings
 from circuitfind.methods.ranking import path_scores
 from circuitfind.model.memory import GIB, scoring_chunk
 from circuitfind.model.space import ComponentSpace
@@ -155,9 +155,9 @@ class ScoredPruner(Pruner):
         tolerance: float,
         ranked=(),
         criterion="bound",
-        positions=(),
-    ):  # ranked: attribution's order; positions: each unit's, to drop whole positions first
-        super().__init__(MadeUpScores(objective), torch.zeros(n), tolerance, ranked, criterion, positions)
+        groupings=(),
+    ):  # ranked: attribution's order; groupings: labels of each unit (its position...), to drop whole groups first
+        super().__init__(MadeUpScores(objective), torch.zeros(n), tolerance, ranked, criterion, groupings)
 
     @property
     def scored(self):
@@ -211,7 +211,7 @@ def test_stable_pruning_drops_the_units_at_x_together_and_keeps_the_planted_head
     record = read_record(tmp_path / "run")
     assert sorted(record.names) == sorted(f"{head}@last" for head in PLANTED), record.names
     (dropped,) = record.pruning["by_position"]
-    assert dropped["positions"] == ["x"] and len(dropped["removed"]) == 10
+    assert dropped["groups"] == ["x"] and len(dropped["removed"]) == 10
     assert record.pruning["swapped"] == {"out": [], "in": []}
     assert record.pruning["screening"]["pairs_scored"] < 30_000
 
@@ -227,15 +227,15 @@ def test_dropping_a_position_keeps_the_cut_that_elimination_removes_first(criter
     unit_by_unit = ScoredPruner(cuts(last, x), 14, 0.01, criterion=criterion)
     kept, record = unit_by_unit(frozenset(last | x))
     assert kept == frozenset(x) and record["by_position"] == []
-    by_position = ScoredPruner(cuts(last, x), 14, 0.01, criterion=criterion, positions=positions)
+    by_position = ScoredPruner(cuts(last, x), 14, 0.01, criterion=criterion, groupings=[positions])
     kept, record = by_position(frozenset(last | x))
     assert kept == frozenset(last)
-    assert record["by_position"] == [{"positions": ["x"], "removed": sorted(x), "objective": -100.0}]
+    assert record["by_position"] == [{"groups": ["x"], "removed": sorted(x), "objective": -100.0}]
     assert [s["removed"] for s in record["elimination"]] == []  # each of the two is needed
     named = record | {"removed": [f"L0.H{u}@x" for u in sorted(x)], "put_in": [], "put_in_from_outside": []}
     line = pruning_line(named)
     assert "removed L0.H2@x, L0.H3@x" in line and "; first the units at x, together" in line
-    one_position = ScoredPruner(cuts(last, x), 14, 0.01, criterion=criterion, positions=["last"] * 14)
+    one_position = ScoredPruner(cuts(last, x), 14, 0.01, criterion=criterion, groupings=[["last"] * 14])
     kept, record = one_position(frozenset(last | x))
     assert kept == frozenset(x) and record["by_position"] == []
     assert set(one_position.scored) == set(unit_by_unit.scored)  # nothing to drop: nothing more scored
@@ -246,9 +246,39 @@ def test_dropping_positions_takes_the_smallest_circuit_that_may_replace_the_one_
     `c`'s; keeping `a` alone (two units) comes before removing `c` (four left), in one step."""
     a, b, c = {0, 1}, {2, 3}, {4, 5}
     positions = ["a", "a", "b", "b", "c", "c"]
-    kept, record = ScoredPruner(cuts(a), 6, 0.01, positions=positions)(frozenset(a | b | c))
+    kept, record = ScoredPruner(cuts(a), 6, 0.01, groupings=[positions])(frozenset(a | b | c))
     assert kept == frozenset(a)
-    assert [step["positions"] for step in record["by_position"]] == [["b", "c"]]
+    assert [step["groups"] for step in record["by_position"]] == [["b", "c"]]
+
+
+def test_in_the_residual_stream_whole_layers_are_dropped_like_positions():
+    """The organism over every token of the residual stream (seed 3), in small: x's two tokens at layer 0
+    ({0, 1}) and seven tokens after x at layer 2 ({2, ..., 8}) are two cuts of one route, beside one more unit
+    at layer 1 (9). Each position holds one unit of a cut, or two of different ones: dropping x's first token
+    (0 and 9) leaves the large cut in hand, which only the exact search undoes. Keeping layer 0's units alone
+    is one step."""
+    small, large = {0, 1}, set(range(2, 9))
+    positions = ["a", "b"] + [f"t{i}" for i in range(2, 9)] + ["a"]
+    layers = ["layer 0"] * 2 + ["layer 2"] * 7 + ["layer 1"]
+    circuit = frozenset(small | large | {9})
+    by_position = ScoredPruner(cuts(small, large), 10, 0.01, criterion="price", groupings=[positions])
+    kept, record = by_position(circuit)
+    assert [step["groups"] for step in record["by_position"]] == [["a"]]
+    assert kept == frozenset(small) and record["smaller_search"]["replaced"] == sorted(large)
+    by_layer = ScoredPruner(cuts(small, large), 10, 0.01, criterion="price", groupings=[positions, layers])
+    kept, record = by_layer(circuit)
+    assert kept == frozenset(small) and record["elimination"] == []
+    assert record["by_position"] == [
+        {"groups": ["layer 1", "layer 2"], "removed": sorted(large | {9}), "objective": -100.0}
+    ]
+    assert len(by_layer.scored) < len(by_position.scored)
+
+
+def test_the_groups_are_positions_and_in_the_residual_stream_layers_too():
+    heads = ComponentSpace(2, 3, 4, positions=("x", "last"))
+    assert unit_groupings(heads) == [[unit.position for unit in heads.units()]]
+    resid = ComponentSpace(3, 3, 4, kind="residual", positions=("x", "last"))
+    assert unit_groupings(resid) == [["x", "last"] * 3, ["layer 0"] * 2 + ["layer 1"] * 2 + ["layer 2"] * 2]
 
 
 def test_the_exact_search_stops_at_its_budget_and_says_so():

@@ -166,7 +166,7 @@ class PruneConfig:
     criterion: str = "bound"  # bound: give up at most `tolerance` in all; price: each unit must buy `tolerance`
     min_pairs: int = 20  # task.n_validation must be at least this: the pruning test needs pairs
     screen_pairs: Optional[int] = None  # score circuits on this many pairs first, doubling them for close calls only
-    by_position: bool = False  # first keep one position's units alone, or drop them together (prune=stable)
+    by_position: bool = False  # first keep one position's (residual stream: layer's) units alone, or drop them together
 
 
 @dataclass

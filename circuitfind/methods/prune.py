@@ -18,7 +18,9 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
    both are whole, then cannot let the other go. So the circuit's units at one position (holding two
    or more: one unit is elimination's) are kept alone, or removed together, the smallest such circuit
    that may replace it first (ties: the lower J), while one may. A space with one position has nothing
-   to drop.
+   to drop. In the residual stream whole layers are groups too: the stream at one layer is a cut of
+   every route (no head or MLP bypasses it), so one layer's units at x's tokens and another layer's at
+   the tokens after x are two cuts of one route.
 3. Backward elimination: every unit's removal alone is scored at once; then, least harmful first
    (ties: the unit the search patched least firmly, the highest mask weight), each unit goes when
    the circuit without it stays within that bound. A unit whose removal alone leaves the bound
@@ -65,6 +67,7 @@ from circuitfind.methods.staged_scores import StagedScores, first_stage
 from circuitfind.model.engine import Engine
 from circuitfind.model.masks import masks_of
 from circuitfind.model.memory import free_memory, scoring_chunk
+from circuitfind.model.space import ComponentSpace
 
 PUT_IN = 3  # units outside the circuit tried in: those whose patching gains most alone, to first order
 MAX_SMALLER = 64  # subsets of the rounded mask scored in the exact search: about 64 forward passes of the
@@ -84,11 +87,12 @@ class Pruner:
         tolerance: float,
         ranked: Sequence[int] = (),
         criterion: str = "bound",
-        positions: Sequence[str] = (),
+        groupings: Sequence[Sequence[str]] = (),
     ):
         self.scores, self.tolerance, self.criterion = scores, tolerance, criterion
         self.ranked = list(ranked)  # every unit, the most worth patching alone first (attribution)
-        self.positions = list(positions)  # each unit's position, to drop whole positions first; empty: no such step
+        # each a label per unit (its position; in the residual stream also its layer), to drop whole groups first
+        self.groupings = [list(labels) for labels in groupings]
         self.firmness = firmness.detach().flatten().cpu()  # the search's mask weight: low = patched firmly
         self.raw = frozenset()  # the rounded mask being pruned
         self.allowance = 0.0  # criterion "bound": how far above J(raw) a kept circuit's J may lie
@@ -104,27 +108,30 @@ class Pruner:
             return self.scores.each_at_most([(circuit, self.raw, self.allowance) for circuit, _, _ in trials])
         return self.scores.each_at_most([(circuit, than, self.price * by) for circuit, than, by in trials])
 
-    def drop_positions(self, circuit: frozenset, dropped: List[Dict[str, Any]]) -> frozenset:
-        """Keep the circuit's units at one position alone, or remove them together, the smallest such circuit
-        that may replace it first (ties: the lower J on the first stage), while one may; `dropped` records each."""
-        if not self.positions:  # not asked for
-            return circuit
+    def drop_groups(self, circuit: frozenset, dropped: List[Dict[str, Any]]) -> frozenset:
+        """Keep the circuit's units of one group (a position; a layer of the residual stream) alone, or remove
+        them together, the smallest such circuit that may replace it first (ties: the lower J on the first
+        stage), while one may; `dropped` records each, with the groups it left out."""
         while True:
-            at: Dict[str, List[int]] = {}
-            for unit in sorted(circuit):
-                at.setdefault(self.positions[unit], []).append(unit)
-            if len(at) < 2:
+            trials: Dict[frozenset, List[str]] = {}  # each trial, and the groups it leaves out
+            for labels in self.groupings:
+                at: Dict[str, List[int]] = {}
+                for unit in sorted(circuit):
+                    at.setdefault(labels[unit], []).append(unit)
+                if len(at) < 2:
+                    continue
+                for units in (units for units in at.values() if len(units) > 1):  # one unit alone: elimination's
+                    for trial in (circuit - set(units), frozenset(units)):
+                        trials.setdefault(trial, sorted(set(at) - {labels[u] for u in trial}))
+            if not trials:
                 return circuit
-            groups = [units for units in at.values() if len(units) > 1]  # one unit alone: elimination's to judge
-            trials = list(dict.fromkeys(c for units in groups for c in (circuit - set(units), frozenset(units))))
-            values = self.scores.values(trials)  # one batch of masks
+            values = self.scores.values(list(trials))  # one batch of masks
             order = sorted(zip(trials, values), key=lambda tv: (len(tv[0]), tv[1], sorted(tv[0])))
             found = next(((c, v) for c, v in order if self.fits(c, circuit, len(circuit) - len(c))), None)
             if found is None:
                 return circuit
             smaller, value = found
-            gone = sorted(set(at) - {self.positions[u] for u in smaller})
-            dropped.append({"positions": gone, "removed": sorted(circuit - smaller), "objective": value})
+            dropped.append({"groups": trials[smaller], "removed": sorted(circuit - smaller), "objective": value})
             circuit = smaller
 
     def eliminate(
@@ -238,7 +245,7 @@ class Pruner:
             self.price = self.tolerance * max(improvement, 0.0)
         steps: List[Dict[str, Any]] = []
         dropped: List[Dict[str, Any]] = []
-        kept = self.eliminate_all(self.drop_positions(circuit, dropped), steps)
+        kept = self.eliminate_all(self.drop_groups(circuit, dropped), steps)
         kept, added = self.put_in(kept)
         greedy = kept
         if kept == circuit:
@@ -271,14 +278,14 @@ def prune_circuits(
 ) -> List[tuple[torch.Tensor, Dict[str, Any]]]:
     """Prune each rounded mask (0 = patched) on the validation objectives; returns each pruned mask with its
     record, units by name. `settings` is the prune config (tolerance, criterion, screen_pairs: scored in
-    stages when given, methods/staged_scores.py; by_position: drop whole positions first). rounded, weights
+    stages when given, methods/staged_scores.py; by_position: drop whole groups first, `unit_groupings`). rounded, weights
     (K, L, n_cols)"""
     screen = settings.screen_pairs
     with torch.enable_grad():  # the units worth putting in (on the first stage's pairs): one order for every mask
         gain = attribution_scores(engine, first_stage(objectives, screen), engine.device).flatten().cpu()
     ranked = gain.argsort(descending=True, stable=True).tolist()
     chunk = CPU_CHUNK if engine.device.type == "cpu" else device_chunk(engine, objectives)
-    positions = [unit.position for unit in engine.space.units()] if settings.by_position else []
+    groupings = unit_groupings(engine.space) if settings.by_position else []
     return [
         prune_one(
             engine,
@@ -288,10 +295,18 @@ def prune_circuits(
             settings.tolerance,
             ranked,
             settings.criterion,
-            positions,
+            groupings,
         )
         for r, w in zip(rounded, weights)
     ]
+
+
+def unit_groupings(space: ComponentSpace) -> List[List[str]]:
+    """The groups whose units pruning first keeps alone or drops together: per unit its position, and in the
+    residual stream its layer too (the stream at one layer is a cut of every route)."""
+    units = list(space.units())
+    positions = [unit.position for unit in units]
+    return [positions, [f"layer {unit.layer}" for unit in units]] if space.kind == "residual" else [positions]
 
 
 def device_chunk(engine: Engine, objectives: Sequence[Objective]) -> int:
@@ -313,13 +328,13 @@ def prune_one(
     tolerance: float,
     ranked: Sequence[int],
     criterion: str = "bound",
-    positions: Sequence[str] = (),
+    groupings: Sequence[Sequence[str]] = (),
 ) -> tuple[torch.Tensor, Dict[str, Any]]:
-    """Prune one rounded mask; `ranked`: every unit, the most worth patching alone first; `positions`: each unit's,
-    to drop whole positions first (none: unit by unit only). rounded, weights (L, n_cols)"""
+    """Prune one rounded mask; `ranked`: every unit, the most worth patching alone first; `groupings`: labels of
+    each unit, to drop whole groups first (`unit_groupings`; none: unit by unit only). rounded, weights (L, n_cols)"""
     names = engine.space.names()
     circuit = frozenset(int(i) for i in (rounded.flatten() == 0).nonzero().flatten().tolist())
-    kept, record = Pruner(scores, weights, tolerance, ranked, criterion, positions)(circuit)
+    kept, record = Pruner(scores, weights, tolerance, ranked, criterion, groupings)(circuit)
     pruned = masks_of([kept], engine.space.shape, rounded.device)[0].to(rounded.dtype)
     record["removed"] = [names[u] for u in record["removed"]]
     record["put_in_from_outside"] = [names[u] for u in record["put_in"] if u not in circuit]

@@ -150,8 +150,9 @@ def pruning_line(pruning: Dict[str, Any]) -> str:
     removed = ", ".join(pruning["removed"]) or "nothing"
     outside = set(pruning["put_in_from_outside"])
     put_in = [f"{u} (outside the rounded mask)" if u in outside else u for u in pruning["put_in"]]
-    dropped = [", ".join(step["positions"]) for step in pruning.get("by_position", [])]  # older records: none
-    changes = "".join(f"; first the units at {positions}, together" for positions in dropped)
+    steps = pruning.get("by_position", [])  # older records: none, or each step's "positions"
+    dropped = [", ".join(step.get("groups", step.get("positions", []))) for step in steps]
+    changes = "".join(f"; first the units at {groups}, together" for groups in dropped)
     changes += f"; put in {', '.join(put_in)}" if put_in else ""
     replaced = pruning.get("smaller_search", {}).get("replaced")
     changes += f"; a smaller subset replaced {', '.join(replaced)}" if replaced else ""
