@@ -342,6 +342,23 @@ def test_a_trial_of_putting_in_stops_once_it_cannot_remove_two_units():
     assert record["circuits_scored"] == 56 and record["smaller_search"]["complete"]
 
 
+def test_a_unit_put_into_a_circuit_of_two_is_tried_only_if_it_alone_may_replace_the_circuit():
+    """The positional organism beside the final token, in small: the circuit is two units, 0 and 1, on two paths;
+    unit 2, first in attribution's order, is another cut of 0's path. Put in, only unit 2 alone could be
+    smaller than the circuit, and it is not: no trial of elimination is run (its first step, whether 0 may go
+    beside 1 and 2, is a close call between two cuts of one route, on every pair at the organism)."""
+    paths = [{0, 2}, {1}]
+
+    def j(units: FrozenSet[int]) -> float:
+        return -100.0 * sum(bool(p & units) for p in paths) / len(paths)
+
+    pruner = ScoredPruner(j, 3, 0.01, ranked=[2, 0, 1], criterion="price")
+    kept, record = pruner(frozenset({0, 1}))
+    assert kept == frozenset({0, 1}) and record["put_in"] == []
+    assert frozenset({2}) in pruner.scored
+    assert not {frozenset({0, 1, 2}), frozenset({1, 2})} & set(pruner.scored)
+
+
 def test_putting_a_removed_unit_back_swaps_a_route_for_a_smaller_one():
     """Unit 0 alone carries the answer; units 2 and 3 together nearly do. Removing 0 first looks least
     harmful, and elimination is then stuck with {2, 3}; put back (and kept), 0 lets both go."""

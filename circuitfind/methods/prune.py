@@ -182,15 +182,22 @@ class Pruner:
         candidates = [u for u in self.ranked if u not in kept][:PUT_IN]
         added: List[int] = []
         while True:
-            trials = (  # smaller than `kept` only by removing two units
-                self.eliminate(kept | {unit}, keep=frozenset({unit}), need=2) for unit in candidates if unit not in kept
-            )
+            trials = (self.put_in_trial(kept, unit) for unit in candidates if unit not in kept)
             smaller = next((trial for trial in trials if len(trial) < len(kept) and self.replaces(trial, kept)), None)
             if smaller is None:
                 return kept, added
             smaller = self.eliminate_all(smaller)  # a unit needed beside one that went may go now
             added += sorted(smaller - kept)
             kept = smaller
+
+    def put_in_trial(self, kept: frozenset, unit: int) -> frozenset:
+        """`kept` with `unit` put in and elimination run again, `unit` kept: smaller than `kept` only when two units
+        go. With two units in `kept` that leaves `unit` alone, so unless it alone may replace `kept` (one
+        comparison, mostly clear on the first stage) no trial is run: elimination's close calls between cuts
+        of one route would decide nothing. Returns `kept` when no smaller circuit can come of it."""
+        if len(kept) == 2 and not self.replaces(frozenset({unit}), kept):
+            return kept
+        return self.eliminate(kept | {unit}, keep=frozenset({unit}), need=2)
 
     def swap(self, kept: frozenset, pool: frozenset) -> frozenset:
         """Criterion price: swap one unit of `kept` for one of `pool` while that lowers J. The size, and so the
