@@ -56,6 +56,21 @@ def test_the_default_run_reports_exactly_the_planted_circuit(pruned_run):
     assert int((masks["rounded"] == 0).sum()) == 5 and int((masks["circuit"] == 0).sum()) == 4
 
 
+def test_the_validation_pairs_are_prepared_after_the_search_and_timed_as_pruning(tmp_path, monkeypatch):
+    """Preparing them (their alternates' runs, prefixes and clean runs) is part of what pruning costs, and
+    they need not hold memory while the mask is trained."""
+    from circuitfind.runs import train
+
+    events = []
+    objectives, find, prune_circuits = Job.objectives, train.Run.find, train.prune_circuits
+    monkeypatch.setattr(Job, "objectives", lambda job, split="train": events.append(split) or objectives(job, split))
+    monkeypatch.setattr(train.Run, "find", lambda *a: events.append("search") or find(*a))
+    monkeypatch.setattr(train, "prune_circuits", lambda *a: events.append("pruning") or prune_circuits(*a))
+    (record,) = run_search(compose(*QUIET, "optimizer.steps=2"), tmp_path / "run")
+    assert events[events.index("search") :] == ["search", "validation", "pruning"]
+    assert record.timing["prune_s"] > 0
+
+
 def test_after_pruning_every_unit_is_needed_alone(pruned_run):
     ev = json.loads((pruned_run / "eval.json").read_text())
     assert sorted(ev["circuit"]) == PLANTED

@@ -156,7 +156,6 @@ class Run:
         ):
             self.splits = job.eval_splits()
             self.objectives = job.objectives()
-            self.validation = job.objectives("validation") if job.prunes else []
         self.checks = job.self_checks()
         self.evaluation = job.circuit_evaluation(self.splits)
         self.evaluation.check_reference()  # too few prompts for a mean ablation stops the run here
@@ -232,7 +231,11 @@ class Run:
         rounded = round_mask(mask)
         if not self.job.prunes:
             return rounded, [None] * mask.shape[0]
-        pruned = prune_circuits(self.job.engine, self.validation, rounded, mask, self.job.cfg.prune)
+        # prepared here, after the search (whose memory they need not share), and timed as pruning's: their
+        # alternates' runs and clean runs are part of what pruning costs (800 of each with prune=stable)
+        with out_of_memory_hint("while preparing the validation pairs; set optimizer.batch_size smaller or cache=cpu"):
+            validation = self.job.objectives("validation")
+        pruned = prune_circuits(self.job.engine, validation, rounded, mask, self.job.cfg.prune)
         for record in (record for _, record in pruned):
             log.info(pruning_line(record))
         return torch.stack([circuit for circuit, _ in pruned]), [record for _, record in pruned]
