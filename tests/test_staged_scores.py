@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from circuitfind.methods import staged_scores
-from circuitfind.methods.objective import Objective
+from circuitfind.methods.objective import Objective, OnFirstUse
 from circuitfind.methods.staged_scores import StagedScores, first_stage
 
 BATCH, BATCHES = 50, 8  # 400 validation pairs in batches of 50, as prune=stable draws them
@@ -41,8 +41,6 @@ def scores(monkeypatch):
         return torch.stack([LOSSES[c][prep.index * BATCH : (prep.index + 1) * BATCH] for c in circuits])
 
     monkeypatch.setattr(staged_scores, "term_pair_loss", pair_losses)
-    batches = [SimpleNamespace(pairs=range(BATCH), index=i) for i in range(BATCHES)]
-    objective = Objective(None, batches, [None] * BATCHES, 1.0, True)
 
     def run_order(prep, masks):  # an order that moves the circuits (larger first): the losses must follow
         patched = (masks.flatten(1) == 0).sum(1).tolist()
@@ -51,6 +49,9 @@ def scores(monkeypatch):
     engine = SimpleNamespace(space=SimpleNamespace(shape=(1, 3)), device=torch.device("cpu"), run_order=run_order)
 
     def made(screen_pairs: int | None) -> StagedScores:
+        # the validation split's batches are prepared when first scored (OnFirstUse): count them
+        batches = OnFirstUse(lambda i: SimpleNamespace(pairs=range(BATCH), index=i), [(BATCH, 23)] * BATCHES)
+        objective = Objective(None, batches, [None] * BATCHES, 1.0, True)
         return StagedScores(engine, [objective], chunk=8, screen_pairs=screen_pairs)
 
     return made
@@ -62,6 +63,7 @@ def test_a_clear_comparison_is_decided_on_the_first_stage(scores):
     assert not staged.at_most(C, B, 0.0)  # C is worse by 5 on every pair
     assert staged.pairs_scored == 2 * BATCH
     assert staged.record()["circuits_on_every_pair"] == 0
+    assert staged.objectives[0].batches.prepared == 1 and staged.pairs_of(1) == BATCH  # the rest not prepared
 
 
 def test_a_close_comparison_takes_more_pairs_and_decides_as_every_pair_does(scores):
@@ -71,7 +73,8 @@ def test_a_close_comparison_takes_more_pairs_and_decides_as_every_pair_does(scor
     assert 2 * BATCH < staged.pairs_scored <= 2 * BATCH * BATCHES
     every = scores(None)
     assert every.stages == 1 and every.at_most(A, B, 0.0)
-    assert every.full([A])[0] == pytest.approx(staged.full([A])[0]) == pytest.approx(-0.2375)
+    on_every_pair = staged.values([A], staged.stages)[0]
+    assert every.values([A])[0] == pytest.approx(on_every_pair) == pytest.approx(-0.2375)
 
 
 def test_comparisons_decided_together_answer_as_one_at_a_time_and_score_each_batch_once(scores, monkeypatch):
@@ -110,8 +113,9 @@ def test_the_circuit_in_hand_drops_trials_surely_worse_than_it_however_close_the
 
 
 def test_the_first_stage_holds_the_first_screen_pairs_of_each_objective():
-    batches = [SimpleNamespace(pairs=range(n)) for n in (30, 30, 30)]
+    batches = OnFirstUse(lambda i: SimpleNamespace(pairs=range(30)), [(30, 23)] * 3)
     objective = Objective(None, batches, [None] * 3, 1.0, True)
     (first,) = first_stage([objective], 50)
-    assert first.n_pairs == 60
+    assert first.n_pairs == 60 and batches.prepared == 0  # counted before any batch is prepared
     assert first_stage([objective], None)[0].n_pairs == 90
+    assert len(first.batches[1].pairs) == 30 and batches.prepared == 1  # prepared once read

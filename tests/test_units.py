@@ -314,7 +314,9 @@ def test_pairs_that_circuits_are_scored_on_keep_their_clean_run_and_a_mask_that_
     with embed, torch.no_grad():
         nothing = job.engine.final_hidden(kept, torch.ones(2, *job.space.shape))
     assert tokens == [] and torch.equal(nothing, final.expand(2, -1, -1))
-    assert all(b.clean is not None for o in job.objectives("validation") for b in o.batches)
+    for objective in job.objectives("validation"):  # prepared when first scored: d0 from the kept clean run
+        assert objective.batches.prepared == 0
+        assert objective.d0[0] is not None and objective.batches[0].clean is not None
     assert all(b.clean is None for o in job.objectives("train") for b in o.batches)  # trained: never needed
 
 

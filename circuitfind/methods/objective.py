@@ -8,7 +8,7 @@ its pairs (docs/method.md), or the cross-entropy of its target.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence
+from typing import Callable, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -24,14 +24,46 @@ class Objective:
     """One desideratum's training pairs, prepared by the engine, and its step settings."""
 
     desideratum: Desideratum
-    batches: List[Prepared]  # sub-batches of the training pairs
-    d0: List[torch.Tensor]  # per sub-batch (B,): logit difference of the unpatched base run
+    batches: Sequence[Prepared]  # sub-batches of the training pairs (validation: `OnFirstUse`)
+    d0: Sequence[torch.Tensor]  # per sub-batch (B,): logit difference of the unpatched base run
     weight: float
     with_sparsity: bool
 
     @property
+    def shapes(self) -> List[Tuple[int, int]]:
+        """Each sub-batch's pairs and tokens, without preparing one that is not prepared yet."""
+        known = getattr(self.batches, "shapes", None)
+        return list(known) if known is not None else [(len(p.pairs), p.pairs.base_ids.shape[1]) for p in self.batches]
+
+    @property
     def n_pairs(self) -> int:
-        return sum(len(p.pairs) for p in self.batches)
+        return sum(pairs for pairs, _ in self.shapes)
+
+
+class OnFirstUse(Sequence):
+    """Items made when first read, then kept: the validation split's prepared sub-batches and their d0, so that
+    pruning prepares (runs the alternates and the clean prompts of) only the pairs its comparisons reach
+    (methods/staged_scores.py). `shapes`: each item's pairs and tokens, known before it is made."""
+
+    def __init__(self, make: Callable[[int], object], shapes: Sequence[Tuple[int, int]]):
+        self.make, self.shapes, self.made = make, list(shapes), {}
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):  # a view: its items are made (and kept) here, on first use too
+            picked = range(len(self))[i]
+            return OnFirstUse(lambda j: self[picked[j]], [self.shapes[j] for j in picked])
+        i = range(len(self))[i]  # a negative index, or IndexError
+        if i not in self.made:
+            self.made[i] = self.make(i)
+        return self.made[i]
+
+    @property
+    def prepared(self) -> int:
+        """How many items have been made."""
+        return len(self.made)
 
 
 def clean_logit_diff(engine: Engine, hidden: torch.Tensor, pairs: EncodedPairs) -> torch.Tensor:

@@ -50,7 +50,9 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
 Every comparison (may this circuit replace that one; which of these is best) is made by StagedScores
 (methods/staged_scores.py): on every validation pair, or with `prune.screen_pairs` on as many as it
 needs, so that a close call between two cuts is judged on all the pairs and a clear one on the first
-few. J(none), J(raw) and the pruned circuit's J, in the record, are on every pair.
+few. J(none) and J(raw), which set the bound or the price, and the pruned circuit's J, in the record, are on
+the first stage's pairs (every pair without screening; `objective.pairs` says how many): a later stage's
+pairs are prepared (their alternates and clean prompts run) only when a comparison first needs them.
 """
 
 from __future__ import annotations
@@ -244,7 +246,9 @@ class Pruner:
     def __call__(self, circuit: frozenset) -> tuple[frozenset, Dict[str, Any]]:
         """The pruned circuit, and what pruning did (objectives, removals, additions)."""
         self.raw = circuit
-        none, raw = self.scores.full([frozenset(), circuit])
+        # the improvement's scale, which the bound or the price is a share of: on the first stage's pairs (every
+        # pair without screening), so that pruning prepares later pairs only for the comparisons that need them
+        none, raw = self.scores.values([frozenset(), circuit])
         improvement = none - raw
         if self.criterion == "bound":
             self.allowance = self.tolerance * max(improvement, 0.0)
@@ -262,11 +266,11 @@ class Pruner:
         searched = kept
         if self.criterion == "price":
             kept = self.swap(searched, circuit | greedy)
-        (final,) = self.scores.full([kept])
+        (final,) = self.scores.values([kept])
         return kept, {
             "tolerance": self.tolerance,
             "criterion": self.criterion,
-            "objective": {"nothing_patched": none, "raw": raw, "pruned": final}
+            "objective": {"nothing_patched": none, "raw": raw, "pruned": final, "pairs": self.scores.pairs_of(1)}
             | ({"bound": raw + self.allowance} if self.criterion == "bound" else {"price": self.price}),
             "kept_share": (none - final) / improvement if improvement > 0 else None,
             "removed": sorted(circuit - kept),
@@ -319,8 +323,8 @@ def unit_groupings(space: ComponentSpace) -> List[List[str]]:
 def device_chunk(engine: Engine, objectives: Sequence[Objective]) -> int:
     """Circuits scored together on an accelerator: up to MASK_CHUNK, as many as its free memory holds for the
     largest validation batch (on LLaMA-13B, 50 pairs of 25 tokens: about 2.4 GiB each)."""
-    pairs = max(len(prep.pairs) for obj in objectives for prep in obj.batches)
-    tokens = max(prep.pairs.base_ids.shape[1] for obj in objectives for prep in obj.batches)
+    pairs = max(pairs for obj in objectives for pairs, _ in obj.shapes)
+    tokens = max(tokens for obj in objectives for _, tokens in obj.shapes)
     dtype = engine.readout.weight.dtype
     return scoring_chunk(
         engine.sites, engine.model.config, dtype, pairs, tokens, free_memory(engine.device), MASK_CHUNK

@@ -39,7 +39,7 @@ def stage_pairs(n_pairs: int, screen_pairs: int | None) -> List[int]:
 def stage_ends(objective: Objective, screen_pairs: int | None, stages: int) -> List[int]:
     """How many of the objective's batches each of `stages` stages covers: the fewest that hold the stage's
     pairs (every batch from the objective's own last stage on)."""
-    covered = list(itertools.accumulate(len(p.pairs) for p in objective.batches))
+    covered = list(itertools.accumulate(pairs for pairs, _ in objective.shapes))
     want = stage_pairs(covered[-1], screen_pairs)
     want += [covered[-1]] * (stages - len(want))
     return [next(i + 1 for i, c in enumerate(covered) if c >= w) for w in want]
@@ -118,9 +118,11 @@ class StagedScores:
         self.score(circuits, stage)
         return [self.value(c, stage) for c in circuits]
 
-    def full(self, circuits: Sequence[frozenset]) -> List[float]:
-        """J of each circuit on every validation pair."""
-        return self.values(circuits, self.stages)
+    def pairs_of(self, stage: int) -> int:
+        """The validation pairs (of every objective) that `stage` covers."""
+        return sum(
+            sum(pairs for pairs, _ in obj.shapes[: ends[stage - 1]]) for obj, ends in zip(self.objectives, self.ends)
+        )
 
     def spread(self, circuit: frozenset, other: frozenset, stage: int) -> float:
         """The standard error of J(circuit) - J(other) on the pairs of `stage`, from the paired differences."""

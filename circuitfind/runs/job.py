@@ -19,7 +19,7 @@ from circuitfind.evaluation.circuit_tests import CircuitEvaluation
 from circuitfind.evaluation.heldout import EvalSplit, prepare_split
 from circuitfind.evaluation.planted import Truth, planted_truth
 from circuitfind.evaluation.selfcheck import self_checks
-from circuitfind.methods.objective import Objective, unpatched_logit_diff
+from circuitfind.methods.objective import Objective, OnFirstUse, unpatched_logit_diff
 from circuitfind.methods.registry import method_named
 from circuitfind.methods.staged_scores import stage_pairs
 from circuitfind.model.components import UnitsChoice, locate_components
@@ -163,22 +163,38 @@ class Job:
         """The same job with another seed (fresh data), on the model already loaded."""
         return Job(OmegaConf.merge(self.cfg, {"seed": seed}), loaded=self.loaded)
 
-    def prepared(self, name: str, split: str) -> List[Prepared]:
+    def chunks(self, name: str, split: str) -> List[EncodedPairs]:
+        """A split's pairs in sub-batches of optimizer.batch_size; on the validation split, within the stages in
+        which pruning scores them (methods/staged_scores.py)."""
         enc = self.encoded[(name, split)]
         size = self.cfg.optimizer.batch_size
         screen = self.cfg.prune.screen_pairs if split == "validation" else None
-        if screen:  # pruning scores the pairs in doubling stages (methods/staged_scores.py): a batch per stage
+        if screen:
             ends = stage_pairs(len(enc), screen)
             stages = [enc.rows(start, stop) for start, stop in zip([0, *ends], ends)]
-            return [self.engine.prepare(chunk) for stage in stages for chunk in stage.chunks(size)]
-        return [self.engine.prepare(chunk) for chunk in enc.chunks(size)]
+            return [chunk for stage in stages for chunk in stage.chunks(size)]
+        return list(enc.chunks(size))
+
+    def prepared(self, name: str, split: str) -> List[Prepared]:
+        return [self.engine.prepare(chunk) for chunk in self.chunks(name, split)]
 
     def objectives(self, split: str = "train") -> List[Objective]:
-        """The training objective's terms on the `split` ("train", "validation" or held-out "test") pairs."""
+        """The training objective's terms on the `split` ("train", "validation" or held-out "test") pairs. The
+        validation split's sub-batches are prepared when pruning first scores them (`OnFirstUse`)."""
         objs = []
         for des in trained(self.desiderata):
-            batches = self.prepared(des.name, split)
-            d0 = [unpatched_logit_diff(self.engine, b, keep=split != "train") for b in batches]  # scored, not trained
+            if split == "validation":
+                chunks = self.chunks(des.name, split)
+                shapes = [(len(chunk), chunk.base_ids.shape[1]) for chunk in chunks]
+                batches = OnFirstUse(lambda i, chunks=chunks: self.engine.prepare(chunks[i]), shapes)
+                d0 = OnFirstUse(
+                    lambda i, batches=batches: unpatched_logit_diff(self.engine, batches[i], keep=True), batches.shapes
+                )
+            else:
+                batches = self.prepared(des.name, split)
+                d0 = [
+                    unpatched_logit_diff(self.engine, b, keep=split != "train") for b in batches
+                ]  # scored, not trained
             objs.append(Objective(des, batches, d0, des.weight, des.with_sparsity))
         return objs
 
