@@ -414,10 +414,12 @@ def test_the_price_drops_every_unit_that_buys_less_than_its_share():
     assert "price 0.988 per unit" in pruning_line(named) and "stages" not in pruning_line(named)
     screened = named | {"screening": {"screen_pairs": 50, "circuits_on_every_pair": 3, "pairs_scored": 2500,
                                       "pairs_without_screening": 10000}}  # fmt: skip
+    screened["objective"] = record["objective"] | {"pairs": 100}  # J(none), J(raw), J(pruned): the first stage's
     assert (
         f"scored in stages of 50 pairs: 3 of {record['circuits_scored']} circuits on every pair, 25%"
         in pruning_line(screened)
     )
+    assert "objective on 100 pairs -98.8 (rounded mask)" in pruning_line(screened)
 
 
 def test_the_price_keeps_a_unit_that_buys_more_than_its_share():

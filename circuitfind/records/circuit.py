@@ -163,8 +163,9 @@ def pruning_line(pruning: Dict[str, Any]) -> str:
     bound = "bound" in j  # records from before prune.criterion have a bound too
     rule = f"bound {j['bound']:.4g}" if bound else f"price {j['price']:.4g} per unit"
     each = "" if bound else ", paid by each unit"
+    on = f" on {j['pairs']} pairs" if j.get("pairs") else ""  # older records: on every pair
     return (
-        f"pruning on the validation pairs removed {removed}{changes}: objective {j['raw']:.4g} (rounded mask) -> "
+        f"pruning on the validation pairs removed {removed}{changes}: objective{on} {j['raw']:.4g} (rounded mask) -> "
         f"{j['pruned']:.4g} ({rule}; nothing patched: {j['nothing_patched']:.4g}{share}; "
         f"tolerance {pruning['tolerance']:g} of the circuit's improvement{each}){screening_words(pruning)}"
     )
