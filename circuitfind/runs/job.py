@@ -190,11 +190,9 @@ class Job:
                 d0 = OnFirstUse(
                     lambda i, batches=batches: unpatched_logit_diff(self.engine, batches[i], keep=True), batches.shapes
                 )
-            else:
+            else:  # test pairs are scored (the clean run kept), training pairs trained
                 batches = self.prepared(des.name, split)
-                d0 = [
-                    unpatched_logit_diff(self.engine, b, keep=split != "train") for b in batches
-                ]  # scored, not trained
+                d0 = [unpatched_logit_diff(self.engine, b, keep=split != "train") for b in batches]
             objs.append(Objective(des, batches, d0, des.weight, des.with_sparsity))
         return objs
 

@@ -231,11 +231,11 @@ class Run:
         rounded = round_mask(mask)
         if not self.job.prunes:
             return rounded, [None] * mask.shape[0]
-        # prepared here, after the search (whose memory they need not share), and timed as pruning's: their
-        # alternates' runs and clean runs are part of what pruning costs (800 of each with prune=stable)
-        with out_of_memory_hint("while preparing the validation pairs; set optimizer.batch_size smaller or cache=cpu"):
-            validation = self.job.objectives("validation")
-        pruned = prune_circuits(self.job.engine, validation, rounded, mask, self.job.cfg.prune)
+        # the validation pairs are prepared as pruning first scores them (after the search, whose memory they need
+        # not share): their alternates' runs and clean runs are part of what pruning costs, and of prune_s
+        validation = self.job.objectives("validation")
+        with out_of_memory_hint("while pruning on the validation pairs; set optimizer.batch_size smaller or cache=cpu"):
+            pruned = prune_circuits(self.job.engine, validation, rounded, mask, self.job.cfg.prune)
         for record in (record for _, record in pruned):
             log.info(pruning_line(record))
         return torch.stack([circuit for circuit, _ in pruned]), [record for _, record in pruned]
