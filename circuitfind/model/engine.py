@@ -337,7 +337,7 @@ class CachedEngine(FullEngine):
         """Masks being trained run from `offset` through every layer (the gradient reaches every unit's weight,
         1 or not); others run in groups, each from its first patched token and layer (`first_patched`), and
         masks that patch the same units before their latest position run that part once (`late_starts`)."""
-        if mask is None or (torch.is_grad_enabled() and mask.requires_grad):
+        if mask is None or being_trained(mask):
             return self._final_hidden_from(prep, mask, values, prep.offset, 0)
         kept = prep.clean.final if prep.clean is not None else None
         nothing = (mask.detach() >= 1).flatten(1).all(1).cpu() & (kept is not None)  # the clean run's final state
@@ -445,7 +445,7 @@ class CachedEngine(FullEngine):
         keys/values before token n and the clean residual stream entering `layer`."""
         k, b = (1 if mask is None else mask.shape[0]), len(prep.pairs)
         clean = self._clean_row(prep, mask, n, layer)
-        scored = mask is not None and not (torch.is_grad_enabled() and mask.requires_grad)  # not trained
+        scored = mask is not None and not being_trained(mask)
         active = self._active_tokens(prep, mask, n, layer, None) if scored and clean is None and n > 0 else None
         with self._from_layer(prep, n, layer, active=active), self._recording(clean, b, 0) as resid:
             if n == 0:  # a site at the first token: there is no prefix to keep
@@ -479,7 +479,7 @@ class CachedEngine(FullEngine):
         any does and the run is one to keep (from `offset`, every layer): pruning's J(none) makes it free."""
         if prep.clean is not None or mask is None or self.cache == "recompute" or (n, layer) != (prep.offset, 0):
             return None
-        if n == 0 or (torch.is_grad_enabled() and mask.requires_grad):
+        if n == 0 or being_trained(mask):
             return None
         nothing = (mask.detach() >= 1).flatten(1).all(1).nonzero().flatten()
         return int(nothing[0]) if len(nothing) else None
@@ -681,6 +681,12 @@ class SkippedLayer(torch.nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
+
+
+def being_trained(mask: torch.Tensor) -> bool:
+    """Whether a mask's weights are being trained: its gradient reaches every unit's weight, 1 or not, so it runs
+    whole (from the earliest position, every layer, every token)."""
+    return torch.is_grad_enabled() and mask.requires_grad
 
 
 def first_layer(patched: torch.Tensor) -> torch.Tensor:
