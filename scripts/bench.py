@@ -16,6 +16,7 @@ Variants are timed in turn within each repeat, so that other load hits all of th
     python scripts/bench.py --shapes smollm2 --batch 32 --repeats 7
     python scripts/bench.py --shapes llama13b --device cuda --dtype float16   # on a GPU
     python scripts/bench.py --setup tinyllama1b   # preparation and evaluation against 100 training steps
+    python scripts/bench.py --prepare smollm2     # preparing a batch: alternates from the tokens they share
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from circuitfind.methods.objective import patched_delta, unpatched_logit_diff
 from circuitfind.model.builtin import build_char_tokenizer
 from circuitfind.model.components import locate_components
-from circuitfind.model.engine import make_engine, prefix_buffers, returned_cache, suffix_slot_cache, with_cache
+from circuitfind.model.engine import (
+    make_engine,
+    prefix_buffers,
+    returned_cache,
+    shared_tokens,
+    suffix_slot_cache,
+    with_cache,
+)
 from circuitfind.model.hooks import SiteValues, record_final_values
 from circuitfind.model.loading import DTYPES
 from circuitfind.model.readout import Readout
@@ -345,6 +353,34 @@ def bench_setup(shape: str, steps: int = 3) -> None:
     )
 
 
+def bench_prepare(shape: str, n_pairs: int, repeats: int) -> None:
+    """Preparing a batch, by desideratum: the alternates run from their first token that differs from the base
+    (on the base prefix's keys/values, which preparation runs anyway) against the whole alternate prompts, both
+    with the base prefix, timed in turn in this process (random weights of this shape, the organism's task)."""
+    from circuitfind.model.engine import FullEngine
+    from circuitfind.model.hooks import SiteIndex
+
+    model, tok = random_llama(shape, torch.float32, "cpu")
+    engine = make_engine("cached", model, locate_components(model))
+    task = load_task("arithmetic")
+    print(f"\n## preparing {n_pairs} pairs, {shape} {SHAPES[shape][:5]}, median of {repeats}")
+    print(
+        "| desideratum | tokens shared | whole alternates, ms | from the shared tokens, ms | ratio |\n|---|---|---|---|---|"
+    )
+    for des in load_desiderata("vd_oi", task):
+        enc = PairEncoder(tok).encode(sample_pairs(task, des, n_pairs, 0), des)
+
+        def whole(enc=enc) -> None:  # what preparation ran before: the alternates' whole prompts, the base prefix
+            FullEngine.prepare(engine, enc)
+            engine._prefix_kv(enc, int(SiteIndex.of(enc.base_pos, enc.alt_pos).base_tok.min()))
+
+        times = timed_round_robin({"whole": whole, "shared": lambda enc=enc: engine.prepare(enc)}, repeats, "cpu")
+        print(
+            f"| {des.name} | {shared_tokens(enc)} of {enc.alt_ids.shape[1]} | {1e3 * times['whole']:.1f} | "
+            f"{1e3 * times['shared']:.1f} | {times['shared'] / times['whole']:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["organism", "smollm2"], choices=list(SHAPES))
@@ -355,11 +391,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--pairs", action="store_true", help="only the pair-generation benchmark")
     parser.add_argument("--setup", choices=list(SHAPES), help="only the set-up cost of one run at this shape")
+    parser.add_argument("--prepare", choices=list(SHAPES), help="only preparing a batch's pairs, at this shape")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.setup:
         bench_setup(args.setup)
+        return
+    if args.prepare:
+        bench_prepare(args.prepare, 4 * args.batch, args.repeats)
         return
     print(
         f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, batch {args.batch}, "

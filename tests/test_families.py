@@ -18,7 +18,7 @@ import transformers as tf
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.builtin import build_char_tokenizer
 from circuitfind.model.components import ADAPTERS, UnitsChoice, locate_components
-from circuitfind.model.engine import make_engine
+from circuitfind.model.engine import make_engine, shared_tokens
 from circuitfind.task.encoding import position_ids
 
 from conftest import arithmetic_pairs
@@ -199,6 +199,30 @@ def test_masks_that_share_their_units_before_the_final_token_run_that_part_once_
     # the cached engine's last runs: the clean run from the earlier token, the earlier part patched at layer 0 (on
     # its token only, not the five up to the final token), the later parts from layer 0 (the final token)
     assert first_layer_tokens[-3:] == [6, 1, 1]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_alternates_run_from_their_first_token_that_differs_and_equal_the_full_run(family):
+    """OI's alternates change the operator only: the tokens before it are the base prompts', whose prefix the
+    cached engine runs anyway, so the alternates run from there on its keys/values (and their padding), which
+    every family's cache must allow."""
+    model, tok = tiny_model(family)
+    enc = arithmetic_pairs(tok, "oi", 9, padded=True)
+    width, shared = enc.alt_ids.shape[1], shared_tokens(enc)
+    assert (enc.base_attn == 0).any() and 0 < shared < width - 1
+    sites = locate_components(model)
+    full = make_engine("full", model, sites).prepare(enc)
+    tokens = []  # per run, the tokens layer 0 runs on
+    count = sites.layer_stack[0].register_forward_pre_hook(
+        lambda m, args, kwargs: tokens.append((args or [kwargs["hidden_states"]])[0].shape[1]), with_kwargs=True
+    )
+    with count:
+        cached = make_engine("cached", model, sites).prepare(enc)
+    assert tokens == [width - 1, width - shared]  # the base prompts' prefix, then the alternates from `shared`
+    assert torch.allclose(cached.alt_hidden, full.alt_hidden, atol=1e-5, rtol=0)
+    for point, layers in full.alt_values.points.items():
+        for ours, theirs in zip(cached.alt_values.points[point], layers, strict=True):
+            assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "mistral"])  # gemma2 fails loudly, mistral silently

@@ -20,7 +20,7 @@ from circuitfind.evaluation.selfcheck import self_checks
 from circuitfind.model import tlens
 from circuitfind.model.builtin import build_char_tokenizer
 from circuitfind.model.components import UnitsChoice, locate_components
-from circuitfind.model.engine import make_engine
+from circuitfind.model.engine import make_engine, shared_tokens
 from circuitfind.model.loading import load_model
 
 from conftest import arithmetic_pairs
@@ -87,6 +87,21 @@ def test_keep_all_is_the_models_own_logits_and_patch_all_the_alternates(variant,
     assert not torch.allclose(clean, alt, atol=1e-3), "base and alternate differ, so the checks mean something"
     assert torch.allclose(kept, clean, atol=1e-5, rtol=0)
     assert torch.allclose(patched, alt, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_alternates_run_from_their_first_token_that_differs_on_the_prefix_cache(variant):
+    """OI's alternates share every token before the operator with their bases: the cached engine runs them from
+    there on TransformerLens's frozen cache of the base prefix, and records what a whole run records."""
+    model, _ = tlens.wrap_hooked_transformer(tiny_tl(variant), build_char_tokenizer())
+    sites = locate_components(model)
+    enc = arithmetic_pairs(build_char_tokenizer(), "oi", 9, padded=True)
+    assert 0 < shared_tokens(enc) < enc.alt_ids.shape[1] - 1
+    full, cached = (make_engine(engine, model, sites).prepare(enc) for engine in ("full", "cached"))
+    assert torch.allclose(cached.alt_hidden, full.alt_hidden, atol=1e-5, rtol=0)
+    for point, layers in full.alt_values.points.items():
+        for ours, theirs in zip(cached.alt_values.points[point], layers, strict=True):
+            assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
 
 
 def _alt_value(tl, pairs, hook: str) -> torch.Tensor:

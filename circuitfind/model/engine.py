@@ -243,6 +243,15 @@ def cached_prefix(prep: "Prepared") -> List[Tuple[torch.Tensor, torch.Tensor]]:
     return [(key[:b, :, :n], val[:b, :, :n]) for key, val in prep.buffers[1]]
 
 
+def shared_tokens(pairs: EncodedPairs) -> int:
+    """How many first tokens every pair's base and alternate prompts have in common (ids and padding)."""
+    if pairs.base_ids.shape != pairs.alt_ids.shape:
+        return 0
+    same = (pairs.base_ids == pairs.alt_ids) & (pairs.base_attn == pairs.alt_attn)
+    differs = ~same.all(0)  # (T,) a column where some pair differs
+    return int(differs.int().argmax()) if differs.any() else pairs.base_ids.shape[1]
+
+
 def suffix_slot_cache(buffers, prefix_len: int, device=None) -> Cache:
     """A cache over per-layer buffers; a layer without one (None: the run skips it) only reports the prefix."""
     empty = torch.empty(0, device=device)
@@ -276,16 +285,40 @@ class CachedEngine(FullEngine):
 
     @torch.no_grad()
     def prepare(self, pairs: EncodedPairs) -> Prepared:
-        prep = super().prepare(pairs)
-        prep.offset = int(prep.where.base_tok.min())  # the earliest site: everything before it is fixed
+        where = SiteIndex.of(pairs.base_pos, pairs.alt_pos)
+        offset = int(where.base_tok.min())  # the earliest site: everything before it is fixed
+        kv = self._prefix_kv(pairs, offset) if offset > 0 and self.cache != "recompute" else None
+        shared = min(shared_tokens(pairs), offset, int(where.alt_tok.min())) if kv is not None else 0
+        if shared > 0:  # the alternates run from their first token that differs, on the base prompts' keys/values
+            values, hidden = self._alt_values_from(pairs, where, kv, shared)
+        else:
+            values, hidden = self.site_values(pairs.alt_ids, pairs.alt_attn, where.rows, where.alt_tok)
+        prep = Prepared(pairs=pairs, where=where, alt_values=values, alt_hidden=hidden, offset=offset)
         last = pairs.base_ids.shape[1] - 1
         starts = torch.full((len(self.space.positions),), last, dtype=torch.long)
-        prep.slot_starts = starts.scatter_reduce(0, prep.where.slot, prep.where.base_tok, reduce="amin")
-        prep.slot_ends = torch.full_like(starts, -1).scatter_reduce(0, prep.where.slot, prep.where.base_tok, "amax")
-        if prep.offset > 0 and self.cache != "recompute":
-            kv = self._prefix_kv(pairs, prep.offset)
+        prep.slot_starts = starts.scatter_reduce(0, where.slot, where.base_tok, reduce="amin")
+        prep.slot_ends = torch.full_like(starts, -1).scatter_reduce(0, where.slot, where.base_tok, "amax")
+        if kv is not None:
             prep.prefix_kv = [(k.cpu(), v.cpu()) for k, v in kv] if self.cache == "cpu" else kv
         return prep
+
+    def _alt_values_from(
+        self, pairs: EncodedPairs, where: SiteIndex, kv, shared: int
+    ) -> tuple[SiteValues, torch.Tensor]:
+        """`site_values` of the alternate prompts, which equal the base prompts on tokens [0, shared): those tokens'
+        keys/values are the base prefix's (`kv`), and the run starts at token `shared` (in a task that changes
+        one late token, such as the operator, most of the prompt). (N, C) per layer, (B, hidden)"""
+        width = pairs.alt_ids.shape[1]
+        buffers = prefix_buffers([(k[:, :, :shared], v[:, :, :shared]) for k, v in kv], 1, self.layer_devices, width)
+        attn = pairs.alt_attn
+        with record_values(self.sites, where.rows, where.alt_tok - shared) as values:
+            out = self.body(
+                input_ids=pairs.alt_ids[:, shared:].to(self.device),
+                attention_mask=attn.to(self.device),
+                position_ids=position_ids(attn)[:, shared:].to(self.device),
+                **with_cache(self.body, suffix_slot_cache(buffers, shared, self.device)),
+            )
+        return values, out.last_hidden_state[:, -1]
 
     def first_patched(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
         """Per mask, the first token of a position where it patches a unit (a weight below 1), and the first

@@ -35,7 +35,7 @@ from circuitfind.config.choices import CACHE_POLICIES
 from circuitfind.errors import CircuitfindError
 from circuitfind.model.components import Sites
 from circuitfind.model.engine import CachedEngine, FullEngine, Prepared
-from circuitfind.model.hooks import SiteValues
+from circuitfind.model.hooks import SiteValues, record_values
 from circuitfind.model.sources import require
 
 INSTALL = "pip install 'circuitfind[tlens]'"
@@ -207,6 +207,19 @@ class TransformerLensCachedEngine(CachedEngine):
                 key.to(device).repeat(k, 1, 1, 1), val.to(device).repeat(k, 1, 1, 1), frozen=True
             ))  # fmt: skip
         return TransformerLensKeyValueCache(entries, prefix_attn.to(self.device), frozen=True)
+
+    def _alt_values_from(self, pairs, where, kv, shared: int):
+        """The alternates' site values and final state, run from token `shared` on the base prefix's first
+        `shared` keys/values (CachedEngine.prepare)."""
+        attn = pairs.alt_attn
+        cache = self._frozen_cache([(key[:, :shared], val[:, :shared]) for key, val in kv], attn[:, :shared], 1)
+        with record_values(self.sites, where.rows, where.alt_tok - shared) as values:
+            out = self.body(
+                pairs.alt_ids[:, shared:].to(self.device),
+                attention_mask=attn[:, shared:].to(self.device),
+                past_kv_cache=cache,
+            )
+        return values, out.last_hidden_state[:, -1]
 
     @torch.no_grad()
     def clean_final(self, prep: Prepared, keep: bool = False) -> torch.Tensor:
