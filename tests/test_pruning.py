@@ -3,6 +3,7 @@ path's ranking, and the gate forms, on the organism (planted circuit known) and 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from types import SimpleNamespace
@@ -152,7 +153,7 @@ class MadeUpScores:
     def pairs_of(self, stage):
         return 0  # no pairs: every J is exact
 
-    def each_at_most(self, comparisons):
+    def each_at_most(self, comparisons, stages=None):  # one stage: every comparison is decided on it
         return [value <= ref + offset for (circuit, reference, offset) in comparisons
                 for value, ref in [self.values([circuit, reference])]]  # fmt: skip
 
@@ -346,16 +347,32 @@ def test_the_exact_search_is_skipped_when_elimination_removed_nothing():
 
 
 def test_a_trial_of_putting_in_stops_once_it_cannot_remove_two_units():
-    """The route {0, 1, 2, 3} is needed whole; units 4 and 5 help a little and go, and attribution ranks
-    them first outside the circuit, so each is tried back in. A trial is smaller only if two units go:
-    once three of the route's units are shown needed alone, the fourth is not scored (58 circuits before)."""
-    pruner = ScoredPruner(cuts({0, 1, 2, 3}, extra={4: 0.5, 5: 0.3}), 6, 0.01, ranked=[4, 5, 0, 1, 2, 3])
+    """The route {0, ..., 6} is needed whole; units 7 and 8 help a little and go, and attribution ranks them
+    first outside the circuit, so each is tried back in. Seven units leave too many outcomes of a trial to score
+    first (120 > MAX_SMALLER), so the trial runs; it is smaller only if two units go: once six of the route's
+    units are shown needed alone, the seventh is not scored."""
+    route = set(range(7))
+    pruner = ScoredPruner(cuts(route, extra={7: 0.5, 8: 0.3}), 9, 0.01, ranked=[7, 8, *route])
+    kept, record = pruner(frozenset(range(9)))
+    assert kept == frozenset(route) and record["put_in"] == []
+    assert [s["removed"] for s in record["elimination"]] == [8, 7]
+    for unit in (7, 8):  # the trial with `unit` back: units 0-5 needed alone, unit 6 not scored
+        assert set(range(6)) == {u for u in route if frozenset(route | {unit}) - {u} in pruner.scored}
+
+
+def test_a_unit_put_in_is_tried_only_if_one_of_the_trials_outcomes_may_replace_the_circuit():
+    """The route {0, 1, 2, 3} is needed whole; units 4 and 5 help a little and go, and are tried back in. A
+    trial could end only in the unit with at most two of the route's units: 11 circuits, none good enough, so
+    no trial of elimination runs (at the organism's final token, whether a planted head may go once an MLP is
+    in was a close call, scored on every validation pair)."""
+    route = frozenset({0, 1, 2, 3})
+    pruner = ScoredPruner(cuts(route, extra={4: 0.5, 5: 0.3}), 6, 0.01, ranked=[4, 5, 0, 1, 2, 3])
     kept, record = pruner(frozenset(range(6)))
-    assert kept == frozenset({0, 1, 2, 3}) and record["put_in"] == []
-    assert [s["removed"] for s in record["elimination"]] == [5, 4]
-    for unit in (4, 5):  # the trial with `unit` back: units 0, 1 and 2 needed alone, unit 3 not scored
-        assert {0, 1, 2} == {u for u in range(4) if frozenset({0, 1, 2, 3, unit} - {u}) in pruner.scored}
-    assert record["circuits_scored"] == 56 and record["smaller_search"]["complete"]
+    assert kept == route and record["put_in"] == []
+    for unit in (4, 5):
+        outcomes = {frozenset({unit, *rest}) for size in range(3) for rest in itertools.combinations(route, size)}
+        assert len(outcomes) == 11 and outcomes <= set(pruner.scored)
+        assert not {(route | {unit}) - {u} for u in route} & set(pruner.scored), "no trial was run"
 
 
 def test_a_unit_put_into_a_circuit_of_two_is_tried_only_if_it_alone_may_replace_the_circuit():

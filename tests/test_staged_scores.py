@@ -77,6 +77,15 @@ def test_a_close_comparison_takes_more_pairs_and_decides_as_every_pair_does(scor
     assert every.values([A])[0] == pytest.approx(on_every_pair) == pytest.approx(-0.2375)
 
 
+def test_comparisons_limited_to_the_first_stage_leave_the_close_ones_open(scores):
+    """Putting a unit in screens a trial's outcomes on the first stage only: a close call there is None, not
+    taken further, and a clear one is the answer every stage gives."""
+    staged = scores(BATCH)
+    assert staged.each_at_most([(C, B, 0.0), (A, B, 0.0)], stages=1) == [False, None]
+    assert staged.pairs_scored == 3 * BATCH and staged.objectives[0].batches.prepared == 1
+    assert staged.each_at_most([(C, B, 0.0), (A, B, 0.0)]) == [False, True]
+
+
 def test_comparisons_decided_together_answer_as_one_at_a_time_and_score_each_batch_once(scores, monkeypatch):
     """Pruning decides which units may go alone all at once: the same answers and pairs as one comparison at a
     time, but each batch of pairs is scored once for every circuit that needs it (circuits that share a run

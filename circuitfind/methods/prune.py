@@ -31,7 +31,9 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
    units outside the circuit that patching alone would help most, to first order (attribution on
    the validation pairs: one backward pass), are put in one at a time and kept while elimination
    runs again; the result replaces the circuit when it is smaller, until no unit helps. A trial is
-   smaller only if two units go: it stops once all but one could not go alone.
+   smaller only if two units go: when the circuits it could end in (the unit and all but two of the
+   circuit's units, or fewer) are few, it runs only if the first stage does not show that none of them
+   may replace the circuit; it stops once all but one unit could not go alone.
 5. A smaller circuit, exactly: greedy elimination can keep one cut of a route when the rounded mask
    held two, one smaller (it removes first whichever cut is redundant at the start). So every subset
    of the rounded mask (and what step 4 put in) of each size below the result's is scored, smallest
@@ -72,6 +74,8 @@ from circuitfind.model.memory import free_memory, scoring_chunk
 from circuitfind.model.space import ComponentSpace
 
 PUT_IN = 3  # units outside the circuit tried in: those whose patching gains most alone, to first order
+MAX_OUTCOMES = 16  # a trial of putting a unit in is screened first by what it could end in while they are this
+# few (a circuit of four units: 11; of six: 57, which took longer to score at three positions than the trial)
 MAX_SMALLER = 64  # subsets of the rounded mask scored in the exact search: about 64 forward passes of the
 # validation pairs at most (at four positions, 12 units: every single unit, 0.6 s; 500 took 16 s)
 CPU_CHUNK = 8  # masks scored together on a CPU, where larger batches cost more per mask (the organism at
@@ -104,11 +108,12 @@ class Pruner:
         """Whether `circuit`, `smaller_by` units smaller than `than`, may replace it."""
         return self.each_fits([(circuit, than, smaller_by)])[0]
 
-    def each_fits(self, trials: Sequence[tuple[frozenset, frozenset, int]]) -> List[bool]:
-        """`fits` for each (circuit, than, smaller_by), the circuits scored together (methods/staged_scores.py)."""
+    def each_fits(self, trials: Sequence[tuple[frozenset, frozenset, int]], stages: int | None = None) -> List[bool]:
+        """`fits` for each (circuit, than, smaller_by), the circuits scored together (methods/staged_scores.py); with
+        `stages`, on that many at most (None: not decided by then)."""
         if self.criterion == "bound":
-            return self.scores.each_at_most([(circuit, self.raw, self.allowance) for circuit, _, _ in trials])
-        return self.scores.each_at_most([(circuit, than, self.price * by) for circuit, than, by in trials])
+            return self.scores.each_at_most([(circuit, self.raw, self.allowance) for circuit, _, _ in trials], stages)
+        return self.scores.each_at_most([(circuit, than, self.price * by) for circuit, than, by in trials], stages)
 
     def drop_groups(self, circuit: frozenset, dropped: List[Dict[str, Any]]) -> frozenset:
         """Keep the circuit's units of one group (a position; a layer of the residual stream) alone, or remove
@@ -194,11 +199,20 @@ class Pruner:
 
     def put_in_trial(self, kept: frozenset, unit: int) -> frozenset:
         """`kept` with `unit` put in and elimination run again, `unit` kept: smaller than `kept` only when two units
-        go. With two units in `kept` that leaves `unit` alone, so unless it alone may replace `kept` (one
-        comparison, mostly clear on the first stage) no trial is run: elimination's close calls between cuts
-        of one route would decide nothing. Returns `kept` when no smaller circuit can come of it."""
-        if len(kept) == 2 and not self.replaces(frozenset({unit}), kept):
-            return kept
+        go, so it can end only in `unit` with all but two of kept's units, or fewer. With at most MAX_OUTCOMES of
+        these, they are scored first, on the first stage: when each surely may not replace `kept`, no trial is run,
+        whose close calls between cuts of one route would decide nothing (at the organism's final token, whether
+        a planted head may go once an MLP is in took a third of pruning's time, on every validation pair).
+        Returns `kept` when no smaller circuit can come of it."""
+        outcomes = [
+            frozenset({unit, *rest})
+            for size in range(len(kept) - 1)
+            for rest in itertools.combinations(sorted(kept), size)
+        ]
+        if len(outcomes) <= MAX_OUTCOMES:
+            fit = self.each_fits([(c, kept, len(kept) - len(c)) for c in outcomes], stages=1)
+            if all(f is False for f in fit):
+                return kept
         return self.eliminate(kept | {unit}, keep=frozenset({unit}), need=2)
 
     def swap(self, kept: frozenset, pool: frozenset) -> frozenset:

@@ -137,12 +137,14 @@ class StagedScores:
         """Whether J(circuit) <= J(reference) + offset, on as many stages as that takes."""
         return self.each_at_most([(circuit, reference, offset)])[0]
 
-    def each_at_most(self, comparisons: Sequence[tuple[frozenset, frozenset, float]]) -> List[bool]:
+    def each_at_most(
+        self, comparisons: Sequence[tuple[frozenset, frozenset, float]], stages: int | None = None
+    ) -> List[bool | None]:
         """For each (circuit, reference, offset), whether J(circuit) <= J(reference) + offset, each on as many
         stages as it takes (the same answer as one at a time); the circuits a stage needs are scored together,
-        so that those sharing runs share them."""
-        decided: Dict[int, bool] = {}
-        for stage in range(1, self.stages + 1):
+        so that those sharing runs share them. With `stages`, on that many at most: None where still open."""
+        decided: Dict[int, bool | None] = {}
+        for stage in range(1, min(stages or self.stages, self.stages) + 1):
             open_ = [i for i in range(len(comparisons)) if i not in decided]
             self.score([c for i in open_ for c in comparisons[i][:2]], stage)
             for i in open_:
@@ -150,7 +152,7 @@ class StagedScores:
                 margin = self.value(reference, stage) + offset - self.value(circuit, stage)
                 if stage == self.stages or abs(margin) >= SURE * self.spread(circuit, reference, stage):
                     decided[i] = margin >= 0
-        return [decided[i] for i in range(len(comparisons))]
+        return [decided.get(i) for i in range(len(comparisons))]
 
     def best(
         self, circuits: Sequence[frozenset], offsets: Sequence[float], incumbent: frozenset | None = None
