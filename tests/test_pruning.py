@@ -153,6 +153,9 @@ class MadeUpScores:
     def pairs_of(self, stage):
         return 0  # no pairs: every J is exact
 
+    def record(self):
+        return {}  # no pairs screened (a test may set `stages` to take the staged paths)
+
     def each_at_most(self, comparisons, stages=None):  # one stage: every comparison is decided on it
         return [value <= ref + offset for (circuit, reference, offset) in comparisons
                 for value, ref in [self.values([circuit, reference])]]  # fmt: skip
@@ -362,17 +365,24 @@ def test_a_trial_of_putting_in_stops_once_it_cannot_remove_two_units():
 
 def test_a_unit_put_in_is_tried_only_if_one_of_the_trials_outcomes_may_replace_the_circuit():
     """The route {0, 1, 2, 3} is needed whole; units 4 and 5 help a little and go, and are tried back in. A
-    trial could end only in the unit with at most two of the route's units: 11 circuits, none good enough, so
-    no trial of elimination runs (at the organism's final token, whether a planted head may go once an MLP is
-    in was a close call, scored on every validation pair)."""
+    trial could end only in the unit with at most two of the route's units: 11 circuits. Scored in stages
+    (prune=stable), these are screened on the first one, none is good enough, and no trial of elimination runs
+    (at the organism's final token, whether a planted head may go once an MLP is in was a close call, scored on
+    every validation pair). On one stage each would take every pair: the trial runs, and stops early."""
     route = frozenset({0, 1, 2, 3})
-    pruner = ScoredPruner(cuts(route, extra={4: 0.5, 5: 0.3}), 6, 0.01, ranked=[4, 5, 0, 1, 2, 3])
-    kept, record = pruner(frozenset(range(6)))
-    assert kept == route and record["put_in"] == []
-    for unit in (4, 5):
-        outcomes = {frozenset({unit, *rest}) for size in range(3) for rest in itertools.combinations(route, size)}
-        assert len(outcomes) == 11 and outcomes <= set(pruner.scored)
-        assert not {(route | {unit}) - {u} for u in route} & set(pruner.scored), "no trial was run"
+    trial_circuits = {unit: {(route | {unit}) - {u} for u in route} for unit in (4, 5)}
+    for stages in (4, 1):
+        pruner = ScoredPruner(cuts(route, extra={4: 0.5, 5: 0.3}), 6, 0.01, ranked=[4, 5, 0, 1, 2, 3])
+        pruner.scores.stages = stages
+        kept, record = pruner(frozenset(range(6)))
+        assert kept == route and record["put_in"] == []
+        for unit in (4, 5):
+            outcomes = {frozenset({unit, *rest}) for size in range(3) for rest in itertools.combinations(route, size)}
+            assert len(outcomes) == 11
+            if stages > 1:
+                assert outcomes <= set(pruner.scored) and not trial_circuits[unit] & set(pruner.scored)
+            else:  # the trial: three of the route's units shown needed alone, the fourth not scored
+                assert len(trial_circuits[unit] & set(pruner.scored)) == 3
 
 
 def test_a_unit_put_into_a_circuit_of_two_is_tried_only_if_it_alone_may_replace_the_circuit():

@@ -31,9 +31,10 @@ pairs only is kept too. Pruning judges each unit on pairs the search never saw:
    units outside the circuit that patching alone would help most, to first order (attribution on
    the validation pairs: one backward pass), are put in one at a time and kept while elimination
    runs again; the result replaces the circuit when it is smaller, until no unit helps. A trial is
-   smaller only if two units go: when the circuits it could end in (the unit and all but two of the
-   circuit's units, or fewer) are few, it runs only if the first stage does not show that none of them
-   may replace the circuit; it stops once all but one unit could not go alone.
+   smaller only if two units go: it runs only if one of the circuits it could end in (the unit and all
+   but two of the circuit's units, or fewer) may replace the circuit (a circuit of two: the unit alone,
+   decided outright; a few more, screened on the first stage when the pairs are scored in stages), and
+   stops once all but one unit could not go alone.
 5. A smaller circuit, exactly: greedy elimination can keep one cut of a route when the rounded mask
    held two, one smaller (it removes first whichever cut is redundant at the start). So every subset
    of the rounded mask (and what step 4 put in) of each size below the result's is scored, smallest
@@ -199,18 +200,20 @@ class Pruner:
 
     def put_in_trial(self, kept: frozenset, unit: int) -> frozenset:
         """`kept` with `unit` put in and elimination run again, `unit` kept: smaller than `kept` only when two units
-        go, so it can end only in `unit` with all but two of kept's units, or fewer. With at most MAX_OUTCOMES of
-        these, they are scored first, on the first stage: when each surely may not replace `kept`, no trial is run,
-        whose close calls between cuts of one route would decide nothing (at the organism's final token, whether
-        a planted head may go once an MLP is in took a third of pruning's time, on every validation pair).
-        Returns `kept` when no smaller circuit can come of it."""
+        go, so it can end only in `unit` with all but two of kept's units, or fewer. Those outcomes are scored
+        first, and unless one of them may replace `kept` no trial is run, whose close calls between cuts of one
+        route would decide nothing. With two units in `kept` the outcome is `unit` alone: one comparison, decided
+        outright. Several, while at most MAX_OUTCOMES, are screened on the first stage when the pairs are scored
+        in stages (at the organism's final token, whether a planted head may go once an MLP is in took a third of
+        pruning's time, on every pair); on one stage each would take every pair, more than the trial, which stops
+        once all but one unit could not go alone. Returns `kept` when no smaller circuit can come of it."""
         outcomes = [
             frozenset({unit, *rest})
             for size in range(len(kept) - 1)
             for rest in itertools.combinations(sorted(kept), size)
         ]
-        if len(outcomes) <= MAX_OUTCOMES:
-            fit = self.each_fits([(c, kept, len(kept) - len(c)) for c in outcomes], stages=1)
+        if len(outcomes) == 1 or (self.scores.stages > 1 and len(outcomes) <= MAX_OUTCOMES):
+            fit = self.each_fits([(c, kept, len(kept) - len(c)) for c in outcomes], None if len(outcomes) == 1 else 1)
             if all(f is False for f in fit):
                 return kept
         return self.eliminate(kept | {unit}, keep=frozenset({unit}), need=2)
