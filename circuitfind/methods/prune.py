@@ -109,7 +109,9 @@ class Pruner:
         """Whether `circuit`, `smaller_by` units smaller than `than`, may replace it."""
         return self.each_fits([(circuit, than, smaller_by)])[0]
 
-    def each_fits(self, trials: Sequence[tuple[frozenset, frozenset, int]], stages: int | None = None) -> List[bool]:
+    def each_fits(
+        self, trials: Sequence[tuple[frozenset, frozenset, int]], stages: int | None = None
+    ) -> List[bool | None]:
         """`fits` for each (circuit, than, smaller_by), the circuits scored together (methods/staged_scores.py); with
         `stages`, on that many at most (None: not decided by then)."""
         if self.criterion == "bound":

@@ -310,14 +310,8 @@ class CachedEngine(FullEngine):
         one late token, such as the operator, most of the prompt). (N, C) per layer, (B, hidden)"""
         width = pairs.alt_ids.shape[1]
         buffers = prefix_buffers([(k[:, :, :shared], v[:, :, :shared]) for k, v in kv], 1, self.layer_devices, width)
-        attn = pairs.alt_attn
         with record_values(self.sites, where.rows, where.alt_tok - shared) as values:
-            out = self.body(
-                input_ids=pairs.alt_ids[:, shared:].to(self.device),
-                attention_mask=attn.to(self.device),
-                position_ids=position_ids(attn)[:, shared:].to(self.device),
-                **with_cache(self.body, suffix_slot_cache(buffers, shared, self.device)),
-            )
+            out = self._run_on_slots(pairs.alt_ids, pairs.alt_attn, shared, buffers)
         return values, out.last_hidden_state[:, -1]
 
     def first_patched(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
@@ -496,16 +490,19 @@ class CachedEngine(FullEngine):
         """Run tokens [n, end) (end None: to the last) of K masks on `buffers`, which hold tokens [0, n) of each
         mask's keys/values and take the run's; the last hidden state. (K*B, end - n, hidden)"""
         k = 1 if mask is None else mask.shape[0]
-        attn = prep.pairs.base_attn[:, :end].repeat(k, 1)
-        cache = suffix_slot_cache(buffers, n, self.device)
+        ids, attn = prep.pairs.base_ids[:, :end].repeat(k, 1), prep.pairs.base_attn[:, :end].repeat(k, 1)
         with self._patched(prep, mask, values, offset=n, end=end):
-            out = self.body(
-                input_ids=prep.pairs.base_ids[:, n:end].repeat(k, 1).to(self.device),
-                attention_mask=attn.to(self.device),
-                position_ids=position_ids(attn)[:, n:].to(self.device),
-                **with_cache(self.body, cache),
-            )
-        return out.last_hidden_state
+            return self._run_on_slots(ids, attn, n, buffers).last_hidden_state
+
+    def _run_on_slots(self, ids: torch.Tensor, attn: torch.Tensor, n: int, buffers):
+        """Run tokens n on of prompts `ids` on `buffers`, whose slots hold their tokens [0, n) of keys/values and
+        take the run's (positions and attention from the whole `attn`); the model's output."""
+        return self.body(
+            input_ids=ids[:, n:].to(self.device),
+            attention_mask=attn.to(self.device),
+            position_ids=position_ids(attn)[:, n:].to(self.device),
+            **with_cache(self.body, suffix_slot_cache(buffers, n, self.device)),
+        )
 
     def _clean_row(self, prep: Prepared, mask: torch.Tensor | None, n: int, layer: int) -> int | None:
         """Which of these masks (one that patches nothing) runs the clean run this batch has not kept yet, if
