@@ -480,6 +480,31 @@ def test_the_price_swaps_a_unit_for_one_that_completes_a_better_cut_of_the_same_
     assert pruner.swap(frozenset({0, 1}), frozenset({0, 1, 2})) == frozenset({0, 1}), "no swap lowers J"
 
 
+def test_under_the_price_the_exact_search_scores_the_swap_rounds_first_trials_in_its_batch():
+    """A single unit at x and the swap trials that put it in beside a head at the final token share the run of x's
+    tokens (engine=cached): the exact search scores those trials with its subsets, in one batch of masks."""
+
+    class Batches(MadeUpScores):
+        def __init__(self, objective):
+            super().__init__(objective)
+            self.batches = []
+
+        def values(self, circuits, stage=1):
+            self.batches.append(list(circuits))
+            return super().values(circuits, stage)
+
+    def two_heads(units):  # the pair {0, 1} is the route; unit 2 (at x) helps a little
+        return -100.0 * len(units & {0, 1}) / 2 - (1.0 if 2 in units else 0.0)
+
+    pruner = Pruner(Batches(two_heads), torch.zeros(3), 0.01, criterion="price")
+    pruner.price = 1.5
+    kept, search = pruner.smaller(frozenset({0, 1, 2}), frozenset({0, 1}))
+    assert kept == frozenset({0, 1}) and search["subsets"] == 3
+    singles, trials = [frozenset({u}) for u in range(3)], [frozenset({1, 2}), frozenset({0, 2})]
+    assert pruner.scores.batches[0] == singles + trials
+    assert pruner.swap(kept, frozenset({0, 1, 2})) == kept and pruner.scores.batches[-1][1:] == trials
+
+
 def test_a_swap_that_only_ties_keeps_the_circuit_in_hand():
     def tied(units):  # {0, 2} and {1, 2} are cuts as good as each other
         return -100.0 if {0, 2} <= units or {1, 2} <= units else 0.0

@@ -12,7 +12,7 @@ import torch
 
 from circuitfind.methods import staged_scores
 from circuitfind.methods.objective import Objective, OnFirstUse
-from circuitfind.methods.staged_scores import StagedScores, first_stage
+from circuitfind.methods.staged_scores import StagedScores, first_stage, packed
 
 BATCH, BATCHES = 50, 8  # 400 validation pairs in batches of 50, as prune=stable draws them
 A, B, C, D = frozenset({0}), frozenset({1}), frozenset({2}), frozenset({0, 2})
@@ -42,11 +42,12 @@ def scores(monkeypatch):
 
     monkeypatch.setattr(staged_scores, "term_pair_loss", pair_losses)
 
-    def run_order(prep, masks):  # an order that moves the circuits (larger first): the losses must follow
+    def run_groups(prep, masks):  # groups that move the circuits (larger first): the losses must follow
         patched = (masks.flatten(1) == 0).sum(1).tolist()
-        return sorted(range(len(patched)), key=lambda i: -patched[i])
+        order = sorted(range(len(patched)), key=lambda i: -patched[i])
+        return [order[i : i + 3] for i in range(0, len(order), 3)]
 
-    engine = SimpleNamespace(space=SimpleNamespace(shape=(1, 3)), device=torch.device("cpu"), run_order=run_order)
+    engine = SimpleNamespace(space=SimpleNamespace(shape=(1, 3)), device=torch.device("cpu"), run_groups=run_groups)
 
     def made(screen_pairs: int | None) -> StagedScores:
         # the validation split's batches are prepared when first scored (OnFirstUse): count them
@@ -128,3 +129,12 @@ def test_the_first_stage_holds_the_first_screen_pairs_of_each_objective():
     assert first.n_pairs == 60 and batches.prepared == 0  # counted before any batch is prepared
     assert first_stage([objective], None)[0].n_pairs == 90
     assert len(first.batches[1].pairs) == 30 and batches.prepared == 1  # prepared once read
+
+
+def test_masks_that_share_a_run_are_scored_in_one_chunk_unless_their_group_is_larger():
+    """Groups of three (a subset and the two swap trials that share its run) in chunks of eight: a chunk takes
+    two whole groups rather than splitting the third; a group larger than a chunk is split."""
+    groups = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
+    chunks = packed(groups, 8)
+    assert chunks == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17], [18, 19]]
+    assert all(len(c) <= 8 for c in chunks)

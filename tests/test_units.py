@@ -164,7 +164,8 @@ def test_each_circuit_runs_from_the_first_token_and_layer_it_patches_and_equals_
 )
 def test_masks_that_patch_the_same_units_before_their_latest_position_run_that_part_once(units):
     """Swap and put-in trials differ at the final token but patch the same unit at x: the run of tokens x to the
-    final one is shared, and each mask runs its final part on it, equal to the full engine."""
+    final one is shared, and each mask runs its final part on it, equal to the full engine. A mask that patches the
+    first earlier part alone (the exact search's circuit beside a swap round's trials) shares that run too."""
     job = Job(compose(*QUIET, *units))
     full = Job(compose(*QUIET, *(u for u in units if not u.startswith("cache=")), "engine=full"))
     space, prep, full_prep = job.space, job.prepared("vd", "train")[0], full.prepared("vd", "train")[0]
@@ -195,11 +196,13 @@ def test_masks_that_patch_the_same_units_before_their_latest_position_run_that_p
     n_split = len(masks) - len(alone)
     late_token, first = int(prep.slot_starts[late]), job.engine.first_patched(prep, masks)[:, 0].tolist()
     shared = [late_token if first[i] > 0 else -1 for i in range(n_split)]  # a part from the first token runs whole
-    assert job.engine.late_starts(prep, masks).tolist() == shared + [-1, -1, -1]
-    order = job.engine.run_order(prep, masks)
-    for i in range(0, n_split, 4):  # the four masks of each earlier part are neighbours
-        at = [order.index(j) for j in range(i, i + 4)]
-        assert shared[i] < 0 or max(at) - min(at) == 3
+    shared.append(shared[0])  # the first earlier part alone: its tokens from the later part's on run unpatched
+    assert job.engine.late_starts(prep, masks).tolist() == shared + [-1, -1]
+    groups = job.engine.run_groups(prep, masks)
+    for i in range(0, n_split, 4):  # the four masks of each earlier part (the first's: five) are one group
+        group = {*range(i, i + 4), *([n_split] if i == 0 else [])}
+        assert shared[i] < 0 or group in [set(g) for g in groups]
+    assert sorted(i for g in groups for i in g) == list(range(len(masks)))
 
     job.engine.clean_final(prep, keep=True)  # the clean run, kept (not counted below): a mask that patches nothing
     tokens = []
@@ -211,7 +214,7 @@ def test_masks_that_patch_the_same_units_before_their_latest_position_run_that_p
     starts = [first[i] if s < 0 else s for i, s in enumerate(shared)]  # each mask's own part, from where it starts
     parts_run = {first[i] for i, s in enumerate(shared) if s >= 0}  # one run per earlier part
     whole = sum(width - t for t in first)
-    expected_tokens = sum(width - t for t in starts) + sum(width - t for t in first[n_split:-1])  # reads its state
+    expected_tokens = sum(width - t for t in starts) + width - first[n_split + 1]  # nothing patched: the kept state
     expected_tokens += sum(late_token - first[i] for i in range(0, n_split, 4) if shared[i] >= 0)
     if parts_run:
         assert sum(tokens) == b * expected_tokens < b * whole

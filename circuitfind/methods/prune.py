@@ -225,7 +225,7 @@ class Pruner:
         price, stays: elimination and the exact search compare smaller circuits only, and greedy elimination
         keeps whichever cut of a route it reaches first."""
         while True:
-            trials = [(kept - {out}) | {put} for out in sorted(kept) for put in sorted(pool - kept)]
+            trials = swap_trials(kept, pool)
             if not trials:
                 return kept
             # `kept` races its trials: one surely worse than it is dropped on the first stage, even when
@@ -250,7 +250,10 @@ class Pruner:
         scored, within = 0, []
         for size in fit:
             subsets = [frozenset(c) for c in itertools.combinations(sorted(raw), size)]
-            self.scores.values(subsets)  # one batch of masks
+            # under the price a swap round follows, from `kept` unless a subset replaces it: its first trials are
+            # scored in this batch, so that a subset that is a trial's units before the final token shares its run
+            ahead = swap_trials(kept, raw) if self.criterion == "price" and size == fit[0] else []
+            self.scores.values(subsets + ahead)  # one batch of masks
             scored += len(subsets)
             # the bound: the best of the smallest size that has one; the price: J + price * size, over every size
             within += [
@@ -329,6 +332,11 @@ def prune_circuits(
         )
         for r, w in zip(rounded, weights)
     ]
+
+
+def swap_trials(kept: frozenset, pool: frozenset) -> List[frozenset]:
+    """`kept` with one of its units swapped for one of `pool`'s outside it: a swap round's trials."""
+    return [(kept - {out}) | {put} for out in sorted(kept) for put in sorted(pool - kept)]
 
 
 def unit_groupings(space: ComponentSpace) -> List[List[str]]:

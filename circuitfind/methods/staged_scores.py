@@ -51,6 +51,20 @@ def first_stage(objectives: Sequence[Objective], screen_pairs: int | None) -> Li
     return [replace(o, batches=o.batches[:n], d0=o.d0[:n]) for o, n in zip(objectives, ends)]
 
 
+def packed(groups: Sequence[Sequence[int]], chunk: int) -> List[List[int]]:
+    """The groups' items in chunks of at most `chunk`, in order, a group split only when it holds more: masks
+    that share a run (`Engine.run_groups`) are scored in one batch."""
+    chunks: List[List[int]] = []
+    for group in groups:
+        for start in range(0, len(group), chunk):
+            piece = list(group[start : start + chunk])
+            if chunks and len(chunks[-1]) + len(piece) <= chunk:
+                chunks[-1] += piece
+            else:
+                chunks.append(piece)
+    return chunks
+
+
 class StagedScores:
     """J (sum of weight x desideratum loss, lower is better) of circuits on the validation pairs, each
     pair's share computed once and only when a comparison needs it."""
@@ -92,12 +106,10 @@ class StagedScores:
                     continue
                 prep, d0 = obj.batches[b], obj.d0[b]
                 masks = masks_of(todo, self.engine.space.shape, self.engine.device)
-                order = self.engine.run_order(prep, masks)  # masks that share runs go together (engine=cached)
+                chunks = packed(self.engine.run_groups(prep, masks), self.chunk)  # engine=cached: sharing runs
                 with torch.no_grad():
-                    parts = [
-                        term_pair_loss(self.engine, obj.desideratum, prep, d0, m)
-                        for m in masks[order].split(self.chunk)
-                    ]
+                    parts = [term_pair_loss(self.engine, obj.desideratum, prep, d0, masks[rows]) for rows in chunks]
+                order = [i for rows in chunks for i in rows]
                 losses = torch.cat(parts).float().cpu()  # float32: a bf16 model's losses would blur the errors
                 for i, row in zip(order, losses):
                     self.losses[todo[i]][o].append(row)

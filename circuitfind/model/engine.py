@@ -99,8 +99,9 @@ class Engine(Protocol):
     def first_patched(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
         """Per mask, the first token and the first layer its run must compute. (K, 2)"""
 
-    def run_order(self, prep: Prepared, mask: torch.Tensor) -> List[int]:
-        """The masks in an order that puts those sharing runs next to each other (they run together best)."""
+    def run_groups(self, prep: Prepared, mask: torch.Tensor) -> List[List[int]]:
+        """The masks in groups that share runs (they run together best), the groups in an order that puts those
+        sharing the most next to each other."""
 
 
 class FullEngine:
@@ -171,9 +172,9 @@ class FullEngine:
         """Every mask runs the whole prompt through every layer. (K, 2)"""
         return torch.zeros(mask.shape[0], 2, dtype=torch.long)
 
-    def run_order(self, prep: Prepared, mask: torch.Tensor) -> List[int]:
-        """Every mask runs alike: the order they came in."""
-        return list(range(mask.shape[0]))
+    def run_groups(self, prep: Prepared, mask: torch.Tensor) -> List[List[int]]:
+        """Every mask runs alike and alone: the order they came in."""
+        return [[i] for i in range(mask.shape[0])]
 
     def _patched(
         self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None, offset: int, end: int | None = None
@@ -332,13 +333,21 @@ class CachedEngine(FullEngine):
         space = self.space
         return (mask.detach() < 1).view(mask.shape[0], space.n_layers, len(space.positions), -1).any(-1).cpu()
 
-    def run_order(self, prep: Prepared, mask: torch.Tensor) -> List[int]:
-        """By first patched token, then by what is patched before the latest position (`late_starts`), then by
-        that position and the first patched layer: masks that share those share runs."""
+    def run_groups(self, prep: Prepared, mask: torch.Tensor) -> List[List[int]]:
+        """Masks that patch the same units before their latest position (`late_starts`) share that part's run: a
+        group each; others alone. Ordered by first patched token, then by that part, then by the late start and
+        the first patched layer."""
         starts, late = self.first_patched(prep, mask).tolist(), self.late_starts(prep, mask)
         _, part = self._early_part(prep, mask, late).flatten(1).unique(dim=0, return_inverse=True)
         part = torch.where(late >= 0, part.cpu(), -1).tolist()
-        return sorted(range(mask.shape[0]), key=lambda i: (starts[i][0], part[i], int(late[i]), starts[i][1]))
+        order = sorted(range(mask.shape[0]), key=lambda i: (starts[i][0], part[i], int(late[i]), starts[i][1]))
+        groups: List[List[int]] = []
+        for i in order:
+            if groups and part[i] >= 0 and part[groups[-1][0]] == part[i]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
 
     def late_starts(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
         """Per mask, the first token of the latest position it patches, when every other position it patches
@@ -351,7 +360,21 @@ class CachedEngine(FullEngine):
         apart = (
             (~early | (ends < late[:, None])).all(1) & early.any(1) & (torch.where(early, starts, 1).min(1).values > 0)
         )
-        return torch.where(apart & (self.cache != "recompute"), late, -1)  # recompute: a prefix run per part
+        late = torch.where(apart & (self.cache != "recompute"), late, -1)  # recompute: a prefix run per part
+        return self._with_parts_alone(prep, mask, late)
+
+    def _with_parts_alone(self, prep: Prepared, mask: torch.Tensor, late: torch.Tensor) -> torch.Tensor:
+        """`late` where a mask that patches exactly another's earlier part (a circuit without its units at the
+        final token, scored beside circuits with them) is given that one's latest late start: it shares that
+        part's run, and its tokens from there run unpatched on its keys/values. Not where the part reaches the
+        later tokens above the top layer (its first patched layer the top one): those stay as in the clean run."""
+        alone = late < 0
+        if not alone.any() or alone.all():
+            return late
+        _, part = self._early_part(prep, mask, late).flatten(1).cpu().unique(dim=0, return_inverse=True)
+        part_late = torch.full((int(part.max()) + 1,), -1, dtype=late.dtype).scatter_reduce(0, part, late, "amax")
+        below_top = first_layer(self._patched_at(mask)) + self.reach < len(self.layer_devices)
+        return torch.where(alone & below_top, part_late[part], late)
 
     def _early_part(self, prep: Prepared, mask: torch.Tensor, late: torch.Tensor) -> torch.Tensor:
         """The masks with nothing patched from their late start on (unchanged where it is -1). (K, L, n_cols)"""
