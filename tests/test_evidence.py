@@ -55,6 +55,24 @@ def test_attribution_is_the_first_order_estimate(job):
         assert torch.allclose(-change[0] / eps, scores.flatten()[flat], rtol=0.02, atol=1e-5)
 
 
+def test_attribution_leaves_out_the_terms_whose_loss_is_flat_at_w_1(job):
+    """OI's loss is quadratic in the effect, zero at w = 1: its gradient there adds nothing, so its passes are
+    not run, and the scores equal the gradient of every term."""
+    from circuitfind.methods.objective import objective_value
+
+    objectives = job.objectives()
+    sloped = [o for o in objectives if o.desideratum.loss != "delta_squared"]
+    assert 0 < len(sloped) < len(objectives)
+    runs = []
+    embed = job.model.get_input_embeddings().register_forward_hook(lambda m, a, out: runs.append(1))
+    with embed:
+        scores = attribution_scores(job.engine, objectives, job.device)
+    assert len(runs) == sum(len(o.batches) for o in sloped)
+    mask = torch.ones(1, *job.space.shape, requires_grad=True)
+    objective_value(job.engine, objectives, mask).sum().backward()
+    assert torch.allclose(scores, mask.grad[0], atol=1e-5, rtol=0)
+
+
 def test_top_k_and_prefix_masks():
     scores = torch.tensor([[0.1, 0.9, 0.5], [0.7, -1.0, 0.3]])
     assert top_k_mask(scores, 2).tolist() == [[1, 0, 1], [0, 1, 1]]
