@@ -108,7 +108,7 @@ def test_out_of_memory_is_a_clear_error(monkeypatch, tmp_path):
 
     from conftest import compose
 
-    def oom(self, pairs, keep=False):
+    def oom(self, pairs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(CachedEngine, "prepare", oom)

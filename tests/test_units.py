@@ -323,36 +323,6 @@ def test_pairs_that_circuits_are_scored_on_keep_their_clean_run_and_a_mask_that_
     assert all(b.clean is None for o in job.objectives("train") for b in o.batches)  # trained: never needed
 
 
-def test_pairs_to_be_scored_run_their_clean_run_in_the_alternates_pass_when_both_start_at_the_offset():
-    """VD's alternates differ from their bases at x, the earliest position here: the scored pairs' clean run (from
-    x, kept) and the alternates' run are one pass of 2B rows, whose every part equals the two runs made apart."""
-    job = Job(compose(*QUIET, "units.positions=[last,x]"))
-    pairs = job.prepared("vd", "train")[0].pairs
-    b, width = len(pairs), pairs.base_ids.shape[1]
-    apart = job.engine.prepare(pairs)
-    job.engine.clean_final(apart, keep=True)
-    rows = []  # per run, the rows x tokens layer 0 runs on
-    embed = job.model.get_input_embeddings().register_forward_hook(lambda m, a, out: rows.append(out.shape[:2]))
-    with embed:
-        together = job.engine.prepare(pairs, keep=True)
-        final = job.engine.clean_final(together, keep=True)  # kept already: runs nothing
-    offset = together.offset
-    assert 0 < offset and rows == [(b, offset), (2 * b, width - offset)]  # the prefix, then one pass
-    assert final is together.clean.final
-    assert torch.allclose(final, apart.clean.final, atol=1e-5, rtol=0)
-    assert torch.allclose(together.alt_hidden, apart.alt_hidden, atol=1e-5, rtol=0)
-    for point, layers in apart.alt_values.points.items():
-        for ours, theirs in zip(together.alt_values.points[point], layers, strict=True):
-            assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
-    for ours, theirs in zip(together.clean.resid, apart.clean.resid, strict=True):
-        assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
-    for ours, theirs in zip(together.clean.kv, apart.clean.kv, strict=True):
-        assert all(torch.allclose(o, t, atol=1e-5, rtol=0) for o, t in zip(ours, theirs, strict=True))
-    assert len(together.clean.kv) == len(apart.clean.kv)
-    trained = job.engine.prepare(pairs)  # training pairs: the alternates alone, no clean run kept
-    assert trained.clean is None
-
-
 def test_patching_the_first_layers_residual_everywhere_is_the_alternates_run():
     job = Job(compose(*QUIET, "units=residual"))
     prep = job.prepared("vd", "train")[0]

@@ -78,9 +78,8 @@ class Engine(Protocol):
     readout: Readout
     device: torch.device
 
-    def prepare(self, pairs: EncodedPairs, keep: bool = False) -> Prepared:
-        """Record the alternates' values at the units' sites (and whatever the engine keeps per batch); `keep`:
-        circuits will be scored on these pairs, so the engine may keep their clean run (`clean_final`)."""
+    def prepare(self, pairs: EncodedPairs) -> Prepared:
+        """Record the alternates' values at the units' sites (and whatever the engine keeps per batch)."""
 
     def clean_hidden(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Unpatched final-position hidden state. (B, T) -> (B, hidden)"""
@@ -145,7 +144,7 @@ class FullEngine:
         return values, out.last_hidden_state[:, -1]
 
     @torch.no_grad()
-    def prepare(self, pairs: EncodedPairs, keep: bool = False) -> Prepared:
+    def prepare(self, pairs: EncodedPairs) -> Prepared:
         where = SiteIndex.of(pairs.base_pos, pairs.alt_pos)
         values, hidden = self.site_values(pairs.alt_ids, pairs.alt_attn, where.rows, where.alt_tok)
         return Prepared(pairs=pairs, where=where, alt_values=values, alt_hidden=hidden)
@@ -286,16 +285,13 @@ class CachedEngine(FullEngine):
         return [(layer[0], layer[1]) for layer in returned_cache(out)]  # per layer (B, kvH, offset, D)
 
     @torch.no_grad()
-    def prepare(self, pairs: EncodedPairs, keep: bool = False) -> Prepared:
+    def prepare(self, pairs: EncodedPairs) -> Prepared:
         where = SiteIndex.of(pairs.base_pos, pairs.alt_pos)
         offset = int(where.base_tok.min())  # the earliest site: everything before it is fixed
         kv = self._prefix_kv(pairs, offset) if offset > 0 and self.cache != "recompute" else None
         shared = min(shared_tokens(pairs), offset, int(where.alt_tok.min())) if kv is not None else 0
-        clean = None
         if shared > 0:  # the alternates run from their first token that differs, on the base prompts' keys/values
-            # scored pairs keep their clean run (from `offset`): when the alternates start there too, it is the same
-            # pass (one pass of 2B rows costs less than two of B, most on a small model or an accelerator)
-            values, hidden, clean = self._alt_values_from(pairs, where, kv, shared, keep and shared == offset)
+            values, hidden = self._alt_values_from(pairs, where, kv, shared)
         else:
             values, hidden = self.site_values(pairs.alt_ids, pairs.alt_attn, where.rows, where.alt_tok)
         prep = Prepared(pairs=pairs, where=where, alt_values=values, alt_hidden=hidden, offset=offset)
@@ -305,29 +301,19 @@ class CachedEngine(FullEngine):
         prep.slot_ends = torch.full_like(starts, -1).scatter_reduce(0, where.slot, where.base_tok, "amax")
         if kv is not None:
             prep.prefix_kv = [(k.cpu(), v.cpu()) for k, v in kv] if self.cache == "cpu" else kv
-        if clean is not None:
-            prep.clean = self._clean_run_of(prep, *clean)
         return prep
 
     def _alt_values_from(
-        self, pairs: EncodedPairs, where: SiteIndex, kv, shared: int, with_clean: bool = False
-    ) -> tuple[SiteValues, torch.Tensor, tuple | None]:
+        self, pairs: EncodedPairs, where: SiteIndex, kv, shared: int
+    ) -> tuple[SiteValues, torch.Tensor]:
         """`site_values` of the alternate prompts, which equal the base prompts on tokens [0, shared): those tokens'
         keys/values are the base prefix's (`kv`), and the run starts at token `shared` (in a task that changes
-        one late token, such as the operator, most of the prompt). With `with_clean` the base prompts run beside
-        them (rows B on), from `shared` = `offset`, as `_clean_run`'s run: its residual stream, keys/values and final
-        state come back too (`_clean_run_of`'s arguments; None without). (N, C) per layer, (B, hidden)"""
-        b, width = len(pairs), pairs.alt_ids.shape[1]
-        k = 2 if with_clean else 1
-        buffers = prefix_buffers([(k_[:, :, :shared], v[:, :, :shared]) for k_, v in kv], k, self.layer_devices, width)
-        ids, attn = pairs.alt_ids, pairs.alt_attn
-        if with_clean:
-            ids, attn = torch.cat([ids, pairs.base_ids]), torch.cat([attn, pairs.base_attn])
+        one late token, such as the operator, most of the prompt). (N, C) per layer, (B, hidden)"""
+        width = pairs.alt_ids.shape[1]
+        buffers = prefix_buffers([(k[:, :, :shared], v[:, :, :shared]) for k, v in kv], 1, self.layer_devices, width)
         with record_values(self.sites, where.rows, where.alt_tok - shared) as values:
-            with self._recording(1 if with_clean else None, b, 0) as resid:
-                hidden = self._run_on_slots(ids, attn, shared, buffers).last_hidden_state[:, -1]
-        clean = (resid, [(key[b:], val[b:]) for key, val in buffers], hidden[b:]) if with_clean else None
-        return values, hidden[:b], clean
+            out = self._run_on_slots(pairs.alt_ids, pairs.alt_attn, shared, buffers)
+        return values, out.last_hidden_state[:, -1]
 
     def first_patched(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
         """Per mask, the first token of a position where it patches a unit (a weight below 1), and the first

@@ -208,9 +208,9 @@ class TransformerLensCachedEngine(CachedEngine):
             ))  # fmt: skip
         return TransformerLensKeyValueCache(entries, prefix_attn.to(self.device), frozen=True)
 
-    def _alt_values_from(self, pairs, where, kv, shared: int, with_clean: bool = False):
+    def _alt_values_from(self, pairs, where, kv, shared: int):
         """The alternates' site values and final state, run from token `shared` on the base prefix's first
-        `shared` keys/values (CachedEngine.prepare); no clean run rides along: none is kept here."""
+        `shared` keys/values (CachedEngine.prepare)."""
         attn = pairs.alt_attn
         cache = self._frozen_cache([(key[:, :shared], val[:, :shared]) for key, val in kv], attn[:, :shared], 1)
         with record_values(self.sites, where.rows, where.alt_tok - shared) as values:
@@ -219,7 +219,7 @@ class TransformerLensCachedEngine(CachedEngine):
                 attention_mask=attn[:, shared:].to(self.device),
                 past_kv_cache=cache,
             )
-        return values, out.last_hidden_state[:, -1], None
+        return values, out.last_hidden_state[:, -1]
 
     @torch.no_grad()
     def clean_final(self, prep: Prepared, keep: bool = False) -> torch.Tensor:

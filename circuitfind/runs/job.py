@@ -176,7 +176,7 @@ class Job:
         return list(enc.chunks(size))
 
     def prepared(self, name: str, split: str) -> List[Prepared]:
-        return [self.engine.prepare(chunk, keep=split != "train") for chunk in self.chunks(name, split)]
+        return [self.engine.prepare(chunk) for chunk in self.chunks(name, split)]
 
     def objectives(self, split: str = "train") -> List[Objective]:
         """The training objective's terms on the `split` ("train", "validation" or held-out "test") pairs. The
@@ -186,7 +186,7 @@ class Job:
             if split == "validation":
                 chunks = self.chunks(des.name, split)
                 shapes = [(len(chunk), chunk.base_ids.shape[1]) for chunk in chunks]
-                batches = OnFirstUse(lambda i, chunks=chunks: self.engine.prepare(chunks[i], keep=True), shapes)
+                batches = OnFirstUse(lambda i, chunks=chunks: self.engine.prepare(chunks[i]), shapes)
                 d0 = OnFirstUse(
                     lambda i, batches=batches: unpatched_logit_diff(self.engine, batches[i], keep=True), batches.shapes
                 )
