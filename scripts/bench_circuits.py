@@ -14,6 +14,9 @@ of circuit is modelled on pruning's trials:
                           run must start at x and at layer 0
   swap trials @x          a swap round: one of the four late heads out, one of two layer-0 heads at x
                           in; the four trials of each head at x share its run up to the final token
+  singles + swaps @x      a circuit of two late heads: the exact search's single heads at x, scored
+                          with the swap trials that put each beside one late head; each head alone
+                          shares its trials' run (and runs its final token unpatched on it)
   mixed                   two of each of the above and two single late heads: a chunk of several groups
 
     python scripts/bench_circuits.py                          # SmolLM2-135M shape, batch 50
@@ -55,6 +58,8 @@ def circuit_kinds(space) -> Dict[str, List[List[int]]]:
         kinds["... + a head @x"] = [heads(i) + [index[f"L0.H{i % space.n_heads}@x"]] for i in range(CHUNK)]
         put = [index[f"L0.H{h}@x"] for h in range(CHUNK // 4)]
         kinds["swap trials @x"] = [heads(0)[:out] + heads(0)[out + 1 :] + [unit] for unit in put for out in range(4)]
+        pair = heads(0)[:2]  # a circuit of two: the exact search's single units, scored with the swap round's trials
+        kinds["singles + swaps @x"] = [c for unit in put for c in ([unit], [pair[0], unit], [pair[1], unit])]
     mixed = [c for circuits in kinds.values() for c in circuits[:2]] + [[index[f"L{late}.H{h}{at}"]] for h in range(2)]
     return kinds | {"mixed": mixed[:CHUNK]}
 
