@@ -352,7 +352,8 @@ class CachedEngine(FullEngine):
     def late_starts(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
         """Per mask, the first token of the latest position it patches, when every other position it patches
         ends before that token (and after the first token): its later part can run on the keys/values of a run
-        of its earlier part, which masks patching the same units before it share. -1 where not. (K,)"""
+        of its earlier part, which masks patching the same units before it share; a mask that patches only such a
+        part gets its masks' latest (`_with_parts_alone`). -1 where not. (K,)"""
         patched = self._patched_at(mask).any(1)  # (K, P)
         starts, ends = prep.slot_starts, prep.slot_ends
         late = torch.where(patched, starts, -1).max(1).values
