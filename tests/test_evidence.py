@@ -61,7 +61,8 @@ def test_attribution_leaves_out_the_terms_whose_loss_is_flat_at_w_1(job):
     from circuitfind.methods.objective import objective_value
 
     objectives = job.objectives()
-    sloped = [o for o in objectives if o.desideratum.loss != "delta_squared"]
+    sloped = [o for o in objectives if not o.desideratum.flat_when_unpatched]
+    assert all(o.desideratum.loss != "delta_squared" for o in sloped)
     assert 0 < len(sloped) < len(objectives)
     runs = []
     embed = job.model.get_input_embeddings().register_forward_hook(lambda m, a, out: runs.append(1))

@@ -35,11 +35,11 @@ def attribution_scores(engine: Engine, objectives: Sequence[Objective], device) 
 
     d objective / d w_i is the gradient at the component's output times (base - alternate),
     and patching moves w_i from 1 to 0, so the estimated improvement is the gradient itself.
-    A loss quadratic in the effect (OI's, `delta_squared`) has gradient zero at w = 1, where the effect
-    is zero: attribution sees only the other terms, and those terms' passes are left out.
+    A loss quadratic in the effect (OI's: `Desideratum.flat_when_unpatched`) has gradient zero at w = 1,
+    where the effect is zero: attribution sees only the other terms, and those terms' passes are left out.
     """
     mask = torch.ones(1, *engine.space.shape, device=device, requires_grad=True)
-    sloped = [obj for obj in objectives if obj.desideratum.loss != "delta_squared"]
+    sloped = [obj for obj in objectives if not obj.desideratum.flat_when_unpatched]
     if not sloped:
         return torch.zeros(engine.space.shape, device=device)
     objective_value(engine, sloped, mask).sum().backward()

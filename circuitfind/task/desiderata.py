@@ -49,6 +49,12 @@ class Desideratum:
         answer starts otherwise when d compares the two answers (a pair with no signal is never drawn)."""
         return task.varied(base, self.vary, "train" if self.within == "train" else split, self.needs_new_answer)
 
+    @property
+    def flat_when_unpatched(self) -> bool:
+        """Whether the loss's gradient is zero with nothing patched (delta = 0): Δ² there, unlike -Δ or the
+        cross-entropy. A first-order estimate at w = 1 (attribution) gains nothing from such a term."""
+        return self.loss == "delta_squared"
+
     def loss_of(self, delta: torch.Tensor, target_logprob: Optional[torch.Tensor]) -> torch.Tensor:
         """Loss per mask from delta = d(patched) - d(unpatched) or log p(target), (K, B) -> (K,)."""
         return self.pair_loss(delta, target_logprob).mean(dim=-1)
