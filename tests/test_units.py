@@ -258,6 +258,35 @@ def test_an_earlier_part_shared_by_later_parts_at_several_tokens_runs_once_to_th
     assert torch.allclose(got, full.engine.final_hidden(full_prep, masks), atol=2e-5)
 
 
+def test_units_at_tokens_the_alternates_share_with_the_base_prompt_patch_nothing_and_the_circuit_runs_without_them():
+    """OI's alternates change only the operator: a unit at x or at the query name patches in its clean value, so a
+    circuit runs from its units at the final token, equal to the full engine, which patches every unit; a circuit
+    with none there is the clean run. Values other than the alternates' (an ablation) are patched everywhere."""
+    units = 'units.positions=[last,x,"xname#2"]'
+    job, full = Job(compose(*QUIET, units)), Job(compose(*QUIET, units, "engine=full"))
+    space, prep, full_prep = job.space, job.prepared("oi", "train")[0], full.prepared("oi", "train")[0]
+    last, b = space.positions.index("last"), len(prep.pairs)
+    masks = torch.ones(3, space.n_layers, len(space.positions), space.per_position)
+    masks[:, 0, [p for p in range(len(space.positions)) if p != last]] = 0  # every unit at x and the query name
+    masks[1, 2, last, 1] = masks[2, 3, last, 0] = 0  # and a unit at the final token, at two layers
+    masks = masks.view(3, *space.shape)
+    clean = job.engine.clean_final(prep, keep=True)
+    tokens = []
+    embed = job.model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: tokens.append(out.shape[:2].numel())
+    )
+    with embed:
+        got = job.engine.final_hidden(prep, masks)
+    assert sum(tokens) == 2 * b  # the final token of the last two; the first is the kept clean run
+    assert torch.equal(got[0], clean)
+    assert torch.allclose(got, full.engine.final_hidden(full_prep, masks), atol=2e-5)
+    zeros = job.engine.final_hidden(prep, masks[:1], prep.alt_values.map(torch.zeros_like))
+    assert torch.allclose(
+        zeros, full.engine.final_hidden(full_prep, masks[:1], full_prep.alt_values.map(torch.zeros_like)), atol=2e-5
+    )
+    assert not torch.allclose(zeros[0], clean, atol=1e-3)
+
+
 @pytest.mark.parametrize("units", [("units.positions=[last,x]",), ("units=residual", "units.positions=[x,last]")])
 def test_a_later_part_runs_from_the_layer_the_earlier_part_reaches_it(units):
     """A head's patch at x changes x's residual stream after its layer: the final token reads it through the next

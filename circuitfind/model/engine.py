@@ -337,6 +337,7 @@ class CachedEngine(FullEngine):
         """Masks that patch the same units before their latest position (`late_starts`) share that part's run: a
         group each; others alone. Ordered by first patched token, then by that part, then by the late start and
         the first patched layer."""
+        mask = self._where_alternates_differ(prep, mask)
         starts, late = self.first_patched(prep, mask).tolist(), self.late_starts(prep, mask)
         _, part = self._early_part(prep, mask, late).flatten(1).unique(dim=0, return_inverse=True)
         part = torch.where(late >= 0, part.cpu(), -1).tolist()
@@ -348,6 +349,22 @@ class CachedEngine(FullEngine):
             else:
                 groups.append([i])
         return groups
+
+    def _where_alternates_differ(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
+        """The masks with their units unpatched (1) at positions whose tokens, and every token before them, the
+        alternate prompts share with the base prompts: there the alternate's value is the clean one, so patching
+        it in changes nothing, and without them a mask runs from a later token (OI's alternates change only the
+        operator: a unit at x patches nothing). (K, L, n_cols)"""
+        where, space = prep.where, self.space
+        same = (where.base_tok == where.alt_tok) & (where.base_tok < shared_tokens(prep.pairs))  # (N,) per site
+        unchanged = torch.ones(len(space.positions), dtype=torch.long).scatter_reduce(
+            0, where.slot, same.long(), "amin"
+        )
+        if not unchanged.any():
+            return mask
+        blocks = mask.detach().view(mask.shape[0], space.n_layers, len(space.positions), -1)
+        at = unchanged.bool()[None, None, :, None].to(mask.device)
+        return torch.where(at, torch.ones_like(blocks), blocks).view_as(mask)
 
     def late_starts(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
         """Per mask, the first token of the latest position it patches, when every other position it patches
@@ -390,6 +407,8 @@ class CachedEngine(FullEngine):
         masks that patch the same units before their latest position run that part once (`late_starts`)."""
         if mask is None or being_trained(mask):
             return self._final_hidden_from(prep, mask, values, prep.offset, 0)
+        if values is None:
+            mask = self._where_alternates_differ(prep, mask)
         kept = prep.clean.final if prep.clean is not None else None
         nothing = (mask.detach() >= 1).flatten(1).all(1).cpu() & (kept is not None)  # the clean run's final state
         late = self.late_starts(prep, mask)
