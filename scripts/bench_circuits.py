@@ -19,6 +19,10 @@ of circuit is modelled on pruning's trials:
                           shares its trials' run (and runs its final token unpatched on it)
   mixed                   two of each of the above and two single late heads: a chunk of several groups
 
+Then the same at `--positions` on OI's pairs, whose alternates change the operator only: a unit at x
+patches in its clean value, so "own start" (as pruning scores) leaves it out and runs from the final
+token, where "whole" and "earliest" patch it.
+
     python scripts/bench_circuits.py                          # SmolLM2-135M shape, batch 50
     python scripts/bench_circuits.py --shape organism
     python scripts/bench_circuits.py --device cuda --dtype bfloat16 --shape llama13b   # on a GPU
@@ -64,14 +68,18 @@ def circuit_kinds(space) -> Dict[str, List[List[int]]]:
     return kinds | {"mixed": mixed[:CHUNK]}
 
 
-def bench_circuits(shape: str, positions: Sequence[str], batch: int, repeats: int, device: str, dtype) -> None:
+def bench_circuits(
+    shape: str, positions: Sequence[str], batch: int, repeats: int, device: str, dtype, desideratum: str = "vd"
+) -> None:
     model, tok = random_llama(shape, dtype, device)
-    _, enc = paper_pairs(tok, positions, batch, device)
+    _, enc = paper_pairs(tok, positions, batch, device, desideratum)
     sites = locate_components(model, UnitsChoice("heads_mlps", tuple(positions)))
     eng = make_engine("cached", model, sites)
-    # a batch prepared per way: each keeps its own buffers and clean run, as one pruning run does, so that no
-    # way pays for restoring what another wrote
+    # a batch prepared per way: each keeps its own buffers and clean run, as one pruning run does (its final state
+    # d0's: a circuit that patches nothing does not run), so that no way pays for restoring what another wrote
     own, alone, first = (eng.prepare(enc) for _ in range(3))
+    for prep in (own, alone, first):
+        eng.clean_final(prep, keep=True)
     steps: Dict[str, Callable[[], None]] = {}
     for kind, circuits in circuit_kinds(sites.space).items():
         masks = masks_of(circuits, sites.space.shape, device)
@@ -93,7 +101,9 @@ def bench_circuits(shape: str, positions: Sequence[str], batch: int, repeats: in
         fn()  # warm-up (the first run from a later start keeps the batch's clean run)
     medians = timed_round_robin(steps, repeats, device)
     suffix = enc.base_ids.shape[1] - own.offset
-    print(f"\n## {shape}, positions {list(positions)}, {batch} pairs, {CHUNK} circuits per forward")
+    print(
+        f"\n## {shape}, {desideratum.upper()}, positions {list(positions)}, {batch} pairs, {CHUNK} circuits per forward"
+    )
     print(f"(from the earliest site: {suffix} tokens through {sites.space.n_layers} layers)")
     print(
         f"{'circuits':<24} {'own start ms':>13} {'whole ms':>9} {'earliest ms':>12} {'own / whole':>12} {'own / earliest':>15}"
@@ -109,6 +119,8 @@ def main() -> None:
     args = shape_arguments(__doc__, batch=50)
     for positions in (["last"], args.positions) if args.positions != ["last"] else (["last"],):
         bench_circuits(args.shape, positions, args.batch, args.repeats, args.device, DTYPES[args.dtype])
+    if args.positions != ["last"]:  # OI's alternates share x with their bases: its units there patch nothing
+        bench_circuits(args.shape, args.positions, args.batch, args.repeats, args.device, DTYPES[args.dtype], "oi")
 
 
 if __name__ == "__main__":

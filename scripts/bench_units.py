@@ -49,12 +49,14 @@ def prefix_of(model, enc, offset: int):
     return [(layer[0], layer[1]) for layer in returned_cache(out)]
 
 
-def paper_pairs(tok, positions: Sequence[str], batch: int, device: str):
-    """The paper's VD desideratum and `batch` of its pairs, encoded with the units' positions (one prompt length)."""
-    task = load_task("arithmetic", {"slots": {"op": {"values": ["+"]}}})
-    vd = load_desiderata("vd_oi", task)[0]
-    pairs = sample_pairs(task, vd, batch, seed=0)
-    return vd, PairEncoder(tok, finder=PositionFinder(tok, task, positions)).encode(pairs, vd).to(device)
+def paper_pairs(tok, positions: Sequence[str], batch: int, device: str, desideratum: str = "vd"):
+    """One of the paper's desiderata (VD; OI, whose alternates change the operator only) and `batch` of its pairs,
+    encoded with the units' positions (one prompt length)."""
+    ops = ["+"] if desideratum == "vd" else ["+", "-"]
+    task = load_task("arithmetic", {"slots": {"op": {"values": ops}}})
+    des = {d.name: d for d in load_desiderata("vd_oi", task)}[desideratum]
+    pairs = sample_pairs(task, des, batch, seed=0)
+    return des, PairEncoder(tok, finder=PositionFinder(tok, task, positions)).encode(pairs, des).to(device)
 
 
 def bench_units(shape: str, positions: Sequence[str], batch: int, repeats: int, device: str, dtype) -> None:
