@@ -336,7 +336,8 @@ class CachedEngine(FullEngine):
     def run_groups(self, prep: Prepared, mask: torch.Tensor) -> List[List[int]]:
         """Masks that patch the same units before their latest position (`late_starts`) share that part's run: a
         group each; others alone. Ordered by first patched token, then by that part, then by the late start and
-        the first patched layer."""
+        the first patched layer. Patched from the alternates, as `final_hidden` runs them: without the units they
+        leave as in the base prompt (`_where_alternates_differ`)."""
         mask = self._where_alternates_differ(prep, mask)
         starts, late = self.first_patched(prep, mask).tolist(), self.late_starts(prep, mask)
         _, part = self._early_part(prep, mask, late).flatten(1).unique(dim=0, return_inverse=True)
@@ -404,7 +405,8 @@ class CachedEngine(FullEngine):
     def final_hidden(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None = None) -> torch.Tensor:
         """Masks being trained run from `offset` through every layer (the gradient reaches every unit's weight,
         1 or not); others run in groups, each from its first patched token and layer (`first_patched`), and
-        masks that patch the same units before their latest position run that part once (`late_starts`)."""
+        masks that patch the same units before their latest position run that part once (`late_starts`); patched
+        from the alternates, without the units they leave as in the base prompt (`_where_alternates_differ`)."""
         if mask is None or being_trained(mask):
             return self._final_hidden_from(prep, mask, values, prep.offset, 0)
         if values is None:
