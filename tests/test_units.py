@@ -285,6 +285,12 @@ def test_units_at_tokens_the_alternates_share_with_the_base_prompt_patch_nothing
         zeros, full.engine.final_hidden(full_prep, masks[:1], full_prep.alt_values.map(torch.zeros_like)), atol=2e-5
     )
     assert not torch.allclose(zeros[0], clean, atol=1e-3)
+    trials = torch.ones(2, space.n_layers, len(space.positions), space.per_position)
+    trials[:, 0, space.positions.index("x"), 0] = 0  # one head at x, beside a different unit at the final token each
+    trials[0, 2, last, 1] = trials[1, 3, last, 0] = 0
+    trials = trials.view(2, *space.shape)
+    assert job.engine.run_groups(job.prepared("vd", "train")[0], trials) == [[0, 1]]  # VD's: they share x's run
+    assert job.engine.run_groups(prep, trials) == [[0], [1]]  # OI's: x patches nothing, no run to share
 
 
 @pytest.mark.parametrize("units", [("units.positions=[last,x]",), ("units=residual", "units.positions=[x,last]")])
