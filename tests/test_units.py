@@ -261,7 +261,8 @@ def test_an_earlier_part_shared_by_later_parts_at_several_tokens_runs_once_to_th
 def test_units_at_tokens_the_alternates_share_with_the_base_prompt_patch_nothing_and_the_circuit_runs_without_them():
     """OI's alternates change only the operator: a unit at x or at the query name patches in its clean value, so a
     circuit runs from its units at the final token, equal to the full engine, which patches every unit; a circuit
-    with none there is the clean run. Values other than the alternates' (an ablation) are patched everywhere."""
+    with none there is the clean run, and circuits are grouped by the runs they share without it. Values other
+    than the alternates' (an ablation) are patched everywhere."""
     units = 'units.positions=[last,x,"xname#2"]'
     job, full = Job(compose(*QUIET, units)), Job(compose(*QUIET, units, "engine=full"))
     space, prep, full_prep = job.space, job.prepared("oi", "train")[0], full.prepared("oi", "train")[0]
