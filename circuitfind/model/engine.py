@@ -356,15 +356,19 @@ class CachedEngine(FullEngine):
         alternate prompts share with the base prompts: there the alternate's value is the clean one, so patching
         it in changes nothing, and without them a mask runs from a later token (OI's alternates change only the
         operator: a unit at x patches nothing). (K, L, n_cols)"""
-        where, space = prep.where, self.space
+        where = prep.where
         same = (where.base_tok == where.alt_tok) & (where.base_tok < shared_tokens(prep.pairs))  # (N,) per site
-        unchanged = torch.ones(len(space.positions), dtype=torch.long).scatter_reduce(
+        unchanged = torch.ones(len(self.space.positions), dtype=torch.long).scatter_reduce(
             0, where.slot, same.long(), "amin"
         )
-        if not unchanged.any():
-            return mask
-        blocks = mask.detach().view(mask.shape[0], space.n_layers, len(space.positions), -1)
-        at = unchanged.bool()[None, None, :, None].to(mask.device)
+        return self._unpatched_at(mask, unchanged.bool()) if unchanged.any() else mask
+
+    def _unpatched_at(self, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The masks with every unit at `positions` set to 1 (unpatched): per mask (K, P), or for all (P,).
+        (K, L, n_cols)"""
+        space, k = self.space, mask.shape[0]
+        blocks = mask.detach().view(k, space.n_layers, len(space.positions), -1)
+        at = positions.expand(k, -1)[:, None, :, None].to(mask.device)
         return torch.where(at, torch.ones_like(blocks), blocks).view_as(mask)
 
     def late_starts(self, prep: Prepared, mask: torch.Tensor) -> torch.Tensor:
@@ -397,10 +401,7 @@ class CachedEngine(FullEngine):
 
     def _early_part(self, prep: Prepared, mask: torch.Tensor, late: torch.Tensor) -> torch.Tensor:
         """The masks with nothing patched from their late start on (unchanged where it is -1). (K, L, n_cols)"""
-        space, k = self.space, mask.shape[0]
-        later = (prep.slot_starts >= late[:, None]) & (late[:, None] >= 0)  # (K, P)
-        blocks = mask.detach().view(k, space.n_layers, len(space.positions), -1)
-        return torch.where(later[:, None, :, None].to(mask.device), torch.ones_like(blocks), blocks).view_as(mask)
+        return self._unpatched_at(mask, (prep.slot_starts >= late[:, None]) & (late[:, None] >= 0))
 
     def final_hidden(self, prep: Prepared, mask: torch.Tensor | None, values: SiteValues | None = None) -> torch.Tensor:
         """Masks being trained run from `offset` through every layer (the gradient reaches every unit's weight,
