@@ -49,6 +49,16 @@ def test_every_unit_kind_has_one_naming_scheme():
         heads.index(["L1.H2@y"])
 
 
+def final_hidden_counting_tokens(job, prep, masks) -> tuple[torch.Tensor, int]:
+    """The masks' final hidden states, and how many prompt tokens their runs computed (rows x tokens)."""
+    tokens = []
+    embed = job.model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: tokens.append(out.shape[:2].numel())
+    )
+    with embed:
+        return job.engine.final_hidden(prep, masks), sum(tokens)
+
+
 @pytest.fixture(scope="module")
 def positions_job():
     return Job(compose(*QUIET, 'units.positions=[last,x,"xname#2"]'))
@@ -205,19 +215,14 @@ def test_masks_that_patch_the_same_units_before_their_latest_position_run_that_p
     assert sorted(i for g in groups for i in g) == list(range(len(masks)))
 
     job.engine.clean_final(prep, keep=True)  # the clean run, kept (not counted below): a mask that patches nothing
-    tokens = []
-    embed = job.model.get_input_embeddings().register_forward_hook(
-        lambda m, a, out: tokens.append(out.shape[:2].numel())
-    )
-    with embed:
-        got = job.engine.final_hidden(prep, masks)
+    got, tokens = final_hidden_counting_tokens(job, prep, masks)
     starts = [first[i] if s < 0 else s for i, s in enumerate(shared)]  # each mask's own part, from where it starts
     parts_run = {first[i] for i, s in enumerate(shared) if s >= 0}  # one run per earlier part
     whole = sum(width - t for t in first)
     expected_tokens = sum(width - t for t in starts) + width - first[n_split + 1]  # nothing patched: the kept state
     expected_tokens += sum(late_token - first[i] for i in range(0, n_split, 4) if shared[i] >= 0)
     if parts_run:
-        assert sum(tokens) == b * expected_tokens < b * whole
+        assert tokens == b * expected_tokens < b * whole
     expected = full.engine.final_hidden(full_prep, masks)
     assert torch.allclose(got, expected, atol=2e-5)
     for order in (torch.arange(len(masks)), torch.randperm(len(masks))):
@@ -247,14 +252,9 @@ def test_an_earlier_part_shared_by_later_parts_at_several_tokens_runs_once_to_th
     starts = [int(prep.slot_starts[p]) for p in later for _ in range(2)]
     assert job.engine.late_starts(prep, masks).tolist() == starts
     job.engine.clean_final(prep, keep=True)
-    tokens = []
-    embed = job.model.get_input_embeddings().register_forward_hook(
-        lambda m, a, out: tokens.append(out.shape[:2].numel())
-    )
-    with embed:
-        got = job.engine.final_hidden(prep, masks)
+    got, tokens = final_hidden_counting_tokens(job, prep, masks)
     once = max(starts) - int(prep.slot_starts[first])
-    assert sum(tokens) == b * (once + sum(width - t for t in starts))
+    assert tokens == b * (once + sum(width - t for t in starts))
     assert torch.allclose(got, full.engine.final_hidden(full_prep, masks), atol=2e-5)
 
 
@@ -272,13 +272,8 @@ def test_units_at_tokens_the_alternates_share_with_the_base_prompt_patch_nothing
     masks[1, 2, last, 1] = masks[2, 3, last, 0] = 0  # and a unit at the final token, at two layers
     masks = masks.view(3, *space.shape)
     clean = job.engine.clean_final(prep, keep=True)
-    tokens = []
-    embed = job.model.get_input_embeddings().register_forward_hook(
-        lambda m, a, out: tokens.append(out.shape[:2].numel())
-    )
-    with embed:
-        got = job.engine.final_hidden(prep, masks)
-    assert sum(tokens) == 2 * b  # the final token of the last two; the first is the kept clean run
+    got, tokens = final_hidden_counting_tokens(job, prep, masks)
+    assert tokens == 2 * b  # the final token of the last two; the first is the kept clean run
     assert torch.equal(got[0], clean)
     assert torch.allclose(got, full.engine.final_hidden(full_prep, masks), atol=2e-5)
     zeros = job.engine.final_hidden(prep, masks[:1], prep.alt_values.map(torch.zeros_like))
