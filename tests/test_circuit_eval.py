@@ -206,6 +206,8 @@ def test_too_few_reference_prompts_for_a_mean_ablation_stop_before_anything_is_w
     with pytest.raises(CircuitfindError, match="raise task.n_train to at least 20") as e:
         Run(Job(cfg))
     assert "\n" not in str(e.value)
+    with pytest.raises(CircuitfindError, match="optimizer.path_lams.*raise task.n_train to at least 20"):
+        Run(Job(compose(*QUIET, "task.n_train=4", "optimizer.path_lams=[0.01]")))  # its ranking needs the mean
     with pytest.raises(CircuitfindError, match="evaluate.ablations=.*unknown kind"):
         Job(compose(*QUIET, "evaluate.ablations=[mode]"))
     with pytest.raises(CircuitfindError, match="the circuit is empty"):

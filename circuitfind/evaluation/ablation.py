@@ -82,9 +82,9 @@ def reference_values(
     """Every unit's value at its positions on each reference prompt, `batch_size` prompts per forward."""
     if len(prompts) < minimum:
         raise CircuitfindError(
-            f"mean and resample ablations need at least evaluate.min_reference={minimum} reference prompts and the "
-            f"train pairs have {len(prompts)} distinct base prompts; raise task.n_train to at least {minimum}, "
-            "or lower evaluate.min_reference"
+            f"mean and resample ablations (evaluate.ablations, and the ranking of optimizer.path_lams) need at least "
+            f"evaluate.min_reference={minimum} reference prompts and the train pairs have {len(prompts)} distinct "
+            f"base prompts; raise task.n_train to at least {minimum}, or lower evaluate.min_reference"
         )
     size = batch_size or len(prompts)
     parts, sites = [], []

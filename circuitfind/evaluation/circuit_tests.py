@@ -296,9 +296,10 @@ class CircuitEvaluation:
             self._reference = self._read_reference()
         return self._reference
 
-    def check_reference(self) -> None:
-        """Stop now, before anything is written, if the mean or resample ablation has too few prompts."""
-        if any(kind in NEEDS_REFERENCE for kind in self.kinds):
+    def check_reference(self, needed: bool = False) -> None:
+        """Stop now, before anything is written, if the mean or resample ablation has too few prompts; `needed`:
+        the run needs the mean whatever the evaluation asks (the ranking of optimizer.path_lams)."""
+        if needed or any(kind in NEEDS_REFERENCE for kind in self.kinds):
             self.reference()
 
     def __call__(self, circuit: CircuitUnderTest) -> Dict[str, Any]:

@@ -6,8 +6,8 @@ unit is ranked by the largest lambda at which it is still patched (w < 0.5), the
 (1 - w at that lambda). The circuit's units come first whatever the path says, so the top
 |circuit| of the ranking is the circuit the run reports. Most units are patched at no lambda of
 the ladder, and their weights all sit at 1: they come last, ordered by `tail` (the run passes
-attribution's scores, methods/baselines.attribution_scores), so the curve's long end is ordered
-by effect rather than by unit index.
+what each restores under mean ablation, evaluation/restoring.py), so the curve's long end is
+ordered by effect rather than by unit index.
 """
 
 from __future__ import annotations
@@ -15,6 +15,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+
+def path_head(weights: torch.Tensor, circuit: torch.Tensor) -> torch.Tensor:
+    """The units the path ranks by itself: the circuit's, and every unit some lambda patches (w < 0.5).
+    weights (P, L, n_cols), circuit (L, n_cols) 0 = in the circuit -> (L, n_cols) bool, on the CPU"""
+    return (weights.detach().cpu() < 0.5).any(0) | (circuit.cpu() == 0)
 
 
 def path_scores(

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from circuitfind.config.schema import lambdas, wants_evidence
 from circuitfind.errors import CircuitfindError, out_of_memory_hint
+from circuitfind.evaluation.ablation import Ablation
 from circuitfind.evaluation.bootstrap import as_pair
 from circuitfind.evaluation.evidence import gather_evidence
 from circuitfind.evaluation.heldout import (
@@ -28,12 +29,14 @@ from circuitfind.evaluation.heldout import (
     circuit_warnings,
     evaluate_splits,
     low_baseline_warnings,
+    prepare_split,
 )
+from circuitfind.evaluation.restoring import restoring_order
 from circuitfind.methods.baselines import attribution_scores
 from circuitfind.methods.dbm import NonFiniteLoss, OnStep, round_mask, train_mask
 from circuitfind.methods.objective import Objective
 from circuitfind.methods.prune import prune_circuits
-from circuitfind.methods.ranking import path_scores
+from circuitfind.methods.ranking import path_head, path_scores
 from circuitfind.methods.registry import Found, method_named
 from circuitfind.methods.target_size import LambdaSearch, search_lambda
 from circuitfind.records.circuit import CircuitRecord, pruning_line
@@ -158,7 +161,8 @@ class Run:
             self.objectives = job.objectives()
         self.checks = job.self_checks()
         self.evaluation = job.circuit_evaluation(self.splits)
-        self.evaluation.check_reference()  # too few prompts for a mean ablation stops the run here
+        # too few prompts for a mean ablation (the evaluation's, or the path ranking's) stops the run here
+        self.evaluation.check_reference(needed=bool(job.cfg.optimizer.path_lams))
         self.baseline = baseline_of(self.splits)
         self.warnings = low_baseline_warnings(self.splits, self.baseline, job.cfg.min_baseline_acc, job.cfg.strict)
 
@@ -188,11 +192,14 @@ class Run:
             t_prune = time.perf_counter()
             circuits, prunings = self.prune(mask)
             prune_s = time.perf_counter() - t_prune
+            t_ranking = time.perf_counter()
             scores = self.ranking(found, lams, circuits)
+            ranking_s = time.perf_counter() - t_ranking
             results = results_of(job, self.splits, mask, circuits, scores, lams, step_log.histories, prunings)
             timing = {
                 "train_s": round(train_s, 3),
                 "prune_s": round(prune_s, 3),
+                "ranking_s": round(ranking_s, 3),
                 "total_s": round(time.perf_counter() - job.started, 3),
                 "train_s_per_step": round(train_s / cfg.optimizer.steps, 5),
                 "masks_trained_together": len(lams),
@@ -242,19 +249,25 @@ class Run:
 
     def ranking(self, found: Found, lams: List[float], circuits: torch.Tensor) -> torch.Tensor:
         """Each result's ranking of every unit: the method's own, or with optimizer.path_lams the
-        regularisation path with the result's circuit first and the units no lambda patches ordered by
+        regularisation path with the result's circuit first, and the units no lambda patches ordered by what
+        each restores under mean ablation on the training pairs (evaluation/restoring.py), equal gains by
         attribution (methods/ranking.py). (K, L, n_cols)"""
         if found.ladder is None:
             return found.scores
-        path = [float(v) for v in self.job.cfg.optimizer.path_lams]
-        engine = self.job.engine
-        tail = attribution_scores(engine, self.objectives, engine.device)  # the same for every result
-        return torch.stack(
-            [
-                path_scores(torch.cat([found.ladder, mask[None]]), [*path, lam], circuit, tail).to(mask.device)
-                for mask, lam, circuit in zip(found.masks, lams, circuits)
-            ]
-        )
+        path, engine, seed = [float(v) for v in self.job.cfg.optimizer.path_lams], self.job.engine, self.job.cfg.seed
+        ties = attribution_scores(engine, self.objectives, engine.device).cpu()  # the same for every result
+        train = [prepare_split(o.desideratum, "train", o.batches, engine) for o in self.objectives]
+        mean = Ablation("mean", self.evaluation.reference(), seed)
+        scores = []
+        for mask, lam, circuit in zip(found.masks, lams, circuits):
+            weights = torch.cat([found.ladder, mask[None]])
+            head = path_head(weights, circuit)
+            tail = restoring_order(engine, train, head, ties, mean, seed)
+            scores.append(path_scores(weights, [*path, lam], circuit, tail).to(mask.device))
+            log.info(
+                f"ranking: the {int((~head).sum())} units no lambda patches, by what each restores under mean ablation"
+            )
+        return torch.stack(scores)
 
     def search_size(self) -> LambdaSearch:
         """The lambda whose circuit has optimizer.target_size units, by rounds of lambdas trained side by side."""
