@@ -1,13 +1,13 @@
 """Ordering the units the desiderata leave alone: by how much of the model each restores under mean ablation.
 
 DBM's regularisation path ranks the units its desiderata patch (methods/ranking.py). The rest are
-units whose patching from an alternate changes nothing the desiderata measure: on IOI, the heads
-that tell the name movers which name is the subject read the same subject in every alternate. Yet
-the model needs them to give its logit difference at all, and a faithfulness curve under mean
-ablation asks for them. So the rest are ordered by what keeping them restores: from the state
-where the ranking's head is kept and every other unit is set to its mean, each candidate is kept as
-well, and scored by how much closer to 1 that brings the faithfulness of each trained desideratum
-on its training pairs (summed over the desiderata). The best fill the ranking up to the next of
+units whose patching from an alternate changes nothing the desiderata measure: on IOI, a unit that
+reads only the subject reads the same subject in every alternate. Yet the model may need them to
+give its logit difference at all, and a faithfulness curve under mean ablation asks for them. So
+the rest are ordered by what keeping them restores: from the state where the ranking's head is
+kept and every other unit is set to its mean, each candidate is kept as well, and scored by how
+much closer to 1 that brings the faithfulness of each trained desideratum on its training pairs
+(summed over the desiderata). The best fill the ranking up to the next of
 MIB's budgets (0, 1, 2, 5, 10, 20, 50, ...); from that state the rest are scored again, and so on.
 Every figure is exact (one run per candidate), not a first-order estimate: a unit's effect when
 the model around it is ablated is far from the gradient at the full model.
@@ -51,7 +51,8 @@ def restoring_order(
         gain = restoring_gains(engine, scaled, _members(kept, head.shape), rest, ablation)
         chosen = [rest[i] for i in gain.argsort(descending=True, stable=True)[:take].tolist()]
         kept += chosen
-        rest = [u for u in rest if u not in set(chosen)]
+        taken = set(chosen)
+        rest = [u for u in rest if u not in taken]
     order = kept[int(head.sum()) :] + rest
     scores = torch.zeros(n)
     scores[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order), 0, -1, dtype=torch.float32) / (n + 1)
