@@ -7,10 +7,10 @@ give its logit difference at all, and a faithfulness curve under mean ablation a
 the rest are ordered by what keeping them restores: from the state where the ranking's head is
 kept and every other unit is set to its mean, each candidate is kept as well, and scored by how
 much closer to 1 that brings the faithfulness of each trained desideratum on its training pairs
-(summed over the desiderata). The best fill the ranking up to the next of
-MIB's budgets (0, 1, 2, 5, 10, 20, 50, ...); from that state the rest are scored again, and so on.
-Every figure is exact (one run per candidate), not a first-order estimate: a unit's effect when
-the model around it is ablated is far from the gradient at the full model.
+(summed over the desiderata). The best fill the ranking up to the next of MIB's budgets (0, 1, 2,
+5, 10, 20, 50, ...); from that state the rest are scored again, and so on. Every figure is exact
+(one run per candidate), not a first-order estimate: a unit's effect when the model around it is
+ablated is far from the gradient at the full model.
 """
 
 from __future__ import annotations
