@@ -265,7 +265,8 @@ class Run:
             tail = restoring_order(engine, train, head, ties, mean, seed)
             scores.append(path_scores(weights, [*path, lam], circuit, tail).to(mask.device))
             log.info(
-                f"ranking: the {int((~head).sum())} units no lambda patches, by what each restores under mean ablation"
+                f"λ={lam:g}: ranking: the {int((~head).sum())} units no lambda patches, by what each restores under "
+                "mean ablation"
             )
         return torch.stack(scores)
 
