@@ -79,7 +79,7 @@ def test_a_units_restoring_gain_is_how_much_closer_to_1_keeping_it_brings_each_d
     names = job.space.names()
     candidates = [names.index("L3.MLP"), names.index("L0.H0")]
     ends = [(s, outcomes(s, job.engine, torch.zeros(1, *head.shape), mean)["d"].double().mean(1)) for s in train]
-    gains = restoring_gains(job.engine, ends, head.float(), candidates, mean)
+    gains = restoring_gains(job.engine, ends, head.flatten().nonzero().flatten().tolist(), candidates, mean)
     for unit, gain in zip(candidates, gains.tolist()):
         before = [faithfulness_kept(job, s, PLANTED, mean) for s in train]
         after = [faithfulness_kept(job, s, [*PLANTED, names[unit]], mean) for s in train]
@@ -98,13 +98,12 @@ def test_the_units_outside_the_head_are_ordered_block_by_block_up_to_mibs_budget
     ends = [(s, outcomes(s, engine, torch.zeros(1, *head.shape), mean)["d"].double().mean(1)) for s in train]
     # MIB's budgets past the head's 4 units: 5, 10, 20, 36. The first block is the best gain from the head alone,
     rest = [u for u in range(n) if not head.flatten()[u]]
-    gain = restoring_gains(engine, ends, head.float(), rest, mean)
+    planted = head.flatten().nonzero().flatten().tolist()
+    gain = restoring_gains(engine, ends, planted, rest, mean)
     assert tail[:1] == [rest[int(gain.argmax())]]
     # the next five are scored again with it kept as well,
-    state = head.flatten().float().clone()
-    state[tail[:1]] = 1
     rest = [u for u in rest if u not in tail[:1]]
-    gain = restoring_gains(engine, ends, state.view(head.shape), rest, mean)
+    gain = restoring_gains(engine, ends, [*planted, *tail[:1]], rest, mean)
     assert tail[1:6] == [rest[i] for i in gain.argsort(descending=True, stable=True)[:5].tolist()]
     # and keeping these six restores the model better than attribution's first six (the order they replaced)
     names = job.space.names()

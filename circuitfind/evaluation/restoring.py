@@ -24,6 +24,7 @@ from circuitfind.evaluation.circuit_tests import outcomes, undefined_areas
 from circuitfind.evaluation.curves import curve_sizes
 from circuitfind.evaluation.heldout import EvalSplit
 from circuitfind.model.engine import Engine
+from circuitfind.model.masks import masks_of
 
 
 def restoring_order(
@@ -48,7 +49,7 @@ def restoring_order(
         take = budget - len(kept)
         if take <= 0 or not rest or not scaled:
             continue
-        gain = restoring_gains(engine, scaled, _members(kept, head.shape), rest, ablation)
+        gain = restoring_gains(engine, scaled, kept, rest, ablation)
         chosen = [rest[i] for i in gain.argsort(descending=True, stable=True)[:take].tolist()]
         kept += chosen
         taken = set(chosen)
@@ -63,26 +64,19 @@ def restoring_order(
 def restoring_gains(
     engine: Engine,
     splits: Sequence[tuple[EvalSplit, torch.Tensor]],
-    state: torch.Tensor,
+    kept: Sequence[int],
     candidates: Sequence[int],
     ablation: Ablation,
 ) -> torch.Tensor:
-    """For each candidate unit: sum over the splits of |1 - f(state)| - |1 - f(state + the unit)|, f the
-    faithfulness (d - d(empty)) / (d(full) - d(empty)) on the split's pairs, every unit outside the state
-    ablated. splits: each with its mean d of the model and of every unit ablated, (2,); state (L, n_cols),
-    1 = kept. (len(candidates),)"""
-    masks = state.flatten().repeat(len(candidates) + 1, 1)
-    masks[torch.arange(1, len(candidates) + 1), torch.tensor(list(candidates), dtype=torch.long)] = 1
-    masks = masks.view(-1, *state.shape)
+    """For each candidate unit: sum over the splits of |1 - f(kept)| - |1 - f(kept + the unit)|, f the
+    faithfulness (d - d(empty)) / (d(full) - d(empty)) on the split's pairs, every unit not kept ablated.
+    splits: each with its mean d of the model and of every unit ablated, (2,); kept, candidates: flat unit
+    indices. (len(candidates),)"""
+    shape = engine.space.shape
+    masks = 1 - masks_of([kept, *([*kept, unit] for unit in candidates)], shape)  # 1 = kept, as ablations read it
     gain = torch.zeros(len(candidates))
     for split, (full, empty) in splits:
         d = outcomes(split, engine, masks, ablation)["d"][1:].double().mean(1)  # row 0: the model's own d
         miss = (1 - (d - empty) / (full - empty)).abs()
         gain += (miss[0] - miss[1:]).float()
     return gain
-
-
-def _members(units: Sequence[int], shape: torch.Size) -> torch.Tensor:
-    state = torch.zeros(shape).flatten()
-    state[torch.tensor(list(units), dtype=torch.long)] = 1
-    return state.view(shape)
